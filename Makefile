@@ -1,0 +1,42 @@
+# transformer_mt — every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+ARGS   ?=
+
+.PHONY: setup data prepare train evaluate test lint clean
+
+setup: $(STAMP)
+
+# The pinned CPU wheel goes in first: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+data: setup  ## Multi30k raw files into data/raw/multi30k (from ../shared, else downloaded)
+	$(BIN)/python scripts/fetch_multi30k.py
+
+prepare: data  ## tokenizer + encoded arrays (ARGS= Hydra overrides)
+	$(BIN)/tmt-prepare $(ARGS)
+
+train: prepare  ## the default recipe: Multi30k en->de (ARGS= Hydra overrides)
+	$(BIN)/tmt-train $(ARGS)
+
+evaluate: setup  ## CKPT=path/to/best.pt [ARGS="--split test"]
+	$(BIN)/tmt-evaluate $(CKPT) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+clean:
+	rm -rf $(VENV) data/prepared .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

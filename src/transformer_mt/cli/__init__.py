@@ -1,0 +1,1 @@
+"""Console scripts: tmt-prepare, tmt-train, tmt-evaluate, tmt-translate."""

@@ -1,0 +1,24 @@
+"""tmt-prepare: fetch, validate, tokenize and cache a corpus (Hydra; same config tree as training).
+
+tmt-prepare data=multi30k_en_de data.tokenizer.vocab_size=10000
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from transformer_mt.cli.common import config_dir, exit_on_user_error
+from transformer_mt.data.dataset import prepare_data
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    """Prepare ``cfg.data`` under ``data.prepared_dir`` (a no-op when the cache is current)."""
+    prepared = prepare_data(cfg.data)
+    print(prepared.directory)
+
+
+if __name__ == "__main__":
+    main()

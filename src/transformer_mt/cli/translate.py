@@ -1,0 +1,104 @@
+"""tmt-translate: translate raw sentences, one per line, with a checkpoint.
+
+    echo "A man is riding a bike." | tmt-translate best.pt --beam 5
+    tmt-translate best.pt --greedy --input in.en --output out.de
+
+Every input line gives exactly one output line, in order; an empty line gives an empty
+line. Invalid UTF-8 is replaced (with a warning); inputs longer than the model's
+positions are truncated. Input is read and translated in chunks, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from transformer_mt.cli.common import exit_on_user_error
+from transformer_mt.decoding.translator import Translator
+from transformer_mt.training.checkpoint import atomic_write_text
+
+CHUNK_LINES = 2000
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags of tmt-translate."""
+    p = argparse.ArgumentParser(
+        prog="tmt-translate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", type=Path, help="a checkpoint written by tmt-train")
+    search = p.add_mutually_exclusive_group()
+    search.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
+    search.add_argument("--greedy", action="store_true", help="greedy search (same as --beam 1)")
+    p.add_argument("--alpha", type=float, default=0.6, help="length penalty α (default 0.6)")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--input", type=Path, help="input file (default: stdin)")
+    p.add_argument("--output", type=Path, help="output file, written atomically (default: stdout)")
+    args = p.parse_args(argv)
+    if args.beam < 1:
+        p.error("--beam must be ≥ 1")
+    return args
+
+
+def read_chunks(stream: BinaryIO, name: str) -> Iterator[list[str]]:
+    """Lines of a byte stream in chunks; invalid UTF-8 is replaced with U+FFFD and reported."""
+    chunk: list[str] = []
+    for number, raw in enumerate(stream, start=1):
+        line = raw.rstrip(b"\n").rstrip(b"\r")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            text = line.decode("utf-8", errors="replace")
+            print(f"warning: {name}:{number}: invalid UTF-8 replaced", file=sys.stderr)
+        chunk.append(text)
+        if len(chunk) >= CHUNK_LINES:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def translate_stream(
+    translator: Translator,
+    chunks: Iterator[list[str]],
+    out: TextIO,
+    beam: int,
+    batch_size: int,
+    alpha: float,
+) -> None:
+    """Translate chunk by chunk, writing one line per input line."""
+    for lines in chunks:
+        stripped = [line.strip() for line in lines]
+        for hyp in translator.translate(
+            stripped, beam_size=beam, batch_size=batch_size, alpha=alpha
+        ):
+            out.write(hyp + "\n")
+        out.flush()
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    """Translate stdin (or --input) to stdout (or --output)."""
+    args = parse_args(argv)
+    beam = 1 if args.greedy else args.beam
+    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    if args.input is not None and not args.input.is_file():
+        raise FileNotFoundError(f"input file not found: {args.input}")
+    with open(args.input, "rb") if args.input else sys.stdin.buffer as stream:
+        chunks = read_chunks(stream, str(args.input or "<stdin>"))
+        if args.output is None:
+            translate_stream(translator, chunks, sys.stdout, beam, args.batch_size, args.alpha)
+        else:
+            buffer = io.StringIO()
+            translate_stream(translator, chunks, buffer, beam, args.batch_size, args.alpha)
+            atomic_write_text(args.output, buffer.getvalue())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: raw corpus files -> SentencePiece ids -> cached arrays -> token-budget batches."""

@@ -1,0 +1,20 @@
+"""The Transformer model: embeddings, attention, layers and the encoder-decoder."""
+
+from transformer_mt.model.attention import MultiHeadAttention, ScaledDotProductAttention
+from transformer_mt.model.embedding import PositionalEncoding, TransformerEmbedding
+from transformer_mt.model.layers import DecoderLayer, EncoderLayer, FeedForward
+from transformer_mt.model.transformer import Decoder, Encoder, Transformer, padding_mask
+
+__all__ = [
+    "Decoder",
+    "DecoderLayer",
+    "Encoder",
+    "EncoderLayer",
+    "FeedForward",
+    "MultiHeadAttention",
+    "PositionalEncoding",
+    "ScaledDotProductAttention",
+    "Transformer",
+    "TransformerEmbedding",
+    "padding_mask",
+]

@@ -1,0 +1,87 @@
+"""Scaled dot-product attention (paper §3.2.1) and multi-head attention (paper §3.2.2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ScaledDotProductAttention(nn.Module):
+    """softmax(Q Kᵀ / √d_k) V, computed by PyTorch's fused kernel.
+
+    ``mask`` is boolean and broadcastable to (B, H, Tq, Tk); True means "may attend".
+    ``causal`` applies the decoder's look-ahead mask (query t sees keys ≤ t).
+    """
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(
+        self,
+        q: torch.Tensor,  # (B, H, Tq, d_k)
+        k: torch.Tensor,  # (B, H, Tk, d_k)
+        v: torch.Tensor,  # (B, H, Tk, d_k)
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:  # (B, H, Tq, d_k)
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and mask is None,
+        )
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W^Q_i, K W^K_i, V W^V_i).
+
+    Used three ways: encoder self-attention, decoder masked self-attention and
+    encoder-decoder (cross) attention. For incremental decoding, ``cache`` holds the
+    keys/values seen so far: self-attention appends the new step's, cross-attention
+    computes the encoder's once and reuses them.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, bias: bool = True) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.d_k = d_model // n_heads
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.attention = ScaledDotProductAttention(dropout)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape  # (B, T, d) -> (B, H, T, d_k)
+        return x.view(b, t, self.n_heads, self.d_k).transpose(1, 2)
+
+    def forward(
+        self,
+        query: torch.Tensor,  # (B, Tq, d)
+        key_value: torch.Tensor,  # (B, Tk, d)
+        mask: torch.Tensor | None = None,  # bool, broadcastable to (B, H, Tq, Tk)
+        causal: bool = False,
+        cache: dict[str, torch.Tensor] | None = None,
+        static_kv: bool = False,
+    ) -> torch.Tensor:  # (B, Tq, d)
+        q = self._split_heads(self.q_proj(query))
+        if cache is not None and static_kv and "k" in cache:
+            k, v = cache["k"], cache["v"]  # cross-attention: encoder keys/values computed once
+        else:
+            k = self._split_heads(self.k_proj(key_value))
+            v = self._split_heads(self.v_proj(key_value))
+            if cache is not None:
+                if not static_kv and "k" in cache:  # self-attention: append this step
+                    k = torch.cat([cache["k"], k], dim=2)
+                    v = torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        # With a cache the single new query may see every cached key: no causal mask needed.
+        out = self.attention(q, k, v, mask=mask, causal=causal and cache is None)
+        b, _, tq, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, tq, self.n_heads * self.d_k))

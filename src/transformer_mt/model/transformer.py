@@ -1,0 +1,162 @@
+"""The encoder-decoder Transformer (paper Figure 1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from transformer_mt.model.embedding import TransformerEmbedding
+from transformer_mt.model.layers import DecoderLayer, EncoderLayer
+
+# Per decoder layer: {"self": {"k", "v"}, "cross": {"k", "v"}}, tensors of shape (B, H, T, d_k).
+DecoderCache = list[dict[str, dict[str, torch.Tensor]]]
+
+
+def padding_mask(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B, S) token ids -> (B, 1, 1, S) bool mask, True at real tokens (keys that may be attended)."""
+    return (ids != pad_id)[:, None, None, :]
+
+
+class Encoder(nn.Module):
+    """A stack of N identical encoder layers."""
+
+    def __init__(self, n_layers: int, norm_first: bool, d_model: int, **layer_args: Any) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EncoderLayer(d_model=d_model, norm_first=norm_first, **layer_args)
+            for _ in range(n_layers)
+        )
+        # Pre-norm stacks end with a LayerNorm; post-norm layers already end with one.
+        self.final_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
+
+    def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, src_mask)
+        return self.final_norm(x)  # (B, S, d)
+
+
+class Decoder(nn.Module):
+    """A stack of N identical decoder layers."""
+
+    def __init__(self, n_layers: int, norm_first: bool, d_model: int, **layer_args: Any) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model=d_model, norm_first=norm_first, **layer_args)
+            for _ in range(n_layers)
+        )
+        self.final_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
+
+    def forward(
+        self,
+        y: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        cache: DecoderCache | None = None,
+    ) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            y = layer(y, memory, memory_mask, cache[i] if cache is not None else None)
+        return self.final_norm(y)  # (B, T, d)
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer over one joint (shared source/target) vocabulary.
+
+    ``forward`` is the training path (teacher forcing, whole target at once);
+    ``encode`` + ``decode_step`` are the inference path with a key/value cache.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 512,
+        n_heads: int = 8,
+        n_encoder_layers: int = 6,
+        n_decoder_layers: int = 6,
+        d_ff: int = 2048,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        activation: str = "relu",
+        norm_first: bool = False,
+        tie_embeddings: bool = True,
+        max_positions: int = 256,
+        pad_id: int = 0,
+    ) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.max_positions = max_positions
+        self.embedding = TransformerEmbedding(vocab_size, d_model, max_positions, dropout, pad_id)
+        layer_args = dict(
+            d_model=d_model,
+            n_heads=n_heads,
+            d_ff=d_ff,
+            dropout=dropout,
+            attention_dropout=attention_dropout,
+            activation=activation,
+            norm_first=norm_first,
+        )
+        self.encoder = Encoder(n_encoder_layers, **layer_args)
+        self.decoder = Decoder(n_decoder_layers, **layer_args)
+        self.output_projection = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:  # paper §3.4: share embeddings and the pre-softmax linear layer
+            self.output_projection.weight = self.embedding.tokens.weight
+        else:
+            nn.init.normal_(self.output_projection.weight, mean=0.0, std=d_model**-0.5)
+        self._init_linear_layers()
+
+    def _init_linear_layers(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and "embedding" not in name and "output_projection" not in name:
+                nn.init.xavier_uniform_(p)
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """src: (B, S) ids -> memory (B, S, d) and its key mask (B, 1, 1, S)."""
+        src_mask = padding_mask(src, self.pad_id)
+        return self.encoder(self.embedding(src), src_mask), src_mask
+
+    def decode(
+        self,
+        tgt_in: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        cache: DecoderCache | None = None,
+        offset: int = 0,
+    ) -> torch.Tensor:
+        """tgt_in: (B, T) ids (BOS-prefixed) -> logits (B, T, V)."""
+        y = self.decoder(self.embedding(tgt_in, offset), memory, memory_mask, cache)
+        return self.output_projection(y)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: src (B, S), tgt_in (B, T) -> logits (B, T, V)."""
+        memory, src_mask = self.encode(src)
+        return self.decode(tgt_in, memory, src_mask)
+
+    def new_cache(self) -> DecoderCache:
+        """An empty key/value cache for incremental decoding."""
+        return [{"self": {}, "cross": {}} for _ in self.decoder.layers]
+
+    def decode_step(
+        self,
+        last_tokens: torch.Tensor,  # (B,) the tokens produced at the previous step
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        cache: DecoderCache,
+        step: int,
+    ) -> torch.Tensor:
+        """One incremental decoding step -> log-probabilities (B, V) of the next token."""
+        logits = self.decode(last_tokens[:, None], memory, memory_mask, cache, offset=step)
+        return torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+    @staticmethod
+    def reorder_cache(cache: DecoderCache, index: torch.Tensor) -> None:
+        """Select rows ``index`` (beam search survivors) of every cached tensor, in place."""
+        for layer_cache in cache:
+            for kv in layer_cache.values():
+                for name in list(kv):
+                    kv[name] = kv[name].index_select(0, index)
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(total, trainable) parameter counts; tied weights are counted once."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)

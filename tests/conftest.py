@@ -1,0 +1,38 @@
+"""Shared fixtures: the repository paths, the Multi30k copy, and a runner for console scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MULTI30K = (REPO / ".." / "shared" / "data" / "multi30k").resolve()
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def multi30k_dir() -> Path:
+    """The shared Multi30k copy; required in CI, skipped only on machines without it."""
+    if not (SHARED_MULTI30K / "train.en.gz").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"Multi30k not found at {SHARED_MULTI30K}")
+        pytest.skip(f"Multi30k not found at {SHARED_MULTI30K}")
+    return SHARED_MULTI30K
+
+
+def run_cli(
+    *args: str, cwd: Path = REPO, stdin: str | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run one of the installed console scripts (tmt-*) and capture its output."""
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,168 @@
+"""End to end through the real console scripts, on a 2,000-pair Multi30k subset."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+SUBSET = [
+    "data.max_train_pairs=2000",
+    "data.tokenizer.vocab_size=1000",
+]
+
+
+def data_overrides(root: Path, shared: Path | str) -> list[str]:
+    return [
+        f"data.raw_dir={root / 'raw'}",
+        f"data.shared_dir={shared}",
+        f"data.prepared_dir={root / 'prepared'}",
+        "data.url=null",
+        *SUBSET,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, multi30k_dir: Path) -> Path:
+    """prepare -> train a few hundred steps of the tiny model; returns the run directory."""
+    root = tmp_path_factory.mktemp("e2e")
+    prep = run_cli(
+        "tmt-prepare", *data_overrides(root, multi30k_dir), f"hydra.run.dir={root / 'prep'}"
+    )
+    assert prep.returncode == 0, prep.stderr
+    assert "dropped" in prep.stdout
+    run_dir = root / "run"
+    train = run_cli(
+        "tmt-train",
+        *data_overrides(root, multi30k_dir),
+        "model=tiny",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=100",
+        "trainer.max_steps=300",
+        "trainer.max_tokens=2048",
+        "trainer.log_every=50",
+        "trainer.valid_max_sentences=100",
+        "trainer.final_eval=false",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "using prepared data" in train.stdout  # the cache from tmt-prepare is reused
+    assert "model parameters:" in train.stdout
+    assert f"best checkpoint: {run_dir / 'checkpoints' / 'best.pt'}" in train.stdout
+    return run_dir
+
+
+def test_training_writes_checkpoints_logs_and_config(trained_run: Path) -> None:
+    ckpts = trained_run / "checkpoints"
+    assert (ckpts / "best.pt").is_file() and (ckpts / "last.pt").is_file()
+    state = torch.load(ckpts / "last.pt", weights_only=True)
+    assert state["step"] == 300
+    assert state["config"]["model"]["d_model"] == 64
+    assert state["spm_model"].dtype == torch.uint8 and state["spm_model"].numel() > 1000
+    assert list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert "max_steps: 300" in (trained_run / "config.yaml").read_text()
+
+
+def test_evaluate_json_on_a_file_and_on_the_test_split(
+    trained_run: Path, multi30k_dir: Path, tmp_path: Path
+) -> None:
+    best = trained_run / "checkpoints" / "best.pt"
+    with gzip.open(multi30k_dir / "val.en.gz", "rt") as f:
+        src = f.read().splitlines()[:40]
+    with gzip.open(multi30k_dir / "val.de.gz", "rt") as f:
+        ref = f.read().splitlines()[:40]
+    (tmp_path / "small.en").write_text("\n".join(src) + "\n")
+    (tmp_path / "small.de").write_text("\n".join(ref) + "\n")
+    out = tmp_path / "hyps.de"
+    r = run_cli(
+        "tmt-evaluate",
+        str(best),
+        "--src",
+        str(tmp_path / "small.en"),
+        "--ref",
+        str(tmp_path / "small.de"),
+        "--beam",
+        "3",
+        "--json",
+        "--output",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["n_sentences"] == 40
+    assert 0.0 <= result["bleu"] <= 100.0 and 0.0 < result["chrf"] <= 100.0
+    assert result["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert len(out.read_text().splitlines()) == 40
+
+    r = run_cli("tmt-evaluate", str(best), "--split", "test", "--beam", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["n_sentences"] == 1000 and result["split"] == "test_2016_flickr"
+    assert len(Path(result["hypotheses"]).read_text().splitlines()) == 1000
+
+
+def test_translate_keeps_one_line_per_input_line(trained_run: Path, tmp_path: Path) -> None:
+    best = trained_run / "checkpoints" / "best.pt"
+    lines = ["A man is riding a bike.", "", "Two dogs play in the snow.", "   ", "A woman sings."]
+    for flags in (["--beam", "4"], ["--greedy", "--batch-size", "2"]):
+        r = run_cli("tmt-translate", str(best), *flags, stdin="\n".join(lines) + "\n")
+        assert r.returncode == 0, r.stderr
+        out = r.stdout.split("\n")[:-1]
+        assert len(out) == len(lines)
+        assert out[1] == "" and out[3] == ""
+        assert all(out[i] for i in (0, 2, 4))
+    src = tmp_path / "in.en"
+    src.write_text("\n".join(lines) + "\n")
+    r = run_cli(
+        "tmt-translate", str(best), "--input", str(src), "--output", str(tmp_path / "out.de")
+    )
+    assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "out.de").read_text().splitlines()) == len(lines)
+
+
+def test_missing_checkpoint_fails_clearly(tmp_path: Path) -> None:
+    for tool in ("tmt-translate", "tmt-evaluate"):
+        r = run_cli(tool, str(tmp_path / "nope.pt"), stdin="hello\n")
+        assert r.returncode != 0
+        assert "nope.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_config_key_is_an_error(tmp_path: Path) -> None:
+    r = run_cli("tmt-train", "trainer.max_epoch=3", f"hydra.run.dir={tmp_path}")
+    assert r.returncode != 0
+    assert "max_epoch" in r.stderr
+
+
+def write_gz(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("defect", ["unequal_lines", "invalid_utf8", "missing_file"])
+def test_bad_corpus_exits_non_zero_naming_the_file(tmp_path: Path, defect: str) -> None:
+    raw = tmp_path / "raw"
+    for split in ("train", "val", "test_2016_flickr"):
+        write_gz(raw / f"{split}.en.gz", b"A dog runs.\nA cat sits.\n")
+        write_gz(raw / f"{split}.de.gz", b"Ein Hund rennt.\nEine Katze sitzt.\n")
+    if defect == "unequal_lines":
+        write_gz(raw / "val.de.gz", b"Ein Hund rennt.\n")
+        bad = "val.de.gz"
+    elif defect == "invalid_utf8":
+        write_gz(raw / "train.de.gz", b"Ein Hund rennt.\nEine Katze sitzt \xff.\n")
+        bad = "train.de.gz:2"
+    else:
+        (raw / "test_2016_flickr.en.gz").unlink()
+        bad = "test_2016_flickr.en.gz"
+    r = run_cli("tmt-prepare", *data_overrides(tmp_path, "null"), f"hydra.run.dir={tmp_path / 'h'}")
+    assert r.returncode != 0
+    assert bad in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())

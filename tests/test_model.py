@@ -1,0 +1,128 @@
+"""The model against the paper's formulas and PyTorch's reference modules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from transformer_mt.model import MultiHeadAttention, PositionalEncoding, Transformer
+
+
+def tiny_transformer(norm_first: bool = True, **kwargs: object) -> Transformer:
+    torch.manual_seed(0)
+    args = dict(
+        vocab_size=50,
+        d_model=32,
+        n_heads=4,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        d_ff=64,
+        dropout=0.0,
+        norm_first=norm_first,
+        max_positions=64,
+        pad_id=0,
+    )
+    args.update(kwargs)
+    return Transformer(**args).eval()  # type: ignore[arg-type]
+
+
+def copy_into_reference(ours: MultiHeadAttention, ref: nn.MultiheadAttention) -> None:
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(
+            torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight])
+        )
+        ref.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
+        ref.out_proj.weight.copy_(ours.out_proj.weight)
+        ref.out_proj.bias.copy_(ours.out_proj.bias)
+
+
+@pytest.mark.parametrize("masking", ["none", "key_padding", "causal"])
+def test_multi_head_attention_matches_torch(masking: str) -> None:
+    torch.manual_seed(0)
+    d, h, b, tq, tk = 32, 4, 3, 5, 7
+    ours = MultiHeadAttention(d, h, dropout=0.0).eval()
+    ref = nn.MultiheadAttention(d, h, batch_first=True).eval()
+    copy_into_reference(ours, ref)
+    q = torch.randn(b, tq, d)
+    kv = torch.randn(b, tk, d) if masking != "causal" else q
+    if masking == "none":
+        expected, _ = ref(q, kv, kv, need_weights=False)
+        actual = ours(q, kv)
+    elif masking == "key_padding":
+        lengths = torch.tensor([7, 4, 1])
+        pad = torch.arange(tk)[None, :] >= lengths[:, None]  # True = padding (torch's convention)
+        expected, _ = ref(q, kv, kv, key_padding_mask=pad, need_weights=False)
+        actual = ours(q, kv, mask=~pad[:, None, None, :])
+    else:
+        causal = nn.Transformer.generate_square_subsequent_mask(tq)
+        expected, _ = ref(q, kv, kv, attn_mask=causal, need_weights=False)
+        actual = ours(q, kv, causal=True)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sinusoidal_encoding_matches_paper_formula() -> None:
+    d, positions = 16, 50
+    pe = PositionalEncoding(d, positions)(positions)
+    for pos in (0, 1, 7, 49):
+        for i in range(d // 2):
+            angle = pos / 10000 ** (2 * i / d)
+            assert pe[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-5)
+            assert pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-5)
+    assert torch.equal(PositionalEncoding(d, positions)(5, offset=10), pe[10:15])
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_decoder_is_causal(norm_first: bool) -> None:
+    model = tiny_transformer(norm_first)
+    src = torch.randint(4, 50, (2, 6))
+    tgt = torch.randint(4, 50, (2, 8))
+    base = model(src, tgt)
+    for t in range(1, 8):
+        changed = tgt.clone()
+        changed[:, t] = (changed[:, t] + 1 - 4) % 46 + 4  # another real token
+        out = model(src, changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out[:, t], base[:, t], atol=1e-4)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_padding_does_not_change_real_tokens(norm_first: bool) -> None:
+    model = tiny_transformer(norm_first)
+    src = torch.randint(4, 50, (1, 6))
+    tgt = torch.randint(4, 50, (1, 5))
+    alone = model(src, tgt)
+    padded_src = torch.cat([src, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    padded_tgt = torch.cat([tgt, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    together = model(padded_src, padded_tgt)
+    torch.testing.assert_close(together[:, :5], alone, atol=1e-5, rtol=1e-5)
+    # and in a batch with a longer sentence
+    other_src, other_tgt = torch.randint(4, 50, (1, 10)), torch.randint(4, 50, (1, 8))
+    batch = model(torch.cat([padded_src, other_src]), torch.cat([padded_tgt, other_tgt]))
+    torch.testing.assert_close(batch[:1, :5], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_incremental_decoding_equals_full_decoding() -> None:
+    model = tiny_transformer()
+    src = torch.randint(4, 50, (3, 7))
+    src[1, 5:] = 0
+    tgt = torch.randint(4, 50, (3, 6))
+    full = torch.log_softmax(model(src, tgt), dim=-1)
+    memory, mask = model.encode(src)
+    cache = model.new_cache()
+    for step in range(tgt.size(1)):
+        lp = model.decode_step(tgt[:, step], memory, mask, cache, step)
+        torch.testing.assert_close(lp, full[:, step], atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_and_parameter_count() -> None:
+    tied, untied = tiny_transformer(tie_embeddings=True), tiny_transformer(tie_embeddings=False)
+    assert tied.output_projection.weight is tied.embedding.tokens.weight
+    assert untied.num_parameters()[0] - tied.num_parameters()[0] == 50 * 32
+
+
+def test_heads_must_divide_d_model() -> None:
+    with pytest.raises(ValueError, match="not divisible"):
+        MultiHeadAttention(30, 4, dropout=0.0)

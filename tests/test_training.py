@@ -1,0 +1,105 @@
+"""Loss, learning-rate schedule and checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer_mt.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    spm_bytes_to_tensor,
+    spm_tensor_to_bytes,
+)
+from transformer_mt.training.loss import label_smoothed_nll_loss
+from transformer_mt.training.schedule import inverse_sqrt_schedule
+
+
+def test_label_smoothed_loss_matches_direct_computation() -> None:
+    torch.manual_seed(0)
+    n, v, eps, pad = 12, 9, 0.1, 0
+    logits = torch.randn(n, v)
+    target = torch.randint(1, v, (n,))
+    target[[2, 7]] = pad
+    loss, nll = label_smoothed_nll_loss(logits, target, eps, ignore_index=pad)
+
+    # Direct: cross entropy against the smoothed distribution q = (1-ε)·onehot + ε/V.
+    expected_loss, expected_nll = 0.0, 0.0
+    for i in range(n):
+        if target[i] == pad:
+            continue
+        logp = torch.log_softmax(logits[i], dim=-1)
+        q = torch.full((v,), eps / v)
+        q[target[i]] += 1 - eps
+        expected_loss += float(-(q * logp).sum())
+        expected_nll += float(-logp[target[i]])
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-5)
+    assert nll.item() == pytest.approx(expected_nll, rel=1e-5)
+    reference = F.cross_entropy(
+        logits, target, ignore_index=pad, label_smoothing=eps, reduction="sum"
+    )
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_warmup_schedule_matches_paper_formula() -> None:
+    d_model, warmup = 512, 4000
+    peak = d_model**-0.5 * warmup**-0.5
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=peak)
+    scheduler = inverse_sqrt_schedule(optimizer, warmup)
+    for step in range(1, 12001):
+        optimizer.step()
+        scheduler.step()
+        if step in (1, 100, 3999, 4000, 4001, 8000, 12000):
+            paper = d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
+            assert scheduler.get_last_lr()[0] == pytest.approx(paper, rel=1e-9)
+
+
+def test_checkpoint_roundtrip_with_weights_only(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    spm = b"\x00\x01fake-sentencepiece\xff"
+    state = {
+        "model": model.state_dict(),
+        "config": {"model": {"d_model": 3}, "x": [1, "a", None]},
+        "spm_model": spm_bytes_to_tensor(spm),
+        "step": 7,
+        "epoch": 1,
+    }
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint(path, state)
+    loaded = load_checkpoint(path)
+    assert loaded["step"] == 7 and loaded["config"] == state["config"]
+    assert spm_tensor_to_bytes(loaded["spm_model"]) == spm
+    torch.testing.assert_close(loaded["model"]["weight"], model.weight.detach())
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary files left
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    good = tmp_path / "good.pt"
+    save_checkpoint(
+        good, {"model": {}, "config": {}, "spm_model": torch.zeros(1), "step": 0, "epoch": 0}
+    )
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt"):
+        load_checkpoint(truncated)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, other)
+    with pytest.raises(CheckpointError, match="not a transformer_mt checkpoint"):
+        load_checkpoint(other)
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "best.pt"
+    save_checkpoint(
+        path, {"model": {}, "config": {}, "spm_model": torch.zeros(1), "step": 1, "epoch": 1}
+    )
+    with pytest.raises(ValueError):
+        save_checkpoint(path, {"model": {}})
+    assert load_checkpoint(path)["step"] == 1
