@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,3 +38,38 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+WORDS = [
+    "a",
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "runs",
+    "sits",
+    "on",
+    "the",
+    "red",
+    "blue",
+    "street",
+    "park",
+    "with",
+    "ball",
+    "child",
+]
+
+
+def write_gz(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(data)
+
+
+def synthetic_corpus(raw: Path, n_train: int = 300) -> None:
+    """A small en/xx corpus where the target is the source upper-cased."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", 20), ("test_2016_flickr", 20)):
+        src = [" ".join(rng.choice(WORDS, size=rng.integers(2, 9))) for _ in range(n)]
+        write_gz(raw / f"{split}.en.gz", "".join(s + "\n" for s in src).encode())
+        write_gz(raw / f"{split}.xx.gz", "".join(s.upper() + "\n" for s in src).encode())

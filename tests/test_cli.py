@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, write_gz
 
 pytestmark = pytest.mark.slow
 
@@ -138,12 +138,6 @@ def test_unknown_config_key_is_an_error(tmp_path: Path) -> None:
     r = run_cli("tmt-train", "trainer.max_epoch=3", f"hydra.run.dir={tmp_path}")
     assert r.returncode != 0
     assert "max_epoch" in r.stderr
-
-
-def write_gz(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wb") as f:
-        f.write(data)
 
 
 @pytest.mark.parametrize("defect", ["unequal_lines", "invalid_utf8", "missing_file"])

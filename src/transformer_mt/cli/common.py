@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -35,3 +36,31 @@ def exit_on_user_error(fn: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the checkpoint and the decoding flags tmt-translate and
+    tmt-evaluate share: --beam N | --greedy, --alpha, --batch-size, --device."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("checkpoint", type=Path, help="a checkpoint written by tmt-train")
+    search = p.add_mutually_exclusive_group()
+    search.add_argument("--beam", type=int, default=5, help="beam size (default 5); 1 = greedy")
+    search.add_argument("--greedy", action="store_true", help="greedy search (same as --beam 1)")
+    p.add_argument("--alpha", type=float, default=0.6, help="length penalty α (default 0.6)")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    return p
+
+
+def parse_decoding_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; validates the decoding flags and folds --greedy into ``beam=1``."""
+    args = p.parse_args(argv)
+    if args.beam < 1:
+        p.error("--beam must be ≥ 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be ≥ 1")
+    if args.greedy:
+        args.beam = 1
+    return args

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from transformer_mt.cli.common import exit_on_user_error
+from transformer_mt.cli.common import decoding_parser, exit_on_user_error, parse_decoding_args
 from transformer_mt.data.corpus import read_lines
 from transformer_mt.data.dataset import fetch_raw
 from transformer_mt.decoding.translator import Translator
@@ -24,12 +24,7 @@ from transformer_mt.training.trainer import read_references
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags of tmt-evaluate."""
-    p = argparse.ArgumentParser(
-        prog="tmt-evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("checkpoint", type=Path, help="a checkpoint written by tmt-train")
+    p = decoding_parser("tmt-evaluate", __doc__)
     p.add_argument(
         "--split",
         choices=["val", "test"],
@@ -40,21 +35,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--src", type=Path, help="score this source file instead of a split (needs --ref)"
     )
     p.add_argument("--ref", type=Path, help="reference translations of --src, one per line")
-    p.add_argument("--beam", type=int, default=5, help="beam size; 1 = greedy (default 5)")
-    p.add_argument("--alpha", type=float, default=0.6, help="length penalty α (default 0.6)")
-    p.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument(
         "--output",
         type=Path,
         help="where to write the hypotheses (default: next to the checkpoint)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    args = p.parse_args(argv)
+    args = parse_decoding_args(p, argv)
     if (args.src is None) != (args.ref is None):
         p.error("--src and --ref go together")
-    if args.beam < 1:
-        p.error("--beam must be ≥ 1")
     return args
 
 

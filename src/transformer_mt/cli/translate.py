@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from transformer_mt.cli.common import exit_on_user_error
+from transformer_mt.cli.common import decoding_parser, exit_on_user_error, parse_decoding_args
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.training.checkpoint import atomic_write_text
 
@@ -26,24 +26,10 @@ CHUNK_LINES = 2000
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags of tmt-translate."""
-    p = argparse.ArgumentParser(
-        prog="tmt-translate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("checkpoint", type=Path, help="a checkpoint written by tmt-train")
-    search = p.add_mutually_exclusive_group()
-    search.add_argument("--beam", type=int, default=5, help="beam size (default 5)")
-    search.add_argument("--greedy", action="store_true", help="greedy search (same as --beam 1)")
-    p.add_argument("--alpha", type=float, default=0.6, help="length penalty α (default 0.6)")
-    p.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p = decoding_parser("tmt-translate", __doc__)
     p.add_argument("--input", type=Path, help="input file (default: stdin)")
     p.add_argument("--output", type=Path, help="output file, written atomically (default: stdout)")
-    args = p.parse_args(argv)
-    if args.beam < 1:
-        p.error("--beam must be ≥ 1")
-    return args
+    return parse_decoding_args(p, argv)
 
 
 def read_chunks(stream: BinaryIO, name: str) -> Iterator[list[str]]:
@@ -86,7 +72,7 @@ def translate_stream(
 def main(argv: list[str] | None = None) -> None:
     """Translate stdin (or --input) to stdout (or --output)."""
     args = parse_args(argv)
-    beam = 1 if args.greedy else args.beam
+    beam = args.beam
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
     if args.input is not None and not args.input.is_file():
         raise FileNotFoundError(f"input file not found: {args.input}")

@@ -203,10 +203,10 @@ class Trainer:
                 dynamic_ncols=True,
                 mininterval=1.0,
             )
-            window_loss = torch.zeros(())
+            window_loss = torch.zeros((), device=self.device)  # summed on device: no host sync
             window_tokens, window_start = 0, time.perf_counter()
             for batch in bar:
-                window_loss = window_loss + self.train_step(batch).cpu()
+                window_loss += self.train_step(batch)
                 window_tokens += batch.n_tgt_tokens
                 if self.step % self.tcfg.log_every == 0:
                     elapsed = time.perf_counter() - window_start
@@ -217,7 +217,7 @@ class Trainer:
                     self.writer.add_scalar("train/loss", loss, self.step)
                     self.writer.add_scalar("train/lr", lr, self.step)
                     self.writer.add_scalar("train/tokens_per_s", tps, self.step)
-                    window_loss = torch.zeros(())
+                    window_loss.zero_()
                     window_tokens, window_start = 0, time.perf_counter()
                 if self._finished():
                     break

@@ -1,0 +1,79 @@
+"""The Trainer on a small synthetic corpus: determinism, stopping, checkpoints, config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from conftest import synthetic_corpus
+from transformer_mt.cli.common import config_dir
+from transformer_mt.decoding import Translator
+from transformer_mt.training.trainer import Trainer
+
+
+def make_config(root: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                "model=tiny",
+                "data.corpus=synthetic",
+                "data.tgt_lang=xx",
+                f"data.raw_dir={root / 'raw'}",
+                "data.shared_dir=null",
+                "data.url=null",
+                f"data.prepared_dir={root / 'prepared'}",
+                "data.tokenizer.vocab_size=60",
+                "trainer.max_tokens=256",
+                "trainer.log_every=5",
+                "trainer.valid_max_sentences=5",
+                "trainer.final_eval=false",
+                "trainer.device=cpu",
+                "optim.warmup_steps=10",
+                *overrides,
+            ],
+        )
+
+
+@pytest.fixture
+def corpus_root(tmp_path: Path) -> Path:
+    synthetic_corpus(tmp_path / "raw", n_train=200)
+    return tmp_path
+
+
+def test_same_seed_gives_the_same_run(corpus_root: Path) -> None:
+    def run(name: str, seed: int) -> dict[str, torch.Tensor]:
+        cfg = make_config(corpus_root, "trainer.max_steps=12", f"seed={seed}")
+        trainer = Trainer(cfg, corpus_root / name)
+        result = trainer.train()
+        assert result.steps == 12
+        return trainer.model.state_dict()
+
+    a, b, c = run("a", 1), run("b", 1), run("c", 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_stops_at_max_epochs_and_writes_usable_checkpoints(corpus_root: Path) -> None:
+    cfg = make_config(corpus_root, "trainer.max_epochs=2", "trainer.max_steps=null")
+    trainer = Trainer(cfg, corpus_root / "run")
+    result = trainer.train()
+    assert trainer.epoch == 2
+    last = torch.load(corpus_root / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and last["step"] == result.steps
+    assert set(last) >= {"model", "optimizer", "scheduler", "config", "spm_model", "val_bleu"}
+    translator = Translator.from_checkpoint(result.best_checkpoint)
+    out = translator.translate(["a dog runs", "", "the red ball"], beam_size=2)
+    assert len(out) == 3 and out[1] == ""
+    assert list((corpus_root / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bad_precision_fails_before_training(corpus_root: Path) -> None:
+    cfg = make_config(corpus_root, "trainer.precision=fp8")
+    with pytest.raises(ValueError, match=r"trainer\.precision"):
+        Trainer(cfg, corpus_root / "run")
+    assert not (corpus_root / "prepared").exists()
