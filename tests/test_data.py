@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import synthetic_corpus, write_gz
-from transformer_mt.data.batching import collate, token_batches
+from transformer_mt.data.batching import collate, iterate_batches, token_batches
 from transformer_mt.data.corpus import CorpusError, fetch_corpus, read_lines, read_parallel
 from transformer_mt.data.dataset import prepare_data
 from transformer_mt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -130,3 +130,13 @@ def test_collate_adds_bos_eos_and_padding(tmp_path: Path) -> None:
         assert batch.tgt_out[row, : len(t) + 1].tolist() == [*t.tolist(), EOS_ID]
         assert (batch.tgt_out[row, len(t) + 1 :] == PAD_ID).all()
     assert batch.n_tgt_tokens == sum(len(split.pair(i)[1]) + 1 for i in (0, 1))
+
+
+def test_evaluation_batches_truncate_long_sentences(tmp_path: Path) -> None:
+    raw, prepared = tmp_path / "raw", tmp_path / "prepared"
+    synthetic_corpus(raw, n_train=50)
+    split = prepare_data(data_config(raw, prepared)).split("valid")
+    batches = list(iterate_batches(split, 10_000, PAD_ID, BOS_ID, EOS_ID, max_len=3))
+    assert sum(b.src.size(0) for b in batches) == len(split)
+    for b in batches:
+        assert b.src.size(1) <= 4 and b.tgt_in.size(1) <= 4  # 3 subwords + EOS/BOS

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from conftest import synthetic_corpus
 from transformer_mt.cli.common import config_dir
 from transformer_mt.decoding import Translator
+from transformer_mt.errors import ConfigError
 from transformer_mt.training.trainer import Trainer
 
 
@@ -76,4 +77,22 @@ def test_bad_precision_fails_before_training(corpus_root: Path) -> None:
     cfg = make_config(corpus_root, "trainer.precision=fp8")
     with pytest.raises(ValueError, match=r"trainer\.precision"):
         Trainer(cfg, corpus_root / "run")
+    assert not (corpus_root / "prepared").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.lr=0", "optim.lr"),
+        ("trainer.max_tokens=-5", "trainer.max_tokens"),
+        ("model.n_heads=3", "model.n_heads"),
+        ("data.filter.max_len=300", "model.max_positions"),
+        ("data.tgt_lang=en", "data.src_lang"),
+    ],
+)
+def test_bad_values_fail_before_any_work_naming_the_key(
+    corpus_root: Path, override: str, key: str
+) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        Trainer(make_config(corpus_root, override), corpus_root / "run")
     assert not (corpus_root / "prepared").exists()

@@ -51,12 +51,12 @@ def test_warmup_schedule_matches_paper_formula() -> None:
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.Adam([param], lr=peak)
     scheduler = inverse_sqrt_schedule(optimizer, warmup)
-    for step in range(1, 12001):
+    for step_num in range(1, 12001):  # the paper's step_num counts updates from 1
+        if step_num in (1, 2, 100, 3999, 4000, 4001, 8000, 12000):
+            paper = d_model**-0.5 * min(step_num**-0.5, step_num * warmup**-1.5)
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(paper, rel=1e-9)
         optimizer.step()
         scheduler.step()
-        if step in (1, 100, 3999, 4000, 4001, 8000, 12000):
-            paper = d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
-            assert scheduler.get_last_lr()[0] == pytest.approx(paper, rel=1e-9)
 
 
 def test_checkpoint_roundtrip_with_weights_only(tmp_path: Path) -> None:

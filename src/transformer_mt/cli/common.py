@@ -10,13 +10,12 @@ from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
-from transformer_mt.data.corpus import CorpusError
-from transformer_mt.training.checkpoint import CheckpointError
+from transformer_mt.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Errors caused by the user's input: print one clear line and exit 1, no traceback.
-USER_ERRORS = (CorpusError, CheckpointError, ValueError, FileNotFoundError)
+# Errors caused by the user's input or environment: one clear line and exit 1, no traceback.
+USER_ERRORS = (UserError, OSError)
 
 
 def config_dir() -> str:

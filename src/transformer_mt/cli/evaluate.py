@@ -17,6 +17,7 @@ from transformer_mt.cli.common import decoding_parser, exit_on_user_error, parse
 from transformer_mt.data.corpus import read_lines
 from transformer_mt.data.dataset import fetch_raw
 from transformer_mt.decoding.translator import Translator
+from transformer_mt.errors import CorpusError
 from transformer_mt.evaluation import score
 from transformer_mt.training.checkpoint import atomic_write_text
 from transformer_mt.training.trainer import read_references
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.src is not None:
         src, ref = read_lines(args.src), read_lines(args.ref)
         if len(src) != len(ref):
-            raise ValueError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}")
+            raise CorpusError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}")
         name = args.src.stem
     else:
         fetch_raw(data_cfg)

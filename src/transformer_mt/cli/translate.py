@@ -11,15 +11,14 @@ positions are truncated. Input is read and translated in chunks, so memory stays
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import BinaryIO
 
 from transformer_mt.cli.common import decoding_parser, exit_on_user_error, parse_decoding_args
 from transformer_mt.decoding.translator import Translator
-from transformer_mt.training.checkpoint import atomic_write_text
+from transformer_mt.training.checkpoint import atomic_write_bytes
 
 CHUNK_LINES = 2000
 
@@ -53,18 +52,16 @@ def read_chunks(stream: BinaryIO, name: str) -> Iterator[list[str]]:
 def translate_stream(
     translator: Translator,
     chunks: Iterator[list[str]],
-    out: TextIO,
+    out: BinaryIO,
     beam: int,
     batch_size: int,
     alpha: float,
 ) -> None:
-    """Translate chunk by chunk, writing one line per input line."""
+    """Translate chunk by chunk, writing one UTF-8 line per input line and flushing each chunk."""
     for lines in chunks:
         stripped = [line.strip() for line in lines]
-        for hyp in translator.translate(
-            stripped, beam_size=beam, batch_size=batch_size, alpha=alpha
-        ):
-            out.write(hyp + "\n")
+        hyps = translator.translate(stripped, beam_size=beam, batch_size=batch_size, alpha=alpha)
+        out.write("".join(h + "\n" for h in hyps).encode("utf-8"))
         out.flush()
 
 
@@ -78,12 +75,14 @@ def main(argv: list[str] | None = None) -> None:
         raise FileNotFoundError(f"input file not found: {args.input}")
     with open(args.input, "rb") if args.input else sys.stdin.buffer as stream:
         chunks = read_chunks(stream, str(args.input or "<stdin>"))
+        decode = (translator, chunks)
         if args.output is None:
-            translate_stream(translator, chunks, sys.stdout, beam, args.batch_size, args.alpha)
-        else:
-            buffer = io.StringIO()
-            translate_stream(translator, chunks, buffer, beam, args.batch_size, args.alpha)
-            atomic_write_text(args.output, buffer.getvalue())
+            translate_stream(*decode, sys.stdout.buffer, beam, args.batch_size, args.alpha)
+        else:  # streamed into a temporary file, renamed over --output only when complete
+            atomic_write_bytes(
+                args.output,
+                lambda f: translate_stream(*decode, f, beam, args.batch_size, args.alpha),
+            )
 
 
 if __name__ == "__main__":

@@ -73,13 +73,21 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
 
 
 def collate(
-    split: EncodedSplit, indices: np.ndarray, pad_id: int, bos_id: int, eos_id: int
+    split: EncodedSplit,
+    indices: np.ndarray,
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    max_len: int | None = None,
 ) -> Batch:
-    """Build the padded tensors of the pairs ``indices`` of ``split``."""
+    """Build the padded tensors of the pairs ``indices`` of ``split``.
+
+    ``max_len`` truncates each side to that many subwords (before BOS/EOS are added).
+    """
     srcs, tgt_ins, tgt_outs = [], [], []
     for i in indices:
         s, t = split.pair(int(i))
-        s, t = s.tolist(), t.tolist()
+        s, t = s[:max_len].tolist(), t[:max_len].tolist()
         srcs.append([*s, eos_id])
         tgt_ins.append([bos_id, *t])
         tgt_outs.append([*t, eos_id])
@@ -94,7 +102,14 @@ def iterate_batches(
     bos_id: int,
     eos_id: int,
     rng: np.random.Generator | None = None,
+    max_len: int | None = None,
 ) -> Iterator[Batch]:
-    """All batches of ``split`` for one epoch (shuffled when ``rng`` is given)."""
-    for indices in token_batches(split.src_lengths, split.tgt_lengths, max_tokens, rng):
-        yield collate(split, indices, pad_id, bos_id, eos_id)
+    """All batches of ``split`` for one epoch (shuffled when ``rng`` is given).
+
+    ``max_len`` truncates longer sentences (for evaluation splits, which are not filtered).
+    """
+    src_lengths, tgt_lengths = split.src_lengths, split.tgt_lengths
+    if max_len is not None:
+        src_lengths, tgt_lengths = src_lengths.clip(max=max_len), tgt_lengths.clip(max=max_len)
+    for indices in token_batches(src_lengths, tgt_lengths, max_tokens, rng):
+        yield collate(split, indices, pad_id, bos_id, eos_id, max_len)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import sys
 import urllib.request
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
+from transformer_mt.errors import CorpusError
 from transformer_mt.training.checkpoint import atomic_write_bytes
 
-
-class CorpusError(RuntimeError):
-    """A corpus file is missing, unreadable, not UTF-8, or misaligned with its pair."""
+__all__ = ["CorpusError", "corpus_file", "fetch_corpus", "read_lines", "read_parallel"]
 
 
 def corpus_file(raw_dir: str | Path, split: str, lang: str) -> Path:
@@ -45,7 +46,7 @@ def fetch_corpus(
                 atomic_write_bytes(dest, lambda f, src=local: f.write(src.read_bytes()))
             elif url:
                 remote = f"{url.rstrip('/')}/{dest.name}"
-                print(f"downloading {remote}", flush=True)
+                print(f"downloading {remote}", file=sys.stderr, flush=True)
                 try:
                     with urllib.request.urlopen(remote, timeout=60) as response:
                         atomic_write_bytes(dest, lambda f, r=response: shutil.copyfileobj(r, f))
@@ -68,7 +69,7 @@ def read_lines(path: str | Path) -> list[str]:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as e:
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, truncated or corrupt gzip
         raise CorpusError(f"cannot read {path}: {e}") from e
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":

@@ -67,11 +67,11 @@ def beam_search(
         vocab = lprobs.size(-1)
         lprobs[:, model.pad_id] = -torch.inf
         lprobs[:, bos_id] = -torch.inf
+        at_limit = (step + 1 >= max_lens[alive]).repeat_interleave(k)  # (n·K,)
+        eos_lp = lprobs[at_limit, eos_id].clone()
         if step + 1 < min_len:
             lprobs[:, eos_id] = -torch.inf
-        at_limit = (step + 1 >= max_lens[alive]).repeat_interleave(k)  # (n·K,)
-        if bool(at_limit.any()):  # out of budget: only EOS may follow
-            eos_lp = lprobs[at_limit, eos_id].clone()
+        if bool(at_limit.any()):  # out of budget: only EOS may follow (even before min_len)
             lprobs[at_limit] = -torch.inf
             lprobs[at_limit, eos_id] = eos_lp
         candidates = (scores.view(-1, 1) + lprobs).view(n, k * vocab)
@@ -95,7 +95,7 @@ def beam_search(
                     Hypothesis(prefix, log_prob / length_penalty(len(prefix) + 1, alpha), log_prob)
                 )
             for row in set(eos_rows.tolist()):
-                done[row] = len(finished[int(alive[row])]) >= k
+                done[row] |= len(finished[int(alive[row])]) >= k
 
         # The best K non-EOS candidates live on (at most K of the 2K are EOS).
         rank_keys = is_eos.long() * (2 * k) + torch.arange(2 * k, device=device)

@@ -12,6 +12,7 @@ from transformer_mt.data.batching import pad
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.beam import Hypothesis, beam_search
 from transformer_mt.decoding.greedy import greedy_search
+from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.model import Transformer
 from transformer_mt.training.checkpoint import load_checkpoint, spm_tensor_to_bytes
 
@@ -21,7 +22,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' requested but CUDA is not available")
+        raise ConfigError(f"device '{device}' requested but CUDA is not available")
     return torch.device(device)
 
 
@@ -54,9 +55,12 @@ class Translator:
         """Load everything needed (weights, model config, SentencePiece model) from one file."""
         dev = resolve_device(device)
         state = load_checkpoint(path, map_location="cpu")
-        tokenizer = Tokenizer(spm_tensor_to_bytes(state["spm_model"]))
-        model = build_model(state["config"]["model"], tokenizer.vocab_size, tokenizer.pad_id)
-        model.load_state_dict(state["model"])
+        try:
+            tokenizer = Tokenizer(spm_tensor_to_bytes(state["spm_model"]))
+            model = build_model(state["config"]["model"], tokenizer.vocab_size, tokenizer.pad_id)
+            model.load_state_dict(state["model"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: inconsistent checkpoint: {e}") from e
         return cls(model, tokenizer, dev, state["config"])
 
     def _batches(self, ids: list[list[int]], batch_size: int) -> Iterator[list[int]]:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transformer_mt.errors import ConfigError
+
 
 class ScaledDotProductAttention(nn.Module):
     """softmax(Q Kᵀ / √d_k) V, computed by PyTorch's fused kernel.
@@ -48,7 +50,9 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float, bias: bool = True) -> None:
         super().__init__()
         if d_model % n_heads != 0:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+            raise ConfigError(
+                f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}"
+            )
         self.n_heads = n_heads
         self.d_k = d_model // n_heads
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -81,6 +85,8 @@ class MultiHeadAttention(nn.Module):
                     k = torch.cat([cache["k"], k], dim=2)
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
+        if cache is not None and causal and query.size(1) != 1:
+            raise ValueError("cached causal self-attention decodes one position at a time")
         # With a cache the single new query may see every cached key: no causal mask needed.
         out = self.attention(q, k, v, mask=mask, causal=causal and cache is None)
         b, _, tq, _ = out.shape

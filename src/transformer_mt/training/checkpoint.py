@@ -9,9 +9,17 @@ from typing import Any
 
 import torch
 
+from transformer_mt.errors import CheckpointError
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, or not one of ours."""
+__all__ = [
+    "CheckpointError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_checkpoint",
+    "save_checkpoint",
+    "spm_bytes_to_tensor",
+    "spm_tensor_to_bytes",
+]
 
 
 REQUIRED_KEYS = ("model", "config", "spm_model", "step", "epoch")
@@ -24,12 +32,20 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from transformer_mt.errors import ConfigError
+
 
 def inverse_sqrt_factor(step: int, warmup_steps: int) -> float:
     """min(step / warmup, sqrt(warmup / step)): 1.0 at the end of warmup.
@@ -20,7 +22,8 @@ def inverse_sqrt_schedule(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A scheduler whose lr is ``peak_lr · inverse_sqrt_factor(step)``; peak_lr is the optimizer's lr."""
     if warmup_steps <= 0:
-        raise ValueError(f"optim.warmup_steps must be positive, got {warmup_steps}")
+        raise ConfigError(f"optim.warmup_steps must be positive, got {warmup_steps}")
+    # LambdaLR counts completed updates from 0; the paper's step_num counts from 1.
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: inverse_sqrt_factor(step, warmup_steps)
+        optimizer, lambda done: inverse_sqrt_factor(done + 1, warmup_steps)
     )

@@ -26,6 +26,7 @@ from transformer_mt.data.batching import Batch, iterate_batches
 from transformer_mt.data.corpus import corpus_file, read_lines
 from transformer_mt.data.dataset import EncodedSplit, PreparedData, prepare_data
 from transformer_mt.decoding.translator import Translator, build_model, resolve_device
+from transformer_mt.errors import ConfigError
 from transformer_mt.evaluation import score
 from transformer_mt.model import Transformer
 from transformer_mt.training.checkpoint import (
@@ -60,7 +61,42 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"trainer.precision must be fp32 or bf16, got '{precision}'")
+    raise ConfigError(f"trainer.precision must be fp32 or bf16, got '{precision}'")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Fail before any work on settings that cannot train; the message names the key."""
+    t, o, m, d = cfg.trainer, cfg.optim, cfg.model, cfg.data
+    checks = [
+        (o.lr > 0, f"optim.lr must be positive, got {o.lr}"),
+        (o.warmup_steps > 0, f"optim.warmup_steps must be positive, got {o.warmup_steps}"),
+        (t.max_tokens > 0, f"trainer.max_tokens must be positive, got {t.max_tokens}"),
+        (t.max_epochs >= 1, f"trainer.max_epochs must be ≥ 1, got {t.max_epochs}"),
+        (
+            t.max_steps is None or t.max_steps >= 1,
+            f"trainer.max_steps must be ≥ 1, got {t.max_steps}",
+        ),
+        (t.log_every >= 1, f"trainer.log_every must be ≥ 1, got {t.log_every}"),
+        (
+            0 <= t.label_smoothing < 1,
+            f"trainer.label_smoothing must be in [0, 1), got {t.label_smoothing}",
+        ),
+        (t.final_beam_size >= 1, f"trainer.final_beam_size must be ≥ 1, got {t.final_beam_size}"),
+        (
+            m.d_model % m.n_heads == 0,
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}",
+        ),
+        (
+            d.filter.max_len < m.max_positions,
+            f"data.filter.max_len={d.filter.max_len} must be below "
+            f"model.max_positions={m.max_positions} (room for BOS/EOS)",
+        ),
+        (d.src_lang != d.tgt_lang, f"data.src_lang and data.tgt_lang are both '{d.src_lang}'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    autocast(torch.device("cpu"), t.precision)  # raises ConfigError for an unknown precision
 
 
 def read_references(data_cfg: DictConfig, role: str) -> tuple[list[str], list[str]]:
@@ -82,8 +118,8 @@ class Trainer:
         self.device = resolve_device(self.tcfg.device)
         if self.tcfg.num_threads:
             torch.set_num_threads(self.tcfg.num_threads)
+        validate_config(cfg)
         seed_everything(cfg.seed)
-        autocast(self.device, self.tcfg.precision)  # validates the setting before any work
 
         self.data: PreparedData = prepare_data(cfg.data)
         self.tokenizer = self.data.tokenizer
@@ -142,8 +178,14 @@ class Trainer:
         self.model.eval()
         tok = self.tokenizer
         total_loss, total_nll, total_tokens = 0.0, 0.0, 0
+        max_len = self.model.max_positions - 1  # val/test are not length-filtered
         for batch in iterate_batches(
-            self.valid_split, self.tcfg.max_tokens, tok.pad_id, tok.bos_id, tok.eos_id
+            self.valid_split,
+            self.tcfg.max_tokens,
+            tok.pad_id,
+            tok.bos_id,
+            tok.eos_id,
+            max_len=max_len,
         ):
             batch = batch.to(self.device)
             with autocast(self.device, self.tcfg.precision):
