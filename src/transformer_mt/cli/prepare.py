@@ -12,7 +12,7 @@ from transformer_mt.cli.common import config_dir, exit_on_user_error
 from transformer_mt.data.dataset import prepare_data
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="prepare")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     """Prepare ``cfg.data`` under ``data.prepared_dir`` (a no-op when the cache is current)."""
