@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from transformer_mt.model import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MULTI30K = (REPO / ".." / "shared" / "data" / "multi30k").resolve()
@@ -73,3 +76,22 @@ def synthetic_corpus(raw: Path, n_train: int = 300) -> None:
         src = [" ".join(rng.choice(WORDS, size=rng.integers(2, 9))) for _ in range(n)]
         write_gz(raw / f"{split}.en.gz", "".join(s + "\n" for s in src).encode())
         write_gz(raw / f"{split}.xx.gz", "".join(s.upper() + "\n" for s in src).encode())
+
+
+def small_transformer(**overrides: object) -> Transformer:
+    """A seeded, dropout-free 2+2-layer Transformer (d_model 32, vocab 50, pad 0) in eval mode."""
+    torch.manual_seed(0)
+    args: dict[str, object] = dict(
+        vocab_size=50,
+        d_model=32,
+        n_heads=4,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        d_ff=64,
+        dropout=0.0,
+        norm_first=True,
+        max_positions=64,
+        pad_id=0,
+    )
+    args.update(overrides)
+    return Transformer(**args).eval()  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import small_transformer
 from transformer_mt.data.batching import pad
 from transformer_mt.decoding import Hypothesis, beam_search, greedy_search, length_penalty
 from transformer_mt.model import Transformer
@@ -12,19 +13,8 @@ from transformer_mt.model import Transformer
 PAD, BOS, EOS = 0, 2, 3
 
 
-def random_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(
-        vocab_size=30,
-        d_model=32,
-        n_heads=4,
-        n_encoder_layers=2,
-        n_decoder_layers=2,
-        d_ff=64,
-        dropout=0.0,
-        max_positions=64,
-        pad_id=PAD,
-    ).eval()
+def random_model() -> Transformer:
+    return small_transformer(vocab_size=30)
 
 
 def sources(seed: int = 1) -> torch.Tensor:

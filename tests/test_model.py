@@ -8,25 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from transformer_mt.model import MultiHeadAttention, PositionalEncoding, Transformer
-
-
-def tiny_transformer(norm_first: bool = True, **kwargs: object) -> Transformer:
-    torch.manual_seed(0)
-    args = dict(
-        vocab_size=50,
-        d_model=32,
-        n_heads=4,
-        n_encoder_layers=2,
-        n_decoder_layers=2,
-        d_ff=64,
-        dropout=0.0,
-        norm_first=norm_first,
-        max_positions=64,
-        pad_id=0,
-    )
-    args.update(kwargs)
-    return Transformer(**args).eval()  # type: ignore[arg-type]
+from conftest import small_transformer
+from transformer_mt.model import MultiHeadAttention, PositionalEncoding
 
 
 def copy_into_reference(ours: MultiHeadAttention, ref: nn.MultiheadAttention) -> None:
@@ -76,7 +59,7 @@ def test_sinusoidal_encoding_matches_paper_formula() -> None:
 
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_decoder_is_causal(norm_first: bool) -> None:
-    model = tiny_transformer(norm_first)
+    model = small_transformer(norm_first=norm_first)
     src = torch.randint(4, 50, (2, 6))
     tgt = torch.randint(4, 50, (2, 8))
     base = model(src, tgt)
@@ -90,7 +73,7 @@ def test_decoder_is_causal(norm_first: bool) -> None:
 
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_padding_does_not_change_real_tokens(norm_first: bool) -> None:
-    model = tiny_transformer(norm_first)
+    model = small_transformer(norm_first=norm_first)
     src = torch.randint(4, 50, (1, 6))
     tgt = torch.randint(4, 50, (1, 5))
     alone = model(src, tgt)
@@ -105,7 +88,7 @@ def test_padding_does_not_change_real_tokens(norm_first: bool) -> None:
 
 
 def test_incremental_decoding_equals_full_decoding() -> None:
-    model = tiny_transformer()
+    model = small_transformer()
     src = torch.randint(4, 50, (3, 7))
     src[1, 5:] = 0
     tgt = torch.randint(4, 50, (3, 6))
@@ -118,7 +101,7 @@ def test_incremental_decoding_equals_full_decoding() -> None:
 
 
 def test_tied_embeddings_and_parameter_count() -> None:
-    tied, untied = tiny_transformer(tie_embeddings=True), tiny_transformer(tie_embeddings=False)
+    tied, untied = small_transformer(tie_embeddings=True), small_transformer(tie_embeddings=False)
     assert tied.output_projection.weight is tied.embedding.tokens.weight
     assert untied.num_parameters()[0] - tied.num_parameters()[0] == 50 * 32
 
