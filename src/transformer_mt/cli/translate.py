@@ -69,20 +69,19 @@ def translate_stream(
 def main(argv: list[str] | None = None) -> None:
     """Translate stdin (or --input) to stdout (or --output)."""
     args = parse_args(argv)
-    beam = args.beam
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
     if args.input is not None and not args.input.is_file():
         raise FileNotFoundError(f"input file not found: {args.input}")
     with open(args.input, "rb") if args.input else sys.stdin.buffer as stream:
         chunks = read_chunks(stream, str(args.input or "<stdin>"))
-        decode = (translator, chunks)
+
+        def write(out: BinaryIO) -> None:
+            translate_stream(translator, chunks, out, args.beam, args.batch_size, args.alpha)
+
         if args.output is None:
-            translate_stream(*decode, sys.stdout.buffer, beam, args.batch_size, args.alpha)
+            write(sys.stdout.buffer)
         else:  # streamed into a temporary file, renamed over --output only when complete
-            atomic_write_bytes(
-                args.output,
-                lambda f: translate_stream(*decode, f, beam, args.batch_size, args.alpha),
-            )
+            atomic_write_bytes(args.output, write)
 
 
 if __name__ == "__main__":
