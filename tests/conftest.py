@@ -78,6 +78,24 @@ def synthetic_corpus(raw: Path, n_train: int = 300) -> None:
         write_gz(raw / f"{split}.xx.gz", "".join(s.upper() + "\n" for s in src).encode())
 
 
+def synthetic_overrides(root: Path) -> list[str]:
+    """Hydra overrides that train the tiny model on ``synthetic_corpus(root / "raw")``."""
+    return [
+        "model=tiny",
+        "data.corpus=synthetic",
+        "data.tgt_lang=xx",
+        f"data.raw_dir={root / 'raw'}",
+        "data.shared_dir=null",
+        "data.url=null",
+        f"data.prepared_dir={root / 'prepared'}",
+        "data.tokenizer.vocab_size=60",
+        "trainer.max_tokens=256",
+        "trainer.valid_max_sentences=5",
+        "trainer.final_eval=false",
+        "trainer.device=cpu",
+    ]
+
+
 def small_transformer(**overrides: object) -> Transformer:
     """A seeded, dropout-free 2+2-layer Transformer (d_model 32, vocab 50, pad 0) in eval mode."""
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from conftest import synthetic_corpus
+from conftest import synthetic_corpus, synthetic_overrides
 from transformer_mt.cli.common import config_dir
 from transformer_mt.decoding import Translator
 from transformer_mt.errors import ConfigError
@@ -21,19 +21,8 @@ def make_config(root: Path, *overrides: str) -> DictConfig:
         return compose(
             "train",
             overrides=[
-                "model=tiny",
-                "data.corpus=synthetic",
-                "data.tgt_lang=xx",
-                f"data.raw_dir={root / 'raw'}",
-                "data.shared_dir=null",
-                "data.url=null",
-                f"data.prepared_dir={root / 'prepared'}",
-                "data.tokenizer.vocab_size=60",
-                "trainer.max_tokens=256",
+                *synthetic_overrides(root),
                 "trainer.log_every=5",
-                "trainer.valid_max_sentences=5",
-                "trainer.final_eval=false",
-                "trainer.device=cpu",
                 "optim.warmup_steps=10",
                 *overrides,
             ],

@@ -17,3 +17,7 @@ class CorpusError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint file is missing, truncated, or not one of ours."""
+
+
+class TrainingDivergedError(UserError):
+    """Too many consecutive non-finite updates; the message names the last good checkpoint."""

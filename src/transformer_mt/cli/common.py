@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
 
 from transformer_mt.errors import UserError
 
@@ -21,6 +24,21 @@ USER_ERRORS = (UserError, OSError)
 def config_dir() -> str:
     """Absolute path of the Hydra config tree (``$TMT_CONFIG_DIR`` or the repo's ``configs/``)."""
     return os.environ.get("TMT_CONFIG_DIR") or str(Path(__file__).resolve().parents[3] / "configs")
+
+
+def run_name(overrides: str) -> str:
+    """A directory name from Hydra's ``override_dirname``: "default" when empty, slashes
+    replaced, long ones shortened with a hash so distinct commands keep distinct names."""
+    name = overrides.replace("/", "_") or "default"
+    if len(name) > 150:
+        name = f"{name[:120]}_{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return name
+
+
+def register_resolvers() -> None:
+    """The config resolvers our YAML uses: ``${tmt.run_name:...}``."""
+    if not OmegaConf.has_resolver("tmt.run_name"):
+        OmegaConf.register_new_resolver("tmt.run_name", run_name)
 
 
 def exit_on_user_error(fn: F) -> F:

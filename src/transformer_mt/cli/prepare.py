@@ -8,8 +8,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from transformer_mt.cli.common import config_dir, exit_on_user_error
+from transformer_mt.cli.common import config_dir, exit_on_user_error, register_resolvers
 from transformer_mt.data.dataset import prepare_data
+
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="prepare")

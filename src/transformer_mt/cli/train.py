@@ -1,38 +1,57 @@
 """tmt-train: train a Transformer (Hydra overrides on the command line).
 
 tmt-train data.tgt_lang=fr model=small trainer.max_epochs=20 optim.lr=7e-4
+tmt-train -m optim.lr=5e-4,7e-4 model.dropout=0.1,0.3          # a sweep
+torchrun --nproc_per_node=2 -m transformer_mt.cli.train ...     # data-parallel
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from transformer_mt.cli.common import config_dir, exit_on_user_error
+from transformer_mt.cli.common import config_dir, exit_on_user_error, register_resolvers
 from transformer_mt.training.checkpoint import atomic_write_text
+from transformer_mt.training.distributed import env_rank, shutdown_distributed
 from transformer_mt.training.trainer import Trainer
+
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 @exit_on_user_error
-def main(cfg: DictConfig) -> float:
+def train(cfg: DictConfig) -> float:
     """Train with ``cfg``; prints the best checkpoint and its val/test scores. Returns val BLEU."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    result = Trainer(cfg, run_dir).train()
-    print(f"best checkpoint: {result.best_checkpoint}")
-    print(f"best greedy val BLEU during training: {result.best_val_bleu:.2f}")
-    for role in ("valid", "test"):
-        if role in result.final:
-            r = result.final[role]
-            print(
-                f"{role} (beam {result.final['beam_size']}): BLEU {r['bleu']:.2f} "
-                f"chrF {r['chrf']:.2f}  [{r['signature']}]"
-            )
+    try:
+        trainer = Trainer(cfg, run_dir)
+        if trainer.dist.is_main:
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        result = trainer.train()
+    finally:
+        shutdown_distributed()
+    if env_rank() == 0:
+        print(f"best checkpoint: {result.best_checkpoint}")
+        print(f"best greedy val BLEU during training: {result.best_val_bleu:.2f}")
+        for role in ("valid", "test"):
+            if role in result.final:
+                r = result.final[role]
+                print(
+                    f"{role} (beam {result.final['beam_size']}): BLEU {r['bleu']:.2f} "
+                    f"chrF {r['chrf']:.2f}  [{r['signature']}]"
+                )
     return result.best_val_bleu
+
+
+def main() -> None:
+    """Console entry point. Ranks other than 0 of a distributed job write no Hydra files."""
+    if env_rank() > 0:
+        sys.argv.append("hydra.output_subdir=null")
+    train()
 
 
 if __name__ == "__main__":

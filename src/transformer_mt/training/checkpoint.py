@@ -1,8 +1,17 @@
-"""Self-contained checkpoints: weights, config and SentencePiece model, written atomically."""
+"""Self-contained checkpoints (weights, config, SentencePiece model), written atomically, and
+the run's checkpoint folder: keep the last K and the best K, find the newest good one.
+
+A run's ``checkpoints/`` folder holds ``checkpoint_<step>.pt`` files plus ``last.pt`` and
+``best.pt``, which are hard links to the newest and the best-by-val-BLEU checkpoint (copies
+where the filesystem has no hard links).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +22,7 @@ from transformer_mt.errors import CheckpointError
 
 __all__ = [
     "CheckpointError",
+    "CheckpointManager",
     "atomic_write_bytes",
     "atomic_write_text",
     "load_checkpoint",
@@ -41,15 +51,33 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)  # make the rename itself durable
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_link(src: Path, dst: Path) -> None:
+    """Make ``dst`` a hard link to ``src`` (a copy if links are unsupported), atomically."""
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -89,3 +117,84 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} is not a transformer_mt checkpoint (needs keys {list(REQUIRED_KEYS)})"
         )
     return state
+
+
+_STEP_FILE = re.compile(r"checkpoint_(\d+)\.pt")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The update number in a ``checkpoint_<step>.pt`` name, else None."""
+    m = _STEP_FILE.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
+def step_checkpoints(directory: Path) -> list[Path]:
+    """The ``checkpoint_<step>.pt`` files of ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if checkpoint_step(p) is not None]
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+
+class CheckpointManager:
+    """Writes ``checkpoint_<step>.pt`` files and keeps the last ``keep_last`` and the best
+    ``keep_best`` (by val BLEU) of them; ``last.pt``/``best.pt`` point at the newest/best.
+
+    ``scores`` maps a checkpoint's file name to its val BLEU; it is part of the training
+    state so that a resumed run keeps pruning correctly.
+    """
+
+    def __init__(self, directory: Path, keep_last: int, keep_best: int) -> None:
+        if keep_last < 1:
+            raise ValueError(f"trainer.keep_last must be ≥ 1, got {keep_last}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.scores: dict[str, float] = {}
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / "best.pt"
+
+    @property
+    def last_path(self) -> Path:
+        return self.directory / "last.pt"
+
+    def save(self, state: dict[str, Any], val_bleu: float | None, is_best: bool) -> Path:
+        """Write the checkpoint of ``state["step"]``, update the links, prune old files."""
+        path = self.directory / f"checkpoint_{int(state['step']):07d}.pt"
+        save_checkpoint(path, state)
+        if val_bleu is not None:
+            self.scores[path.name] = val_bleu
+        atomic_link(path, self.last_path)
+        if is_best:
+            atomic_link(path, self.best_path)
+        self.prune()
+        return path
+
+    def prune(self) -> None:
+        """Delete the step checkpoints that are neither among the last K nor the best K."""
+        files = step_checkpoints(self.directory)
+        keep = {p.name for p in files[-self.keep_last :]}
+        scored = [p.name for p in files if p.name in self.scores]
+        scored.sort(key=lambda name: self.scores[name], reverse=True)
+        keep.update(scored[: self.keep_best])
+        for p in files:
+            if p.name not in keep:
+                p.unlink()
+        self.scores = {k: v for k, v in self.scores.items() if k in keep}
+
+    def newest_good(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest step checkpoint that loads, with its state, or None if there is none.
+
+        Unreadable ones (a truncated file from a crash, a corrupt disk block) are renamed to
+        ``<name>.corrupt`` with a warning naming them, never deleted.
+        """
+        for path in reversed(step_checkpoints(self.directory)):
+            try:
+                return path, load_checkpoint(path)
+            except CheckpointError as e:
+                bad = path.with_name(path.name + ".corrupt")
+                print(f"warning: {e}; skipping it (renamed to {bad.name})", file=sys.stderr)
+                os.replace(path, bad)
+        return None

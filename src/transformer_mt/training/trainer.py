@@ -1,8 +1,12 @@
 """The training loop: batches -> model -> label-smoothed loss -> Adam -> checkpoints.
 
-Every epoch ends with validation (loss, perplexity, greedy BLEU); ``last.pt`` is saved
-every epoch and ``best.pt`` whenever val BLEU improves. Progress goes to a tqdm bar and
-to TensorBoard in ``<run dir>/tensorboard``.
+One *update* consumes ``world_size · update_freq`` token-budget batches (gradient
+accumulation across micro-batches and data-parallel ranks), normalised by their real target
+tokens, so it equals one big batch. Validation (loss, perplexity, greedy BLEU) runs every
+``validate_every_steps`` updates or at every epoch end; checkpoints are written every
+``save_every_steps`` updates, at every epoch end and when training stops, and hold all the
+state needed to continue bitwise identically (see :meth:`Trainer.training_state`).
+Progress goes to a tqdm bar and to TensorBoard in ``<run dir>/tensorboard``.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
+import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +24,29 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from transformer_mt.data.batching import Batch, iterate_batches
+from transformer_mt.data.batching import Batch, collate, iterate_batches, token_batches
 from transformer_mt.data.corpus import corpus_file, read_lines
 from transformer_mt.data.dataset import EncodedSplit, PreparedData, prepare_data
 from transformer_mt.decoding.translator import Translator, build_model, resolve_device
-from transformer_mt.errors import ConfigError
+from transformer_mt.errors import CheckpointError, ConfigError, TrainingDivergedError
 from transformer_mt.evaluation import score
 from transformer_mt.model import Transformer
+from transformer_mt.training import distributed as dist
 from transformer_mt.training.checkpoint import (
+    CheckpointManager,
     atomic_write_text,
-    save_checkpoint,
+    load_checkpoint,
     spm_bytes_to_tensor,
+    step_checkpoints,
 )
+from transformer_mt.training.config import validate_config
 from transformer_mt.training.loss import label_smoothed_nll_loss
+from transformer_mt.training.precision import autocast, grad_scaler
+from transformer_mt.training.rng import rng_state, seed_everything, set_rng_state
 from transformer_mt.training.schedule import inverse_sqrt_schedule
 
 
@@ -48,57 +60,6 @@ class TrainResult:
     final: dict[str, Any]
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for ``trainer.precision`` (fp32 | bf16)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ConfigError(f"trainer.precision must be fp32 or bf16, got '{precision}'")
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Fail before any work on settings that cannot train; the message names the key."""
-    t, o, m, d = cfg.trainer, cfg.optim, cfg.model, cfg.data
-    checks = [
-        (o.lr > 0, f"optim.lr must be positive, got {o.lr}"),
-        (o.warmup_steps > 0, f"optim.warmup_steps must be positive, got {o.warmup_steps}"),
-        (t.max_tokens > 0, f"trainer.max_tokens must be positive, got {t.max_tokens}"),
-        (t.max_epochs >= 1, f"trainer.max_epochs must be ≥ 1, got {t.max_epochs}"),
-        (
-            t.max_steps is None or t.max_steps >= 1,
-            f"trainer.max_steps must be ≥ 1, got {t.max_steps}",
-        ),
-        (t.log_every >= 1, f"trainer.log_every must be ≥ 1, got {t.log_every}"),
-        (
-            0 <= t.label_smoothing < 1,
-            f"trainer.label_smoothing must be in [0, 1), got {t.label_smoothing}",
-        ),
-        (t.final_beam_size >= 1, f"trainer.final_beam_size must be ≥ 1, got {t.final_beam_size}"),
-        (
-            m.d_model % m.n_heads == 0,
-            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}",
-        ),
-        (
-            d.filter.max_len < m.max_positions,
-            f"data.filter.max_len={d.filter.max_len} must be below "
-            f"model.max_positions={m.max_positions} (room for BOS/EOS)",
-        ),
-        (d.src_lang != d.tgt_lang, f"data.src_lang and data.tgt_lang are both '{d.src_lang}'"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    autocast(torch.device("cpu"), t.precision)  # raises ConfigError for an unknown precision
-
-
 def read_references(data_cfg: DictConfig, role: str) -> tuple[list[str], list[str]]:
     """Raw source sentences and references of split ``role`` ("valid" or "test")."""
     split = {"valid": data_cfg.valid_split, "test": data_cfg.test_split}[role]
@@ -107,21 +68,58 @@ def read_references(data_cfg: DictConfig, role: str) -> tuple[list[str], list[st
     return src, ref
 
 
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The batch sampler's generator for ``epoch``: a pure function of (seed, epoch), so the
+    batch order of any epoch is known again after a restart without saving it."""
+    return np.random.default_rng([seed, epoch])
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on GPUs, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Scalar leaves of a nested config as ``{"optim.lr": 0.002, ...}`` (TensorBoard hparams)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, name + "."))
+        elif isinstance(value, bool | int | float | str):
+            out[name] = value
+        elif value is None:
+            out[name] = "null"
+        else:
+            out[name] = str(value)
+    return out
+
+
 class Trainer:
-    """Owns the model, optimizer, scheduler and run directory of one training run."""
+    """Owns the model, optimizer, scheduler, checkpoints and run directory of one run."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         self.cfg = cfg
         self.tcfg = cfg.trainer
         self.run_dir = run_dir
-        self.ckpt_dir = run_dir / "checkpoints"
-        self.device = resolve_device(self.tcfg.device)
+        device = resolve_device(self.tcfg.device)
+        validate_config(cfg, device)
+        self.dist, self.device = dist.init_distributed(device)
         if self.tcfg.num_threads:
             torch.set_num_threads(self.tcfg.num_threads)
-        validate_config(cfg)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed + self.dist.rank)  # each rank its own dropout stream
+        self.ckpts = CheckpointManager(
+            run_dir / "checkpoints", self.tcfg.keep_last, self.tcfg.keep_best
+        )
+        resume = self.find_resume_checkpoint()
 
-        self.data: PreparedData = prepare_data(cfg.data)
+        if self.dist.is_main:  # rank 0 builds the prepared cache; the others then read it
+            self.data: PreparedData = prepare_data(cfg.data)
+        dist.barrier(self.dist)
+        if not self.dist.is_main:
+            self.data = prepare_data(cfg.data)
         self.tokenizer = self.data.tokenizer
         self.train_split: EncodedSplit = self.data.split("train")
         self.valid_split: EncodedSplit = self.data.split("valid")
@@ -134,9 +132,7 @@ class Trainer:
         self.model: Transformer = build_model(
             self.config_dict["model"], self.tokenizer.vocab_size, self.tokenizer.pad_id
         ).to(self.device)
-        total, trainable = self.model.num_parameters()
-        print(f"model parameters: {total:,} total, {trainable:,} trainable", flush=True)
-
+        self.ddp = DistributedDataParallel(self.model) if self.dist.enabled else None
         ocfg = cfg.optim
         self.optimizer = torch.optim.Adam(
             self.model.parameters(),
@@ -147,29 +143,183 @@ class Trainer:
             foreach=True,
         )
         self.scheduler = inverse_sqrt_schedule(self.optimizer, ocfg.warmup_steps)
-        self.step = 0
-        self.epoch = 0
+        self.scaler = grad_scaler(self.device, self.tcfg.precision)
+
+        # Progress; all of it is saved in checkpoints (see training_state).
+        self.step = 0  # successful updates
+        self.epoch = 0  # completed epochs
+        self.batches_done = 0  # batches of epoch ``epoch + 1`` already consumed
         self.best_bleu = -1.0
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.bad_validations = 0  # validations since the best one (early stopping)
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0  # consecutive non-finite updates
+        self.stop_reason = ""
+        self.validated = (-1, 0.0)  # (step, val BLEU) of the latest validation
+        self.saved_step = -1
+        self.last_grad_norm = 0.0
+        if resume is not None:
+            self.load_training_state(*resume)
+
+        self.writer: SummaryWriter | None = None
+        if self.dist.is_main:
+            total, trainable = self.model.num_parameters()
+            self.log(f"model parameters: {total:,} total, {trainable:,} trainable")
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=self.step + 1)
+
+    def log(self, message: str) -> None:
+        """Print on rank 0 only."""
+        if self.dist.is_main:
+            print(message, flush=True)
+
+    # -- resume -------------------------------------------------------------------------------
+    def find_resume_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint ``trainer.resume`` asks for (auto: the newest good one of this run)."""
+        mode = str(self.tcfg.resume)
+        if mode == "never":
+            if step_checkpoints(self.ckpts.directory):
+                raise ConfigError(
+                    f"trainer.resume=never but {self.ckpts.directory} already holds checkpoints; "
+                    "continue it with trainer.resume=auto or pick another hydra.run.dir"
+                )
+            return None
+        if mode == "auto":
+            found = self.ckpts.newest_good() if self.dist.is_main else None
+            path = dist.broadcast_object(str(found[0]) if found else None, self.dist)
+            if path is None:
+                return None
+            return Path(path), (found[1] if found else load_checkpoint(path))
+        return Path(mode), load_checkpoint(mode)
+
+    def load_training_state(self, path: Path, state: dict[str, Any]) -> None:
+        """Continue from ``state``: weights, optimizer, scheduler, counters and RNGs."""
+        if "trainer" not in state or "optimizer" not in state:
+            raise CheckpointError(f"{path} holds no training state (an averaged checkpoint?)")
+        for section in ("model", "data"):
+            if state["config"][section] != self.config_dict[section]:
+                raise ConfigError(
+                    f"cannot resume from {path}: its {section} config differs from this "
+                    f"run's ({section}.* must match; trainer.resume=never starts afresh)"
+                )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        t = state["trainer"]
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batches_done = int(t["batches_done"])
+        self.best_bleu = float(t["best_val_bleu"])
+        self.bad_validations = int(t["bad_validations"])
+        self.nonfinite_total = int(t["nonfinite_total"])
+        self.stop_reason = str(t["stop_reason"])
+        self.validated = (int(t["validated_step"]), float(t["validated_bleu"]))
+        self.ckpts.scores = {str(k): float(v) for k, v in t["checkpoint_scores"].items()}
+        self.saved_step = self.step
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[self.dist.rank])
+        else:
+            print(
+                f"warning: {path} was written by {len(rngs)} process(es), this job has "
+                f"{self.dist.world_size}; dropout streams are reseeded",
+                file=sys.stderr,
+            )
+        self.log(f"resumed from {path} at epoch {self.epoch} step {self.step}")
+
+    def training_state(self, val_bleu: float | None) -> dict[str, Any]:
+        """Everything needed to translate with this run and to continue it identically."""
+        rngs = dist.all_gather_object(rng_state(), self.dist)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "val_bleu": val_bleu,
+            "config": self.config_dict,
+            "spm_model": spm_bytes_to_tensor(self.tokenizer.model_bytes),
+            "rng": rngs,
+            "trainer": {
+                "batches_done": self.batches_done,
+                "best_val_bleu": self.best_bleu,
+                "bad_validations": self.bad_validations,
+                "nonfinite_total": self.nonfinite_total,
+                "stop_reason": self.stop_reason,
+                "validated_step": self.validated[0],
+                "validated_bleu": self.validated[1],
+                "checkpoint_scores": dict(self.ckpts.scores),
+            },
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     # -- one update ---------------------------------------------------------------------------
-    def train_step(self, batch: Batch) -> torch.Tensor:
-        """Forward, backward, clip, update; returns the summed loss (a tensor, no host sync)."""
-        self.model.train()
-        batch = batch.to(self.device)
-        with autocast(self.device, self.tcfg.precision):
-            logits = self.model(batch.src, batch.tgt_in)  # (B, T, V)
-        loss, _ = label_smoothed_nll_loss(
-            logits, batch.tgt_out, self.tcfg.label_smoothing, self.tokenizer.pad_id
-        )
+    def train_step(self, batches: list[tuple[Batch, float]]) -> tuple[torch.Tensor, int] | None:
+        """One update from this rank's micro-batches ``[(batch, weight), ...]``.
+
+        The loss is divided by the real target tokens of the whole update on all ranks, so
+        accumulation and data parallelism give the gradient of one big batch. A non-finite
+        gradient norm skips the update. Returns this rank's summed loss (no host sync) and the
+        update's target tokens on all ranks, or None when the update was skipped.
+        """
+        model = self.ddp or self.model
+        model.train()
+        local_tokens = sum(b.n_tgt_tokens * w for b, w in batches)
+        global_tokens = dist.all_reduce_sum(local_tokens, self.dist, self.device)
+        scale = self.dist.world_size / global_tokens  # DDP averages gradients over ranks
         self.optimizer.zero_grad(set_to_none=True)
-        (loss / batch.n_tgt_tokens).backward()
-        if self.tcfg.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.clip_norm)
-        self.optimizer.step()
+        total = torch.zeros((), device=self.device)
+        for i, (batch, weight) in enumerate(batches):
+            last = i == len(batches) - 1
+            no_sync = self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext()
+            batch = batch.to(self.device)
+            with no_sync:
+                with autocast(self.device, self.tcfg.precision):
+                    logits = model(batch.src, batch.tgt_in)  # (B, T, V)
+                loss, _ = label_smoothed_nll_loss(
+                    logits, batch.tgt_out, self.tcfg.label_smoothing, self.tokenizer.pad_id
+                )
+                scaled = loss * (scale * weight)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.detach() * weight
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.tcfg.clip_norm if self.tcfg.clip_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.last_grad_norm = float(grad_norm)  # the one host sync per update
+        finite = math.isfinite(self.last_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step itself on inf/nan
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        if not finite:
+            self.skip_nonfinite_update()
+            return None
+        self.nonfinite_run = 0
         self.scheduler.step()
         self.step += 1
-        return loss.detach()
+        return total, int(global_tokens)
+
+    def skip_nonfinite_update(self) -> None:
+        """Count a skipped update; too many in a row stop the run (checkpoints are kept)."""
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        limit = self.tcfg.max_nonfinite_updates
+        print(
+            f"warning: non-finite loss/gradient after update {self.step}; update skipped "
+            f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.nonfinite_run >= limit:
+            last = self.ckpts.last_path if self.ckpts.last_path.exists() else "none yet"
+            raise TrainingDivergedError(
+                f"{limit} consecutive non-finite updates (trainer.max_nonfinite_updates) at "
+                f"update {self.step}: training diverged. The last good checkpoint is {last}; "
+                "lower optim.lr, raise optim.warmup_steps or use trainer.precision=fp32."
+            )
 
     # -- validation ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -198,104 +348,185 @@ class Trainer:
             total_tokens += batch.n_tgt_tokens
         return total_loss / total_tokens, math.exp(min(total_nll / total_tokens, 50.0))
 
-    def validation_bleu(self) -> tuple[float, list[str]]:
-        """Greedy, detokenized sacreBLEU on the validation sentences."""
-        translator = Translator(self.model, self.tokenizer, self.device)
-        hyps = translator.translate(
-            self.valid_src, beam_size=1, batch_size=self.tcfg.valid_batch_size
-        )
-        return score(hyps, self.valid_ref).bleu, hyps
+    def validate(self) -> float:
+        """Val loss, perplexity and greedy BLEU on rank 0 (logged); every rank gets the BLEU."""
+        if self.validated[0] == self.step:
+            return self.validated[1]
+        bleu = 0.0
+        if self.dist.is_main:
+            val_loss, val_ppl = self.validation_loss()
+            translator = Translator(self.model, self.tokenizer, self.device)
+            hyps = translator.translate(
+                self.valid_src, beam_size=1, batch_size=self.tcfg.valid_batch_size
+            )
+            bleu = score(hyps, self.valid_ref).bleu
+            self.log(
+                f"epoch {self.epoch} step {self.step}: val loss {val_loss:.3f} "
+                f"ppl {val_ppl:.2f} BLEU {bleu:.2f}"
+            )
+            assert self.writer is not None
+            self.writer.add_scalar("valid/loss", val_loss, self.step)
+            self.writer.add_scalar("valid/ppl", val_ppl, self.step)
+            self.writer.add_scalar("valid/bleu", bleu, self.step)
+            examples = [
+                f"**src** {s}  \n**ref** {r}  \n**hyp** {h}"
+                for s, r, h in zip(self.valid_src[:4], self.valid_ref[:4], hyps[:4], strict=True)
+            ]
+            self.writer.add_text("valid/examples", "\n\n".join(examples), self.step)
+        bleu = dist.broadcast_object(bleu, self.dist)
+        self.validated = (self.step, bleu)
+        return bleu
 
-    # -- checkpoints --------------------------------------------------------------------------
-    def checkpoint_state(self, val_bleu: float) -> dict[str, Any]:
-        """Everything needed to translate with (and continue) this run, as plain data."""
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "val_bleu": val_bleu,
-            "best_val_bleu": max(self.best_bleu, val_bleu),
-            "config": self.config_dict,
-            "spm_model": spm_bytes_to_tensor(self.tokenizer.model_bytes),
-        }
+    def checkpoint(self, validate: bool) -> None:
+        """Optionally validate (best score, early stopping), then save a checkpoint."""
+        val_bleu, is_best = None, False
+        if validate:
+            val_bleu = self.validate()
+            is_best = val_bleu > self.best_bleu
+            if is_best:
+                self.best_bleu, self.bad_validations = val_bleu, 0
+            else:
+                self.bad_validations += 1
+                patience = self.tcfg.patience
+                if patience and self.bad_validations >= patience:
+                    self.stop_reason = (
+                        f"early stopping: no val BLEU gain in {patience} validations "
+                        f"(best {self.best_bleu:.2f})"
+                    )
+        if self.dist.enabled:
+            digest = dist.check_replicas_in_sync(self.model, self.dist)
+            self.log(
+                f"step {self.step}: parameters identical on all {self.dist.world_size} ranks "
+                f"(sha256 {digest[:16]})"
+            )
+        state = self.training_state(val_bleu)
+        if self.dist.is_main:
+            self.ckpts.save(state, val_bleu, is_best)
+        dist.barrier(self.dist)
+        self.saved_step = self.step
 
     # -- the loop -----------------------------------------------------------------------------
-    def _finished(self) -> bool:
+    def done(self) -> bool:
+        """max_epochs or max_steps reached, or early stopping triggered."""
         max_steps = self.tcfg.max_steps
-        return max_steps is not None and self.step >= max_steps
+        return (
+            self.epoch >= self.tcfg.max_epochs
+            or (max_steps is not None and self.step >= max_steps)
+            or bool(self.stop_reason)
+        )
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """The shuffled token-budget batches (example indices) of ``epoch`` (1-based)."""
+        split = self.train_split
+        rng = epoch_rng(self.cfg.seed, epoch)
+        return token_batches(split.src_lengths, split.tgt_lengths, self.tcfg.max_tokens, rng)
+
+    def micro_batches(self, group: list[np.ndarray]) -> list[tuple[Batch, float]]:
+        """This rank's share of one update's batches, with weight 1. A rank left without one
+        (the last, short update of an epoch) runs the first batch with weight 0, so every
+        rank takes part in the gradient all-reduce and each example counts once."""
+        tok = self.tokenizer
+        mine = dist.shard(group, self.dist)
+        weight = 1.0 if mine else 0.0
+        return [
+            (collate(self.train_split, idx, tok.pad_id, tok.bos_id, tok.eos_id), weight)
+            for idx in (mine or group[:1])
+        ]
 
     def train(self) -> TrainResult:
-        """Train until ``max_epochs`` or ``max_steps``, validating and checkpointing every epoch."""
-        tok = self.tokenizer
-        best_path = self.ckpt_dir / "best.pt"
-        rng = np.random.default_rng(self.cfg.seed)
-        while self.epoch < self.tcfg.max_epochs and not self._finished():
-            self.epoch += 1
-            batches = list(
-                iterate_batches(
-                    self.train_split, self.tcfg.max_tokens, tok.pad_id, tok.bos_id, tok.eos_id, rng
-                )
-            )
+        """Train until ``max_epochs``/``max_steps``/early stopping, then evaluate best.pt."""
+        per_update = self.dist.world_size * self.tcfg.update_freq
+        while not self.done():
+            batches = self.epoch_batches(self.epoch + 1)
+            groups = [batches[i : i + per_update] for i in range(0, len(batches), per_update)]
+            start = math.ceil(self.batches_done / per_update)
             bar = tqdm(
-                batches,
-                desc=f"epoch {self.epoch}",
-                unit="batch",
+                total=len(groups),
+                initial=start,
+                desc=f"epoch {self.epoch + 1}",
+                unit="update",
                 dynamic_ncols=True,
                 mininterval=1.0,
+                disable=not self.dist.is_main,
             )
-            window_loss = torch.zeros((), device=self.device)  # summed on device: no host sync
-            window_tokens, window_start = 0, time.perf_counter()
-            for batch in bar:
-                window_loss += self.train_step(batch)
-                window_tokens += batch.n_tgt_tokens
-                if self.step % self.tcfg.log_every == 0:
-                    elapsed = time.perf_counter() - window_start
-                    loss = float(window_loss) / window_tokens
-                    lr = self.scheduler.get_last_lr()[0]
-                    tps = window_tokens / elapsed
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                    self.writer.add_scalar("train/loss", loss, self.step)
-                    self.writer.add_scalar("train/lr", lr, self.step)
-                    self.writer.add_scalar("train/tokens_per_s", tps, self.step)
-                    window_loss.zero_()
-                    window_tokens, window_start = 0, time.perf_counter()
-                if self._finished():
+            window = _Window(self.device)
+            for group in groups[start:]:
+                micro = self.micro_batches(group)
+                result = self.train_step(micro)
+                self.batches_done += len(group)
+                bar.update()
+                if result is not None:
+                    local_tokens = sum(int(b.n_tgt_tokens * w) for b, w in micro)
+                    window.add(result[0], local_tokens, result[1])
+                    self.after_update(window, bar)
+                if self.done():
                     break
             bar.close()
-            self.end_of_epoch(best_path)
-        self.writer.flush()
-        final = self.final_evaluation(best_path) if self.tcfg.final_eval else {}
-        self.writer.close()
-        return TrainResult(best_path, self.best_bleu, self.step, final)
+            if self.batches_done >= len(batches):
+                self.epoch += 1
+                self.batches_done = 0
+                self.checkpoint(validate=self.tcfg.validate_every_steps is None)
+        if self.saved_step != self.step or self.validated[0] != self.step:
+            self.checkpoint(validate=True)
+        if self.stop_reason:
+            self.log(self.stop_reason)
+        return self.finish()
 
-    def end_of_epoch(self, best_path: Path) -> None:
-        """Validate, log, and write ``last.pt`` (and ``best.pt`` on a new best val BLEU)."""
-        val_loss, val_ppl = self.validation_loss()
-        val_bleu, hyps = self.validation_bleu()
-        print(
-            f"epoch {self.epoch} step {self.step}: val loss {val_loss:.3f} ppl {val_ppl:.2f} "
-            f"BLEU {val_bleu:.2f}",
-            flush=True,
-        )
-        self.writer.add_scalar("valid/loss", val_loss, self.step)
-        self.writer.add_scalar("valid/ppl", val_ppl, self.step)
-        self.writer.add_scalar("valid/bleu", val_bleu, self.step)
-        self.writer.add_text("valid/examples", "\n\n".join(hyps[:3]), self.step)
-        state = self.checkpoint_state(val_bleu)
-        save_checkpoint(self.ckpt_dir / "last.pt", state)
-        if val_bleu > self.best_bleu:
-            self.best_bleu = val_bleu
-            save_checkpoint(best_path, state)
+    def after_update(self, window: _Window, bar: tqdm) -> None:
+        """Log every ``log_every`` updates; validate/save on their step intervals."""
+        t = self.tcfg
+        if self.step % t.log_every == 0 and self.writer is not None:
+            loss, tps = window.flush()
+            lr = self.scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            for name, value in (
+                ("train/loss", loss),
+                ("train/lr", lr),
+                ("train/tokens_per_s", tps),
+                ("train/grad_norm", self.last_grad_norm),
+                ("train/peak_memory_mib", peak_memory_mib(self.device)),
+                ("train/nonfinite_updates", self.nonfinite_total),
+            ):
+                self.writer.add_scalar(name, value, self.step)
+        elif self.step % t.log_every == 0:
+            window.flush()
+        validate = bool(t.validate_every_steps) and self.step % t.validate_every_steps == 0
+        save = bool(t.save_every_steps) and self.step % t.save_every_steps == 0
+        if validate or save or self.done():
+            self.checkpoint(validate=validate or self.done())
+
+    # -- the end ------------------------------------------------------------------------------
+    def finish(self) -> TrainResult:
+        """Final beam evaluation of best.pt (rank 0), results.json, TensorBoard hparams."""
+        best = self.ckpts.best_path
+        final: dict[str, Any] = {}
+        if self.dist.is_main:
+            if self.tcfg.final_eval:
+                final = self.final_evaluation(best)
+            results = {
+                "best_checkpoint": str(best),
+                "best_val_bleu_greedy": self.best_bleu,
+                "steps": self.step,
+                "epochs": self.epoch,
+                "stop_reason": self.stop_reason,
+                "nonfinite_updates": self.nonfinite_total,
+                **final,
+            }
+            atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+            assert self.writer is not None
+            metrics = {"hparam/best_val_bleu_greedy": self.best_bleu}
+            for role in ("valid", "test"):
+                if role in final:
+                    metrics[f"hparam/{role}_bleu_beam"] = final[role]["bleu"]
+            self.writer.add_hparams(flat_hparams(self.config_dict), metrics, run_name="hparams")
+            self.writer.close()
+        dist.barrier(self.dist)
+        return TrainResult(best, self.best_bleu, self.step, final)
 
     def final_evaluation(self, best_path: Path) -> dict[str, Any]:
-        """Beam-search BLEU/chrF of ``best.pt`` on val and test; written to ``results.json``."""
+        """Beam-search BLEU/chrF of ``best.pt`` on val and test."""
         translator = Translator.from_checkpoint(best_path, device=str(self.device))
-        results: dict[str, Any] = {
-            "checkpoint": str(best_path),
-            "beam_size": self.tcfg.final_beam_size,
-        }
+        results: dict[str, Any] = {"beam_size": self.tcfg.final_beam_size}
         for role in ("valid", "test"):
             src, ref = read_references(self.cfg.data, role)
             hyps = translator.translate(
@@ -303,5 +534,28 @@ class Trainer:
             )
             s = score(hyps, ref)
             results[role] = {"bleu": s.bleu, "chrf": s.chrf, "signature": s.bleu_signature}
-        atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         return results
+
+
+class _Window:
+    """Loss and token counts since the last log line (loss summed on the device: no sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.local_tokens = 0  # this rank's, for the loss per token
+        self.global_tokens = 0  # all ranks', for the throughput
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, local_tokens: int, global_tokens: int) -> None:
+        self.loss += loss
+        self.local_tokens += local_tokens
+        self.global_tokens += global_tokens
+
+    def flush(self) -> tuple[float, float]:
+        """(loss per token, target tokens/s of the whole job) of the window; starts a new one."""
+        elapsed = time.perf_counter() - self.start
+        out = float(self.loss) / max(self.local_tokens, 1), self.global_tokens / max(elapsed, 1e-9)
+        self.loss.zero_()
+        self.local_tokens = self.global_tokens = 0
+        self.start = time.perf_counter()
+        return out

@@ -1,0 +1,57 @@
+"""After a Hydra multirun (``tmt-train -m ...``): one table of the val BLEU of every run.
+
+Each run writes ``results.json`` into its directory; this callback collects them into
+``<sweep dir>/summary.tsv`` and prints the table, best run first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from transformer_mt.training.checkpoint import atomic_write_text
+
+COLUMNS = ("run", "best_val_bleu_greedy", "val_bleu_beam", "test_bleu_beam", "steps", "stopped")
+
+
+def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The rows of the summary table of ``sweep_dir``, best greedy val BLEU first."""
+    rows = []
+    for results in sorted(sweep_dir.glob("*/results.json")):
+        r = json.loads(results.read_text(encoding="utf-8"))
+        rows.append(
+            {
+                "run": results.parent.name,
+                "best_val_bleu_greedy": r.get("best_val_bleu_greedy"),
+                "val_bleu_beam": r.get("valid", {}).get("bleu"),
+                "test_bleu_beam": r.get("test", {}).get("bleu"),
+                "steps": r.get("steps"),
+                "stopped": r.get("stop_reason") or "completed",
+            }
+        )
+    rows.sort(key=lambda row: -(row["best_val_bleu_greedy"] or -1.0))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Tab-separated, with a header line; numbers with two decimals, missing ones as '-'."""
+
+    def cell(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["\t".join(COLUMNS)] + ["\t".join(cell(row[c]) for c in COLUMNS) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a multirun, write and print the sweep's summary."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        table = format_table(summarize_sweep(sweep_dir))
+        atomic_write_text(sweep_dir / "summary.tsv", table)
+        print(f"sweep summary ({sweep_dir / 'summary.tsv'}):\n{table}", end="", flush=True)

@@ -1,0 +1,66 @@
+"""Checkpoint averaging (Vaswani et al. §6.1 average the last 5 or 20 checkpoints): the
+parameter-wise mean of several checkpoints of one run, as a new checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transformer_mt.errors import CheckpointError
+from transformer_mt.training.checkpoint import load_checkpoint, step_checkpoints
+
+
+def last_checkpoints(run: Path, n: int) -> list[Path]:
+    """The newest ``n`` step checkpoints of a run directory (or of its ``checkpoints/``)."""
+    directory = run / "checkpoints" if (run / "checkpoints").is_dir() else run
+    found = step_checkpoints(directory)
+    if len(found) < n:
+        raise CheckpointError(
+            f"{directory} holds {len(found)} checkpoint_<step>.pt file(s); {n} were asked for "
+            "(trainer.keep_last limits how many a run keeps)"
+        )
+    return found[-n:]
+
+
+def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
+    """A checkpoint whose weights are the mean of those of ``paths`` (summed in float64).
+
+    The checkpoints must come from the same model config and SentencePiece model; the
+    result carries the config, tokenizer, step and epoch of the last one, and no optimizer
+    state (it is for translation, not for resuming).
+    """
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    total: dict[str, torch.Tensor] = {}
+    first: dict[str, Any] = {}
+    last: dict[str, Any] = {}
+    for path in paths:
+        state = load_checkpoint(path)
+        if not first:
+            first = state
+            total = {k: v.to(torch.float64) for k, v in state["model"].items()}
+        else:
+            if state["config"]["model"] != first["config"]["model"]:
+                raise CheckpointError(f"{path}: model config differs from that of {paths[0]}")
+            if not torch.equal(state["spm_model"], first["spm_model"]):
+                raise CheckpointError(f"{path}: SentencePiece model differs from {paths[0]}")
+            if state["model"].keys() != total.keys():
+                raise CheckpointError(f"{path}: parameter names differ from those of {paths[0]}")
+            for k, v in state["model"].items():
+                total[k] += v.to(torch.float64)
+        last = state
+    model = {
+        k: (total[k] / len(paths)).to(v.dtype) if v.is_floating_point() else v
+        for k, v in last["model"].items()
+    }
+    return {
+        "model": model,
+        "config": last["config"],
+        "spm_model": last["spm_model"],
+        "step": last["step"],
+        "epoch": last["epoch"],
+        "val_bleu": None,
+        "averaged_from": [str(p) for p in paths],
+    }

@@ -1,0 +1,130 @@
+"""Gradient accumulation, non-finite updates, precision settings, and checkpoint averaging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, synthetic_corpus
+from test_trainer import make_config
+from transformer_mt.data.batching import Batch, collate
+from transformer_mt.decoding import Translator
+from transformer_mt.errors import ConfigError, TrainingDivergedError
+from transformer_mt.training.checkpoint import load_checkpoint, step_checkpoints
+from transformer_mt.training.trainer import Trainer
+
+
+@pytest.fixture
+def corpus_root(tmp_path: Path) -> Path:
+    synthetic_corpus(tmp_path / "raw", n_train=200)
+    return tmp_path
+
+
+def batch_of(trainer: Trainer, indices: range) -> Batch:
+    tok = trainer.tokenizer
+    return collate(trainer.train_split, np.array(indices), tok.pad_id, tok.bos_id, tok.eos_id)
+
+
+def test_accumulating_two_halves_equals_one_big_batch(corpus_root: Path) -> None:
+    def trainer(name: str) -> Trainer:
+        return Trainer(make_config(corpus_root, "model.dropout=0"), corpus_root / name)
+
+    big, accumulated = trainer("big"), trainer("acc")
+    before = {k: v.clone() for k, v in big.model.state_dict().items()}
+    loss_big, tokens_big = big.train_step([(batch_of(big, range(0, 24)), 1.0)])
+    halves = [(batch_of(accumulated, range(0, 9)), 1.0), (batch_of(accumulated, range(9, 24)), 1.0)]
+    loss_acc, tokens_acc = accumulated.train_step(halves)
+
+    assert tokens_big == tokens_acc
+    assert torch.allclose(loss_big, loss_acc, rtol=1e-5)
+    assert not all(torch.equal(v, before[k]) for k, v in big.model.state_dict().items())
+    # The gradients (clipped, then used by Adam) are those of the one big batch.
+    for (name, p), q in zip(
+        big.model.named_parameters(), accumulated.model.parameters(), strict=True
+    ):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(
+    corpus_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = make_config(corpus_root, "trainer.max_nonfinite_updates=3")
+    trainer = Trainer(cfg, corpus_root / "r")
+    batch = batch_of(trainer, range(0, 8))
+    assert trainer.train_step([(batch, 1.0)]) is not None
+    good = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    lr = trainer.scheduler.get_last_lr()
+
+    forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward", lambda *a: forward(*a) * float("nan"))
+    assert trainer.train_step([(batch, 1.0)]) is None
+    assert trainer.train_step([(batch, 1.0)]) is None
+    assert "non-finite" in capsys.readouterr().err
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], good[k]) for k in good)  # weights untouched
+    assert (trainer.step, trainer.nonfinite_total) == (1, 2)
+    assert trainer.scheduler.get_last_lr() == lr  # the schedule did not advance
+    with pytest.raises(TrainingDivergedError, match="3 consecutive non-finite"):
+        trainer.train_step([(batch, 1.0)])
+
+    monkeypatch.setattr(trainer.model, "forward", forward)
+    trainer.nonfinite_run = 0
+    assert trainer.train_step([(batch, 1.0)]) is not None  # a good update resets the run
+
+
+def test_precision_settings(corpus_root: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trainer\.precision=fp16 needs a CUDA device"):
+        Trainer(make_config(corpus_root, "trainer.precision=fp16"), corpus_root / "r")
+    trainer = Trainer(make_config(corpus_root, "trainer.precision=bf16"), corpus_root / "bf16")
+    loss, _ = trainer.train_step([(batch_of(trainer, range(0, 8)), 1.0)])
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast only
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("trainer.update_freq=0", "trainer.update_freq"),
+        ("trainer.keep_last=0", "trainer.keep_last"),
+        ("trainer.save_every_steps=-1", "trainer.save_every_steps"),
+        ("trainer.patience=0", "trainer.patience"),
+        ("data.tgt_lang=zz", "data.tgt_lang=zz"),
+    ],
+)
+def test_more_bad_values_fail_before_any_work(corpus_root: Path, override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        Trainer(make_config(corpus_root, override), corpus_root / "run")
+    assert not (corpus_root / "prepared").exists()
+
+
+def test_unknown_key_is_refused_naming_it(tmp_path: Path) -> None:
+    result = run_cli("tmt-train", "trainer.max_stepz=5", f"hydra.run.dir={tmp_path / 'r'}")
+    assert result.returncode != 0
+    assert "max_stepz" in result.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_average_of_two_checkpoints_is_their_mean_and_translates(corpus_root: Path) -> None:
+    cfg = make_config(
+        corpus_root, "trainer.max_steps=10", "trainer.save_every_steps=5", "trainer.max_tokens=64"
+    )
+    Trainer(cfg, corpus_root / "r").train()
+    first, second = step_checkpoints(corpus_root / "r" / "checkpoints")
+    out = corpus_root / "avg.pt"
+    result = run_cli("tmt-average", str(corpus_root / "r"), "--last", "2", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    a, b, avg = load_checkpoint(first), load_checkpoint(second), load_checkpoint(out)
+    for k, v in avg["model"].items():
+        torch.testing.assert_close(v, (a["model"][k] + b["model"][k]) / 2)
+    assert "optimizer" not in avg and avg["averaged_from"] == [str(first), str(second)]
+    out_lines = Translator.from_checkpoint(out).translate(["a dog runs", "the red ball"])
+    assert len(out_lines) == 2
+
+    again = run_cli("tmt-average", str(first), str(second), "-o", str(out))
+    assert again.returncode == 1 and "--force" in again.stderr  # never overwrites silently
+    too_many = run_cli("tmt-average", str(corpus_root / "r"), "--last", "5", "-o", "x.pt")
+    assert too_many.returncode == 1 and "holds 2" in too_many.stderr

@@ -1,0 +1,150 @@
+"""Exact resume after SIGKILL, corrupt-checkpoint fallback, keep-last/best, early stopping."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BIN, synthetic_corpus, synthetic_overrides
+from test_trainer import make_config
+from transformer_mt.errors import CheckpointError, ConfigError
+from transformer_mt.training.checkpoint import load_checkpoint, step_checkpoints
+from transformer_mt.training.trainer import Trainer
+
+
+@pytest.fixture
+def corpus_root(tmp_path: Path) -> Path:
+    synthetic_corpus(tmp_path / "raw", n_train=300)
+    return tmp_path
+
+
+def train_command(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """tmt-train on the synthetic corpus with the tiny model (dropout on: RNG state matters)."""
+    return [
+        str(BIN / "tmt-train"),
+        *synthetic_overrides(root),
+        "trainer.max_steps=400",
+        "trainer.max_epochs=100",
+        "trainer.save_every_steps=25",
+        "trainer.validate_every_steps=100",
+        "trainer.num_threads=1",
+        "optim.warmup_steps=20",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["step"] == 400
+    return state["model"]
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_bitwise_identical_weights(corpus_root: Path) -> None:
+    uninterrupted = subprocess.run(
+        train_command(corpus_root, corpus_root / "a"), capture_output=True, text=True, timeout=600
+    )
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+
+    command = train_command(corpus_root, corpus_root / "b")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = corpus_root / "b" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while len(step_checkpoints(ckpt_dir)) < 2:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # mid-epoch, maybe mid-write: no chance to clean up
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = load_checkpoint(step_checkpoints(ckpt_dir)[-1])["step"]
+    assert 0 < killed_at < 400
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a, b = final_weights(corpus_root / "a"), final_weights(corpus_root / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_checkpoint_is_named_and_resume_uses_the_previous_one(
+    corpus_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = ("trainer.save_every_steps=5", "trainer.keep_last=3")
+    Trainer(make_config(corpus_root, "trainer.max_steps=15", *overrides), corpus_root / "r").train()
+    files = step_checkpoints(corpus_root / "r" / "checkpoints")
+    assert [p.name for p in files] == [f"checkpoint_{s:07d}.pt" for s in (5, 10, 15)]
+    newest = files[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a crash mid-copy
+    with pytest.raises(CheckpointError, match=newest.name):
+        load_checkpoint(newest)
+
+    trainer = Trainer(
+        make_config(corpus_root, "trainer.max_steps=20", *overrides), corpus_root / "r"
+    )
+    assert trainer.step == 10
+    err = capsys.readouterr().err
+    assert newest.name in err and "skipping" in err
+    assert newest.with_name(newest.name + ".corrupt").exists()  # kept, not deleted
+    trainer.train()
+    assert load_checkpoint(corpus_root / "r" / "checkpoints" / "last.pt")["step"] == 20
+
+
+def test_keeps_the_last_k_and_the_best_k(corpus_root: Path) -> None:
+    cfg = make_config(
+        corpus_root,
+        "trainer.max_steps=30",
+        "trainer.save_every_steps=5",
+        "trainer.validate_every_steps=5",
+        "trainer.keep_last=2",
+        "trainer.keep_best=1",
+    )
+    trainer = Trainer(cfg, corpus_root / "r")
+    trainer.train()
+    ckpt_dir = corpus_root / "r" / "checkpoints"
+    kept = step_checkpoints(ckpt_dir)
+    scores = {p.name: load_checkpoint(p)["val_bleu"] for p in kept}
+    best = load_checkpoint(ckpt_dir / "best.pt")
+    assert best["val_bleu"] == trainer.best_bleu == max(scores.values())
+    assert [p.name for p in kept[-2:]] == ["checkpoint_0000025.pt", "checkpoint_0000030.pt"]
+    assert len(kept) <= 3
+    assert load_checkpoint(ckpt_dir / "last.pt")["step"] == 30
+
+
+def test_early_stopping_when_val_bleu_stops_improving(corpus_root: Path) -> None:
+    # A learning rate too small to change the greedy output: BLEU stays flat.
+    cfg = make_config(
+        corpus_root,
+        "optim.lr=1e-12",
+        "trainer.max_steps=100",
+        "trainer.validate_every_steps=3",
+        "trainer.patience=2",
+    )
+    result = Trainer(cfg, corpus_root / "r").train()
+    assert result.steps == 9  # validations at 3 (best), 6 and 9 (no gain twice)
+    results = json.loads((corpus_root / "r" / "results.json").read_text())
+    assert results["stop_reason"].startswith("early stopping")
+    # Relaunching a stopped run does not train further.
+    again = Trainer(cfg, corpus_root / "r")
+    assert again.train().steps == 9
+
+
+def test_resume_settings_are_checked(corpus_root: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trainer\.resume=/no/such\.pt"):
+        Trainer(make_config(corpus_root, "trainer.resume=/no/such.pt"), corpus_root / "r")
+    Trainer(make_config(corpus_root, "trainer.max_steps=2"), corpus_root / "r").train()
+    with pytest.raises(ConfigError, match=r"trainer\.resume=never"):
+        Trainer(make_config(corpus_root, "trainer.resume=never"), corpus_root / "r")
+    with pytest.raises(ConfigError, match="model config differs"):
+        Trainer(make_config(corpus_root, "model.d_ff=64"), corpus_root / "r")
+    # An explicit path continues that checkpoint in a new run directory.
+    last = corpus_root / "r" / "checkpoints" / "last.pt"
+    trainer = Trainer(make_config(corpus_root, f"trainer.resume={last}"), corpus_root / "s")
+    assert trainer.step == 2
