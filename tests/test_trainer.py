@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import synthetic_corpus, synthetic_overrides
 from transformer_mt.cli.common import config_dir
@@ -49,7 +51,9 @@ def test_same_seed_gives_the_same_run(corpus_root: Path) -> None:
 
 
 def test_stops_at_max_epochs_and_writes_usable_checkpoints(corpus_root: Path) -> None:
-    cfg = make_config(corpus_root, "trainer.max_epochs=2", "trainer.max_steps=null")
+    cfg = make_config(
+        corpus_root, "trainer.max_epochs=2", "trainer.max_steps=null", "trainer.log_every=1"
+    )
     trainer = Trainer(cfg, corpus_root / "run")
     result = trainer.train()
     assert trainer.epoch == 2
@@ -59,7 +63,22 @@ def test_stops_at_max_epochs_and_writes_usable_checkpoints(corpus_root: Path) ->
     translator = Translator.from_checkpoint(result.best_checkpoint)
     out = translator.translate(["a dog runs", "", "the red ball"], beam_size=2)
     assert len(out) == 3 and out[1] == ""
-    assert list((corpus_root / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(corpus_root / "run" / "tensorboard")).Reload()
+    assert set(events.Tags()["scalars"]) >= {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/peak_memory_mib",
+        "valid/bleu",
+        "valid/loss",
+    }
+    examples = events.Tensors("valid/examples/text_summary")[-1].tensor_proto.string_val[0]
+    assert b"**src** " in examples and b"**hyp** " in examples
+    hparams = EventAccumulator(str(corpus_root / "run" / "tensorboard" / "hparams")).Reload()
+    assert "hparam/best_val_bleu_greedy" in hparams.Tags()["scalars"]
+    saved = json.loads((corpus_root / "run" / "results.json").read_text())
+    assert saved["steps"] == result.steps and saved["best_val_bleu_greedy"] == result.best_val_bleu
 
 
 def test_bad_precision_fails_before_training(corpus_root: Path) -> None:

@@ -1,7 +1,8 @@
 """After a Hydra multirun (``tmt-train -m ...``): one table of the val BLEU of every run.
 
 Each run writes ``results.json`` into its directory; this callback collects them into
-``<sweep dir>/summary.tsv`` and prints the table, best run first.
+``<sweep dir>/summary.tsv`` and prints the table, best run first, with the overrides that
+vary between the runs.
 """
 
 from __future__ import annotations
@@ -11,21 +12,44 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transformer_mt.training.checkpoint import atomic_write_text
 
-COLUMNS = ("run", "best_val_bleu_greedy", "val_bleu_beam", "test_bleu_beam", "steps", "stopped")
+COLUMNS = (
+    "run",
+    "overrides",
+    "best_val_bleu_greedy",
+    "val_bleu_beam",
+    "test_bleu_beam",
+    "steps",
+    "stopped",
+)
+
+
+def run_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides Hydra recorded for a run (``.hydra/overrides.yaml``)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def varying(overrides: list[list[str]]) -> list[str]:
+    """Per run, the overrides that are not shared by every run (the swept values)."""
+    shared = set.intersection(*(set(o) for o in overrides)) if overrides else set()
+    return [",".join(o for o in run if o not in shared) for run in overrides]
 
 
 def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
     """The rows of the summary table of ``sweep_dir``, best greedy val BLEU first."""
+    runs = sorted(sweep_dir.glob("*/results.json"))
+    swept = varying([run_overrides(results.parent) for results in runs])
     rows = []
-    for results in sorted(sweep_dir.glob("*/results.json")):
+    for results, overrides in zip(runs, swept, strict=True):
         r = json.loads(results.read_text(encoding="utf-8"))
         rows.append(
             {
                 "run": results.parent.name,
+                "overrides": overrides,
                 "best_val_bleu_greedy": r.get("best_val_bleu_greedy"),
                 "val_bleu_beam": r.get("valid", {}).get("bleu"),
                 "test_bleu_beam": r.get("test", {}).get("bleu"),

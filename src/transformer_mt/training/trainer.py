@@ -150,6 +150,7 @@ class Trainer:
         self.epoch = 0  # completed epochs
         self.batches_done = 0  # batches of epoch ``epoch + 1`` already consumed
         self.best_bleu = -1.0
+        self.best_step = -1
         self.bad_validations = 0  # validations since the best one (early stopping)
         self.nonfinite_total = 0
         self.nonfinite_run = 0  # consecutive non-finite updates
@@ -209,6 +210,7 @@ class Trainer:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batches_done = int(t["batches_done"])
         self.best_bleu = float(t["best_val_bleu"])
+        self.best_step = int(t["best_step"])
         self.bad_validations = int(t["bad_validations"])
         self.nonfinite_total = int(t["nonfinite_total"])
         self.stop_reason = str(t["stop_reason"])
@@ -242,6 +244,7 @@ class Trainer:
             "trainer": {
                 "batches_done": self.batches_done,
                 "best_val_bleu": self.best_bleu,
+                "best_step": self.best_step,
                 "bad_validations": self.bad_validations,
                 "nonfinite_total": self.nonfinite_total,
                 "stop_reason": self.stop_reason,
@@ -350,8 +353,6 @@ class Trainer:
 
     def validate(self) -> float:
         """Val loss, perplexity and greedy BLEU on rank 0 (logged); every rank gets the BLEU."""
-        if self.validated[0] == self.step:
-            return self.validated[1]
         bleu = 0.0
         if self.dist.is_main:
             val_loss, val_ppl = self.validation_loss()
@@ -379,12 +380,10 @@ class Trainer:
 
     def checkpoint(self, validate: bool) -> None:
         """Optionally validate (best score, early stopping), then save a checkpoint."""
-        val_bleu, is_best = None, False
-        if validate:
+        if validate and self.validated[0] != self.step:  # not yet validated at this step
             val_bleu = self.validate()
-            is_best = val_bleu > self.best_bleu
-            if is_best:
-                self.best_bleu, self.bad_validations = val_bleu, 0
+            if val_bleu > self.best_bleu:
+                self.best_bleu, self.best_step, self.bad_validations = val_bleu, self.step, 0
             else:
                 self.bad_validations += 1
                 patience = self.tcfg.patience
@@ -393,6 +392,8 @@ class Trainer:
                         f"early stopping: no val BLEU gain in {patience} validations "
                         f"(best {self.best_bleu:.2f})"
                     )
+        val_bleu = self.validated[1] if self.validated[0] == self.step else None
+        is_best = val_bleu is not None and self.best_step == self.step
         if self.dist.enabled:
             digest = dist.check_replicas_in_sync(self.model, self.dist)
             self.log(
