@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import select
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_cli, write_gz
+from conftest import BIN, run_cli, write_gz
 
 pytestmark = pytest.mark.slow
 
@@ -125,6 +127,85 @@ def test_translate_keeps_one_line_per_input_line(trained_run: Path, tmp_path: Pa
     )
     assert r.returncode == 0, r.stderr
     assert len((tmp_path / "out.de").read_text().splitlines()) == len(lines)
+
+
+def test_nbest_output_format(trained_run: Path) -> None:
+    best = trained_run / "checkpoints" / "best.pt"
+    stdin = "A man is riding a bike.\n\nTwo dogs play.\n"
+    r = run_cli("tmt-translate", str(best), "--beam", "4", "--nbest", "3", stdin=stdin)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    assert all(len(row) == 5 for row in rows)
+    by_line: dict[int, list[list[str]]] = {}
+    for row in rows:
+        by_line.setdefault(int(row[0]), []).append(row)
+    assert sorted(by_line) == [1, 2, 3]
+    assert by_line[2] == [["2", "1", "0.0000", "0.0000", ""]]  # the empty line
+    for n in (1, 3):
+        assert [int(row[1]) for row in by_line[n]] == [1, 2, 3]
+        scores = [float(row[2]) for row in by_line[n]]
+        assert scores == sorted(scores, reverse=True) and all(row[4] for row in by_line[n])
+    plain = run_cli("tmt-translate", str(best), "--beam", "4", stdin=stdin)
+    assert plain.stdout.splitlines()[0] == by_line[1][0][4]  # rank 1 = the plain output
+    bad = run_cli("tmt-translate", str(best), "--beam", "2", "--nbest", "3", stdin=stdin)
+    assert bad.returncode == 2 and "nbest" in bad.stderr
+
+
+def test_interactive_answers_each_line_before_the_next_is_sent(trained_run: Path) -> None:
+    best = trained_run / "checkpoints" / "best.pt"
+    command = [str(BIN / "tmt-translate"), str(best), "--interactive", "--greedy"]
+    proc = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    answers = []
+    for line in (b"A dog runs.\n", b"\n", b"A woman sings.\n"):
+        proc.stdin.write(line)
+        proc.stdin.flush()  # the pipe stays open: the answer must come without EOF
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "no answer while the input stayed open"
+        answers.append(proc.stdout.readline())
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+    assert answers[1] == b"\n" and answers[0].strip() and answers[2].strip()
+
+
+def test_too_long_and_invalid_lines_keep_the_line_contract(trained_run: Path) -> None:
+    best = trained_run / "checkpoints" / "best.pt"
+    long = " ".join(["A man is riding a bike."] * 80)  # > 255 subwords
+    stdin = f"A dog runs.\n{long}\nTwo dogs.\n"
+    r = run_cli("tmt-translate", str(best), "--greedy", stdin=stdin)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.split("\n")[:-1]) == 3
+    assert "<stdin>:2:" in r.stderr and "truncated" in r.stderr
+    proc = subprocess.run(
+        [str(BIN / "tmt-translate"), str(best), "--greedy"],
+        input=b"ok\n\xff\xfe bad\n",
+        capture_output=True,
+    )
+    assert proc.returncode == 0 and len(proc.stdout.split(b"\n")[:-1]) == 2
+    assert b"<stdin>:2: invalid UTF-8" in proc.stderr
+
+
+def test_evaluate_many_checkpoints_with_more_metrics(trained_run: Path, tmp_path: Path) -> None:
+    src, ref = tmp_path / "s.en", tmp_path / "s.de"
+    src.write_text("A man is riding a bike.\nTwo dogs play in the snow.\n")
+    ref.write_text("Ein Mann fährt Fahrrad.\nZwei Hunde spielen im Schnee.\n")
+    steps = sorted((trained_run / "checkpoints").glob("checkpoint_*.pt"))
+    flags = ["--src", str(src), "--ref", str(ref), "--beam", "2", "--metrics", "bleu,chrf,ter"]
+    r = run_cli("tmt-evaluate", str(trained_run), *flags)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["checkpoint", "step", "BLEU", "CHRF", "TER"]
+    assert [line.split()[0] for line in lines[1 : 1 + len(steps)]] == [str(p) for p in steps]
+    assert any(line.startswith("ter signature: nrefs:1") for line in lines)
+    r = run_cli("tmt-evaluate", str(steps[0]), str(steps[-1]), *flags, "--json")
+    results = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["checkpoint"] for x in results] == [str(steps[0]), str(steps[-1])]
+    assert all({"bleu", "chrf", "ter", "signatures"} <= set(x) for x in results)
+    assert all(Path(x["hypotheses"]).is_file() for x in results)
+    bad = run_cli("tmt-evaluate", str(steps[0]), *flags[:4], "--metrics", "bleu,meteor")
+    assert bad.returncode == 2 and "meteor" in bad.stderr
 
 
 def test_missing_checkpoint_fails_clearly(tmp_path: Path) -> None:

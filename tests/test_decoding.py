@@ -1,41 +1,227 @@
-"""Greedy and beam search, and the Translator's batching."""
+"""Greedy and beam search: a hand-set fake decoder (fairseq-style), exhaustive search on a
+tiny model, cached vs. uncached decoding, and batch-independence of the Translator."""
 
 from __future__ import annotations
 
+import itertools
+import math
+
+import numpy as np
 import pytest
 import torch
 
-from conftest import small_transformer
+from conftest import WORDS, small_transformer
 from transformer_mt.data.batching import pad
-from transformer_mt.decoding import Hypothesis, beam_search, greedy_search, length_penalty
+from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
+from transformer_mt.decoding import (
+    Hypothesis,
+    SearchOptions,
+    Translator,
+    beam_search,
+    greedy_search,
+    length_penalty,
+)
+from transformer_mt.decoding.search import UncachedDecoder, block_repeated_ngrams
 from transformer_mt.model import Transformer
 
-PAD, BOS, EOS = 0, 2, 3
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+A, B, C, D = 4, 5, 6, 7
 
 
-def random_model() -> Transformer:
-    return small_transformer(vocab_size=30)
+class FakeDecoder:
+    """Next-token probabilities set by hand as a function of the prefix (BOS excluded);
+    a prefix not in ``table`` gets ``default``."""
+
+    pad_id = PAD
+    max_positions = 100
+
+    def __init__(
+        self, table: dict[tuple[int, ...], dict[int, float]], default: dict[int, float]
+    ) -> None:
+        self.table, self.default = table, default
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(src.size(0), src.size(1), 1), (src != PAD)[:, None, None, :]
+
+    def new_cache(self) -> list:
+        return [None]
+
+    def decode_step(self, last, memory, memory_mask, cache, step) -> torch.Tensor:
+        prefix = last[:, None] if cache[0] is None else torch.cat([cache[0], last[:, None]], 1)
+        cache[0] = prefix
+        out = torch.full((prefix.size(0), 8), -math.inf)
+        for row, tokens in enumerate(prefix[:, 1:].tolist()):
+            for token, p in self.table.get(tuple(tokens), self.default).items():
+                out[row, token] = math.log(p)
+        return out
+
+    @staticmethod
+    def reorder_cache(cache: list, index: torch.Tensor) -> None:
+        cache[0] = cache[0].index_select(0, index)
 
 
-def sources(seed: int = 1) -> torch.Tensor:
+SRC = torch.tensor([[A, B, C, EOS]])  # the fake decoder ignores the source
+
+
+def best(decoder: FakeDecoder, **options: object) -> Hypothesis:
+    return beam_search(decoder, SRC, BOS, EOS, SearchOptions(**options))[0][0]  # type: ignore[arg-type]
+
+
+def test_beam_finds_the_better_path_that_greedy_misses() -> None:
+    fake = FakeDecoder(
+        {(): {A: 0.6, B: 0.4}, (A,): {C: 0.4, D: 0.3, EOS: 0.3}, (B,): {C: 0.9, EOS: 0.1}},
+        default={EOS: 1.0},
+    )
+    assert greedy_search(fake, SRC, BOS, EOS) == [[A, C]]  # type: ignore[arg-type]
+    h = best(fake, beam_size=2, alpha=0.0)
+    assert h.tokens == [B, C]
+    assert h.log_prob == pytest.approx(math.log(0.4) + math.log(0.9))
+    assert h.score == pytest.approx(h.log_prob)  # α = 0: raw log-probability
+
+
+def test_length_penalty_decides_between_short_and_long() -> None:
+    # Stop at once (p .55), or A then B C D with certainty (p .45 overall).
+    fake = FakeDecoder(
+        {(): {EOS: 0.55, A: 0.45}, (A,): {B: 1.0}, (A, B): {C: 1.0}, (A, B, C): {D: 1.0}},
+        default={EOS: 1.0},
+    )
+    short = best(fake, beam_size=2, alpha=0.0)
+    assert short.tokens == [] and short.score == pytest.approx(math.log(0.55))
+    long = best(fake, beam_size=2, alpha=1.0)
+    assert long.tokens == [A, B, C, D]
+    assert long.score == pytest.approx(math.log(0.45) / ((5 + 5) / 6))
+    assert length_penalty(5, 1.0) == pytest.approx(10 / 6)
+
+
+def test_max_length_forces_eos_and_min_length_forbids_it() -> None:
+    # EOS is never in the top K here; only the budget ends the hypotheses (with EOS's own
+    # log-probability).
+    never_stops = FakeDecoder({}, default={A: 0.6, B: 0.4 - 1e-6, EOS: 1e-6})
+    h = best(never_stops, beam_size=2, alpha=0.0, max_len_a=0.0, max_len_b=4)
+    assert h.tokens == [A, A, A]  # 3 tokens + EOS = the budget of 4
+    assert h.log_prob == pytest.approx(3 * math.log(0.6) + math.log(1e-6))
+    h = best(never_stops, beam_size=2, alpha=0.0, max_len_a=2.0, max_len_b=1)
+    assert h.tokens == [A] * 8  # budget 2·4 + 1 (the source has 4 tokens, EOS included)
+
+    loves_eos = FakeDecoder({}, default={EOS: 0.9, A: 0.1})
+    assert best(loves_eos, beam_size=3, alpha=0.0).tokens == []
+    h = best(loves_eos, beam_size=3, alpha=0.0, min_len=3)
+    assert h.tokens == [A, A]
+    assert h.log_prob == pytest.approx(2 * math.log(0.1) + math.log(0.9))
+    assert greedy_search(loves_eos, SRC, BOS, EOS, SearchOptions(beam_size=1, min_len=3)) == [
+        [A, A]
+    ]  # type: ignore[arg-type]
+
+
+def test_eos_ends_hypotheses_and_nbest_is_sorted_and_distinct() -> None:
+    fake = FakeDecoder(
+        {(): {A: 0.5, B: 0.3, C: 0.2}, (A,): {EOS: 0.7, D: 0.3}, (B,): {EOS: 1.0}},
+        default={EOS: 1.0},
+    )
+    hyps = beam_search(fake, SRC, BOS, EOS, SearchOptions(beam_size=4, alpha=0.0, nbest=4))[0]  # type: ignore[arg-type]
+    assert [h.tokens for h in hyps] == [[A], [B], [C], [A, D]]
+    expected = [math.log(0.35), math.log(0.3), math.log(0.2), math.log(0.15)]
+    assert [h.score for h in hyps] == pytest.approx(expected)
+
+
+def test_no_repeat_ngram_blocks_the_repetition() -> None:
+    fake = FakeDecoder(
+        {
+            (): {A: 0.9, EOS: 0.1},
+            (A,): {B: 0.9, EOS: 0.1},
+            (A, B): {A: 0.9, EOS: 0.1},
+            (A, B, A): {B: 0.9, C: 0.06, EOS: 0.04},
+        },
+        default={EOS: 1.0},
+    )
+    assert greedy_search(fake, SRC, BOS, EOS) == [[A, B, A, B]]  # type: ignore[arg-type]
+    blocked = SearchOptions(beam_size=1, no_repeat_ngram=2)
+    assert greedy_search(fake, SRC, BOS, EOS, blocked) == [[A, B, A, C]]  # type: ignore[arg-type]
+    assert best(fake, beam_size=1, no_repeat_ngram=2).tokens == [A, B, A, C]
+
+    found = beam_search(fake, SRC, BOS, EOS, SearchOptions(beam_size=3, nbest=3, no_repeat_ngram=2))  # type: ignore[arg-type]
+    for h in found[0]:
+        bigrams = list(zip(h.tokens, h.tokens[1:], strict=False))
+        assert len(bigrams) == len(set(bigrams)), h.tokens
+
+
+def test_block_repeated_ngrams_bans_exactly_the_completing_tokens() -> None:
+    lprobs = torch.zeros(2, 8)
+    block_repeated_ngrams(lprobs, torch.tensor([[A, B, A, B], [A, B, C, D]]), 3)
+    assert torch.isinf(lprobs[0]).nonzero().flatten().tolist() == [A]  # (A B) A seen before
+    assert not torch.isinf(lprobs[1]).any()
+    lprobs = torch.zeros(1, 8)
+    block_repeated_ngrams(lprobs, torch.tensor([[A, C, A]]), 1)  # unigrams: no token twice
+    assert torch.isinf(lprobs[0]).nonzero().flatten().tolist() == [A, C]
+
+
+def random_model(vocab_size: int = 30) -> Transformer:
+    return small_transformer(vocab_size=vocab_size)
+
+
+def sources(seed: int = 1, vocab_size: int = 30) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    seqs = [[*torch.randint(4, 30, (n,), generator=g).tolist(), EOS] for n in (3, 7, 5, 1, 9)]
+    lengths = (3, 7, 5, 1, 9)
+    seqs = [[*torch.randint(4, vocab_size, (n,), generator=g).tolist(), EOS] for n in lengths]
     return pad(seqs, PAD)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@torch.inference_mode()
+def test_a_very_wide_beam_finds_the_exhaustive_search_optimum(alpha: float) -> None:
+    model, src = random_model(vocab_size=7), sources(seed=3, vocab_size=7)[:2]
+    budget = 4  # ≤ 3 tokens, then EOS
+    allowed = [UNK, 4, 5, 6]  # everything but PAD, BOS and EOS
+    memory, mask = model.encode(src)
+    options = SearchOptions(beam_size=128, alpha=alpha, max_len_a=0.0, max_len_b=budget)
+    found = beam_search(model, src, BOS, EOS, options)
+    for row in range(src.size(0)):
+        candidates = []
+        for n in range(budget):
+            for seq in itertools.product(allowed, repeat=n):
+                tgt_in = torch.tensor([[BOS, *seq]])
+                lp = torch.log_softmax(
+                    model.decode(tgt_in, memory[row : row + 1], mask[row : row + 1]), -1
+                )
+                gold = [*seq, EOS]
+                log_prob = float(lp[0, torch.arange(len(gold)), torch.tensor(gold)].sum())
+                candidates.append((log_prob / length_penalty(len(gold), alpha), list(seq)))
+        assert len(candidates) == 1 + 4 + 16 + 64
+        top_score, top_tokens = max(candidates)
+        assert found[row][0].tokens == top_tokens
+        assert found[row][0].score == pytest.approx(top_score, abs=1e-5)
 
 
 def test_beam_size_one_equals_greedy() -> None:
     model, src = random_model(), sources()
-    greedy = greedy_search(model, src, BOS, EOS, max_len_a=1.0, max_len_b=5)
-    beam = beam_search(model, src, BOS, EOS, beam_size=1, alpha=0.0, max_len_a=1.0, max_len_b=5)
+    options = SearchOptions(beam_size=1, alpha=0.0, max_len_a=1.0, max_len_b=5)
+    greedy = greedy_search(model, src, BOS, EOS, options)
+    beam = beam_search(model, src, BOS, EOS, options)
     assert [h[0].tokens for h in beam] == greedy
+
+
+def test_cached_decoding_gives_the_outputs_of_uncached_decoding() -> None:
+    model, src = random_model(), sources()
+    for options in (SearchOptions(beam_size=1), SearchOptions(beam_size=4, nbest=4)):
+        cached = beam_search(model, src, BOS, EOS, options)
+        uncached = beam_search(UncachedDecoder(model), src, BOS, EOS, options)  # type: ignore[arg-type]
+        assert [[h.tokens for h in hs] for hs in cached] == [
+            [h.tokens for h in hs] for hs in uncached
+        ]
+        for hs, us in zip(cached, uncached, strict=True):
+            assert [h.score for h in hs] == pytest.approx([u.score for u in us], abs=1e-4)
 
 
 def test_outputs_respect_max_length_and_contain_no_specials() -> None:
     model, src = random_model(), sources()
     src_len = (src != PAD).sum(1)
+    options = SearchOptions(beam_size=4, max_len_a=0.5, max_len_b=2, nbest=4)
+    greedy = greedy_search(
+        model, src, BOS, EOS, SearchOptions(beam_size=1, max_len_a=0.5, max_len_b=2)
+    )
     for hyps in (
-        [[Hypothesis(t, 0, 0)] for t in greedy_search(model, src, BOS, EOS, 0.5, 2)],
-        beam_search(model, src, BOS, EOS, beam_size=4, max_len_a=0.5, max_len_b=2, nbest=4),
+        [[Hypothesis(t, 0, 0)] for t in greedy],
+        beam_search(model, src, BOS, EOS, options),
     ):
         for n, hs in zip(src_len.tolist(), hyps, strict=True):
             assert hs
@@ -47,7 +233,7 @@ def test_outputs_respect_max_length_and_contain_no_specials() -> None:
 def test_nbest_is_sorted_by_normalized_score_and_scores_are_consistent() -> None:
     model, src = random_model(), sources()
     alpha = 0.6
-    hyps = beam_search(model, src, BOS, EOS, beam_size=5, alpha=alpha, nbest=5)
+    hyps = beam_search(model, src, BOS, EOS, SearchOptions(beam_size=5, alpha=alpha, nbest=5))
     memory, mask = model.encode(src)
     for row, hs in enumerate(hyps):
         scores = [h.score for h in hs]
@@ -63,17 +249,45 @@ def test_nbest_is_sorted_by_normalized_score_and_scores_are_consistent() -> None
             assert h.score == pytest.approx(log_prob / length_penalty(len(gold), alpha), abs=1e-4)
 
 
-def test_beam_search_does_not_depend_on_the_rest_of_the_batch() -> None:
-    model, src = random_model(), sources()
-    together = beam_search(model, src, BOS, EOS, beam_size=4)
-    for i in range(src.size(0)):
-        row = src[i : i + 1, : int((src[i] != PAD).sum())]
-        alone = beam_search(model, row, BOS, EOS, beam_size=4)
-        assert alone[0][0].tokens == together[i][0].tokens
-        assert alone[0][0].score == pytest.approx(together[i][0].score, abs=1e-4)
-
-
 def test_min_len_and_max_len_conflict_still_finishes_every_sentence() -> None:
     model, src = random_model(), sources()
-    hyps = beam_search(model, src, BOS, EOS, beam_size=3, max_len_a=0.0, max_len_b=2, min_len=5)
+    options = SearchOptions(beam_size=3, max_len_a=0.0, max_len_b=2, min_len=5)
+    hyps = beam_search(model, src, BOS, EOS, options)
     assert all(h and len(h[0].tokens) <= 1 for h in hyps)
+
+
+def test_search_options_are_checked() -> None:
+    for bad in (dict(beam_size=0), dict(beam_size=2, nbest=3), dict(max_len_a=0.0, max_len_b=0)):
+        with pytest.raises(ValueError):
+            SearchOptions(**bad)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def translator() -> Translator:
+    rng = np.random.default_rng(0)
+    text = [" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(400)]
+    tokenizer = Tokenizer(train_sentencepiece(text, 80, "unigram", 1.0))
+    model = small_transformer(vocab_size=tokenizer.vocab_size, max_positions=20)
+    return Translator(model, tokenizer, torch.device("cpu"))
+
+
+def test_translations_do_not_depend_on_batching(translator: Translator) -> None:
+    rng = np.random.default_rng(1)
+    lines = [" ".join(rng.choice(WORDS, size=rng.integers(1, 15))) for _ in range(60)]
+    lines[7], lines[40] = "", "   ".strip()
+    for options in (SearchOptions(beam_size=1), SearchOptions(beam_size=3)):
+        one_by_one = [translator.translate([line], options)[0] for line in lines]
+        assert translator.translate(lines, options, batch_size=64) == one_by_one
+        assert translator.translate(lines, options, batch_size=7, max_tokens=40) == one_by_one
+    assert len(set(one_by_one)) > 10  # real, varied outputs
+
+
+def test_too_long_inputs_are_truncated_with_a_warning(
+    translator: Translator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long = " ".join(["the red ball"] * 20)  # far more than max_positions 20
+    seen: list[tuple[int, int]] = []
+    out = translator.translate_ids(["a dog", long], on_truncate=lambda i, n: seen.append((i, n)))
+    assert len(out) == 2 and seen and seen[0][0] == 1 and seen[0][1] > 19
+    translator.translate(["a dog", long])
+    assert "sentence 2" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from sacrebleu.metrics import BLEU
 
 from conftest import small_transformer
 from transformer_mt.data.batching import pad
-from transformer_mt.decoding import greedy_search
+from transformer_mt.decoding import SearchOptions, greedy_search
 from transformer_mt.training.loss import label_smoothed_nll_loss
 from transformer_mt.training.schedule import inverse_sqrt_schedule
 
@@ -43,7 +43,9 @@ def test_tiny_model_learns_copy_and_reverse() -> None:
 
     model.eval()
     src, _, tgt_out = reverse_batch(np.random.default_rng(123), 200)  # unseen sequences
-    hyps = greedy_search(model, src, BOS, EOS, max_len_a=1.0, max_len_b=3)
+    hyps = greedy_search(
+        model, src, BOS, EOS, SearchOptions(beam_size=1, max_len_a=1.0, max_len_b=3)
+    )
     refs = [[t for t in row if t not in (PAD, EOS)] for row in tgt_out.tolist()]
     as_text = lambda seqs: [" ".join(f"w{t}" for t in s) for s in seqs]  # noqa: E731
     bleu = BLEU().corpus_score(as_text(hyps), [as_text(refs)]).score

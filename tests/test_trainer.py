@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import synthetic_corpus, synthetic_overrides
 from transformer_mt.cli.common import config_dir
-from transformer_mt.decoding import Translator
+from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.errors import ConfigError
 from transformer_mt.training.trainer import Trainer
 
@@ -61,7 +61,7 @@ def test_stops_at_max_epochs_and_writes_usable_checkpoints(corpus_root: Path) ->
     assert last["epoch"] == 2 and last["step"] == result.steps
     assert set(last) >= {"model", "optimizer", "scheduler", "config", "spm_model", "val_bleu"}
     translator = Translator.from_checkpoint(result.best_checkpoint)
-    out = translator.translate(["a dog runs", "", "the red ball"], beam_size=2)
+    out = translator.translate(["a dog runs", "", "the red ball"], SearchOptions(beam_size=2))
     assert len(out) == 3 and out[1] == ""
     events = EventAccumulator(str(corpus_root / "run" / "tensorboard")).Reload()
     assert set(events.Tags()["scalars"]) >= {

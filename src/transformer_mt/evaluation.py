@@ -1,28 +1,34 @@
-"""Corpus-level scores with sacreBLEU: detokenized, cased BLEU and chrF, with signatures."""
+"""Corpus-level scores with sacreBLEU: detokenized, cased BLEU, chrF and TER, with signatures."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics import BLEU, CHRF, TER
+
+METRICS = {"bleu": BLEU, "chrf": CHRF, "ter": TER}
 
 
 @dataclass
-class Scores:
-    """BLEU and chrF of a set of hypotheses, with sacreBLEU's reproducibility signatures."""
+class MetricScore:
+    """One corpus score with sacreBLEU's reproducibility signature and its full line."""
 
-    bleu: float
-    chrf: float
-    bleu_signature: str
-    chrf_signature: str
-    bleu_detail: str
+    name: str
+    score: float
+    signature: str
+    detail: str
 
 
-def score(hypotheses: list[str], references: list[str]) -> Scores:
-    """Score detokenized hypotheses against one reference each (sacreBLEU defaults: 13a, cased)."""
+def score(
+    hypotheses: list[str], references: list[str], metrics: tuple[str, ...] = ("bleu", "chrf")
+) -> dict[str, MetricScore]:
+    """Score detokenized hypotheses against one reference each (sacreBLEU defaults: 13a,
+    cased); ``metrics`` are names from :data:`METRICS`."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    bleu, chrf = BLEU(), CHRF()
-    b = bleu.corpus_score(hypotheses, [references])
-    c = chrf.corpus_score(hypotheses, [references])
-    return Scores(b.score, c.score, str(bleu.get_signature()), str(chrf.get_signature()), str(b))
+    out = {}
+    for name in metrics:
+        metric = METRICS[name]()
+        result = metric.corpus_score(hypotheses, [references])
+        out[name] = MetricScore(name, result.score, str(metric.get_signature()), str(result))
+    return out

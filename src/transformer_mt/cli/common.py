@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
+from transformer_mt.decoding.search import SearchOptions
 from transformer_mt.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -56,28 +57,52 @@ def exit_on_user_error(fn: F) -> F:
 
 
 def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
-    """An argument parser with the checkpoint and the decoding flags tmt-translate and
-    tmt-evaluate share: --beam N | --greedy, --alpha, --batch-size, --device."""
+    """An argument parser with the decoding flags tmt-translate and tmt-evaluate share."""
     p = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("checkpoint", type=Path, help="a checkpoint written by tmt-train")
-    search = p.add_mutually_exclusive_group()
+    g = p.add_argument_group("search")
+    search = g.add_mutually_exclusive_group()
     search.add_argument("--beam", type=int, default=5, help="beam size (default 5); 1 = greedy")
     search.add_argument("--greedy", action="store_true", help="greedy search (same as --beam 1)")
-    p.add_argument("--alpha", type=float, default=0.6, help="length penalty α (default 0.6)")
-    p.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    g.add_argument(
+        "--alpha", type=float, default=0.6, help="length penalty α (default 0.6; 0 = off)"
+    )
+    g.add_argument(
+        "--max-len-a", type=float, default=1.5, help="output budget a·src_len + b: a (default 1.5)"
+    )
+    g.add_argument("--max-len-b", type=int, default=10, help="output budget: b (default 10)")
+    g.add_argument("--min-len", type=int, default=1, help="minimum output tokens incl. EOS")
+    g.add_argument(
+        "--no-repeat-ngram", type=int, default=0, help="forbid repeating n-grams of this size"
+    )
+    b = p.add_argument_group("batching and device")
+    b.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
+    b.add_argument("--max-tokens", type=int, help="also cap a batch at this many source tokens")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     return p
 
 
 def parse_decoding_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``argv``; validates the decoding flags and folds --greedy into ``beam=1``."""
+    """Parse ``argv``; checks the decoding flags and puts them together in ``args.search``
+    (a SearchOptions)."""
     args = p.parse_args(argv)
-    if args.beam < 1:
-        p.error("--beam must be ≥ 1")
-    if args.batch_size < 1:
-        p.error("--batch-size must be ≥ 1")
     if args.greedy:
         args.beam = 1
+    if args.batch_size < 1:
+        p.error("--batch-size must be ≥ 1")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        p.error("--max-tokens must be ≥ 1")
+    try:
+        args.search = SearchOptions(
+            beam_size=args.beam,
+            alpha=args.alpha,
+            max_len_a=args.max_len_a,
+            max_len_b=args.max_len_b,
+            min_len=args.min_len,
+            no_repeat_ngram=args.no_repeat_ngram,
+            nbest=getattr(args, "nbest", 1),
+        )
+    except ValueError as e:
+        p.error(str(e))
     return args

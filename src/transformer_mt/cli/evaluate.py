@@ -1,15 +1,23 @@
-"""tmt-evaluate: translate a test set with a checkpoint and score it with sacreBLEU and chrF.
+"""tmt-evaluate: translate a test set with one or more checkpoints and score them with
+sacreBLEU (BLEU, chrF, TER).
 
-tmt-evaluate runs/.../checkpoints/best.pt --split test --beam 5 --json
-tmt-evaluate best.pt --src my.en --ref my.de
+    tmt-evaluate runs/.../checkpoints/best.pt --split test --beam 5 --json
+    tmt-evaluate runs/multi30k_en-de/default --split val        # every checkpoint of a run
+    tmt-evaluate a.pt b.pt averaged.pt --metrics bleu,chrf,ter
+    tmt-evaluate best.pt --src my.en --ref my.de
+
+Prints a table (one row per checkpoint) and the sacreBLEU signatures, or with --json one
+JSON object per checkpoint and line. Each checkpoint's hypotheses are saved next to it as
+``<checkpoint stem>.<split>.beam<N>.<tgt lang>`` (or to --output, for one checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -17,9 +25,9 @@ from transformer_mt.cli.common import decoding_parser, exit_on_user_error, parse
 from transformer_mt.data.corpus import read_lines
 from transformer_mt.data.dataset import fetch_raw
 from transformer_mt.decoding.translator import Translator
-from transformer_mt.errors import CorpusError
-from transformer_mt.evaluation import score
-from transformer_mt.training.checkpoint import atomic_write_text
+from transformer_mt.errors import CheckpointError, CorpusError
+from transformer_mt.evaluation import METRICS, score
+from transformer_mt.training.checkpoint import atomic_write_text, checkpoint_step, step_checkpoints
 from transformer_mt.training.trainer import read_references
 
 
@@ -27,72 +35,120 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags of tmt-evaluate."""
     p = decoding_parser("tmt-evaluate", __doc__)
     p.add_argument(
+        "checkpoints", type=Path, nargs="+", help="checkpoint files and/or run directories"
+    )
+    p.add_argument(
         "--split",
         choices=["val", "test"],
         default="val",
         help="the checkpoint's own corpus: val, or test (test_2016_flickr for Multi30k)",
     )
-    p.add_argument(
-        "--src", type=Path, help="score this source file instead of a split (needs --ref)"
-    )
+    p.add_argument("--src", type=Path, help="score this source file instead of a split")
     p.add_argument("--ref", type=Path, help="reference translations of --src, one per line")
     p.add_argument(
-        "--output",
-        type=Path,
-        help="where to write the hypotheses (default: next to the checkpoint)",
+        "--metrics", default="bleu,chrf", help=f"comma-separated, of {', '.join(METRICS)}"
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--output", type=Path, help="hypotheses file (one checkpoint only)")
+    p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
     args = parse_decoding_args(p, argv)
     if (args.src is None) != (args.ref is None):
         p.error("--src and --ref go together")
+    args.metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    unknown = [m for m in args.metrics if m not in METRICS]
+    if unknown or not args.metrics:
+        p.error(f"--metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
     return args
+
+
+def expand_checkpoints(paths: list[Path]) -> list[Path]:
+    """Files as given; a run directory (or its checkpoints/ folder) becomes its step
+    checkpoints plus any other .pt file there, without last.pt/best.pt duplicates."""
+    out: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            out.append(path)
+            continue
+        directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        steps = step_checkpoints(directory)
+        inodes = {os.stat(p).st_ino for p in steps}
+        others = [
+            p
+            for p in sorted(directory.glob("*.pt"))
+            if checkpoint_step(p) is None and p.name != "last.pt" and p.stat().st_ino not in inodes
+        ]
+        if not steps and not others:
+            raise CheckpointError(f"no checkpoints (*.pt) in {directory}")
+        out += steps + others
+    return out
+
+
+def evaluate_one(path: Path, args: argparse.Namespace, sources: dict[str, Any]) -> dict[str, Any]:
+    """Translate the chosen split/file with one checkpoint, score it, save the hypotheses."""
+    translator = Translator.from_checkpoint(path, device=args.device)
+    data_cfg = OmegaConf.create(translator.config["data"])
+    if args.src is not None:
+        name = args.src.stem
+        src, ref = sources.setdefault("file", (read_lines(args.src), read_lines(args.ref)))
+        if len(src) != len(ref):
+            raise CorpusError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}")
+    else:
+        role = "valid" if args.split == "val" else "test"
+        name = data_cfg.valid_split if role == "valid" else data_cfg.test_split
+        key = f"{data_cfg.raw_dir}:{data_cfg.src_lang}-{data_cfg.tgt_lang}:{name}"
+        if key not in sources:
+            fetch_raw(data_cfg)
+            sources[key] = read_references(data_cfg, role)
+        src, ref = sources[key]
+    hyps = translator.translate(src, args.search, args.batch_size, args.max_tokens)
+    scores = score(hyps, ref, args.metrics)
+    output = args.output or path.with_name(
+        f"{path.stem}.{name}.beam{args.beam}.{data_cfg.tgt_lang}"
+    )
+    atomic_write_text(output, "".join(h + "\n" for h in hyps))
+    result: dict[str, Any] = {"checkpoint": str(path), "step": translator.step, "split": name}
+    result |= {"beam": args.beam, "alpha": args.alpha}
+    result |= {m: s.score for m, s in scores.items()}
+    result["signatures"] = {m: s.signature for m, s in scores.items()}
+    if "bleu" in scores:
+        result["signature"] = scores["bleu"].signature
+    result |= {"n_sentences": len(hyps), "hypotheses": str(output)}
+    return result
+
+
+def format_table(results: list[dict[str, Any]], metrics: tuple[str, ...]) -> str:
+    """A fixed-width table, one row per checkpoint, then the metrics' signatures."""
+    names = [r["checkpoint"] for r in results]
+    width = max(len("checkpoint"), *(len(n) for n in names))
+    header = f"{'checkpoint':<{width}}  {'step':>7}" + "".join(f"  {m.upper():>6}" for m in metrics)
+    lines = [header]
+    for r in results:
+        row = f"{r['checkpoint']:<{width}}  {r['step']!s:>7}"
+        lines.append(row + "".join(f"  {r[m]:6.2f}" for m in metrics))
+    lines.append(
+        f"split: {results[0]['split']}, beam {results[0]['beam']}, α {results[0]['alpha']}"
+    )
+    lines += [f"{m} signature: {results[0]['signatures'][m]}" for m in metrics]
+    return "\n".join(lines)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    """Translate, score, print, and save the hypotheses."""
+    """Evaluate every checkpoint given, print the table (or JSON lines)."""
     args = parse_args(argv)
-    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
-    data_cfg = OmegaConf.create(translator.config["data"])
-    if args.src is not None:
-        src, ref = read_lines(args.src), read_lines(args.ref)
-        if len(src) != len(ref):
-            raise CorpusError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}")
-        name = args.src.stem
-    else:
-        fetch_raw(data_cfg)
-        src, ref = read_references(data_cfg, "valid" if args.split == "val" else "test")
-        name = data_cfg.valid_split if args.split == "val" else data_cfg.test_split
-    hyps = translator.translate(
-        src, beam_size=args.beam, batch_size=args.batch_size, alpha=args.alpha
-    )
-    s = score(hyps, ref)
-    output = args.output or args.checkpoint.with_name(
-        f"{args.checkpoint.stem}.{name}.beam{args.beam}.{data_cfg.tgt_lang}"
-    )
-    atomic_write_text(output, "".join(h + "\n" for h in hyps))
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "checkpoint": str(args.checkpoint),
-                    "split": name,
-                    "beam": args.beam,
-                    "bleu": s.bleu,
-                    "chrf": s.chrf,
-                    "signature": s.bleu_signature,
-                    "chrf_signature": s.chrf_signature,
-                    "n_sentences": len(hyps),
-                    "hypotheses": str(output),
-                }
-            )
-        )
-    else:
-        print(
-            f"{s.bleu_detail}\nchrF2 = {s.chrf:.2f}\nBLEU signature: {s.bleu_signature}\n"
-            f"chrF signature: {s.chrf_signature}\nhypotheses: {output}",
-            file=sys.stdout,
-        )
+    paths = expand_checkpoints(args.checkpoints)
+    if args.output is not None and len(paths) > 1:
+        raise CheckpointError(f"--output needs exactly one checkpoint, got {len(paths)}")
+    sources: dict[str, Any] = {}
+    results = []
+    for path in paths:
+        result = evaluate_one(path, args, sources)
+        results.append(result)
+        if args.json:
+            print(json.dumps(result), flush=True)
+    if not args.json:
+        print(format_table(results, args.metrics))
+        for r in results:
+            print(f"hypotheses: {r['hypotheses']}")
 
 
 if __name__ == "__main__":

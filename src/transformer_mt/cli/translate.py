@@ -2,10 +2,18 @@
 
     echo "A man is riding a bike." | tmt-translate best.pt --beam 5
     tmt-translate best.pt --greedy --input in.en --output out.de
+    tmt-translate best.pt --interactive              # one line in, one line out, at once
+    tmt-translate best.pt --nbest 5 < in.en          # 5 scored hypotheses per line
 
-Every input line gives exactly one output line, in order; an empty line gives an empty
-line. Invalid UTF-8 is replaced (with a warning); inputs longer than the model's
-positions are truncated. Input is read and translated in chunks, so memory stays bounded.
+Every input line gives exactly one output line, in order; an empty or whitespace-only line
+gives an empty line. Invalid UTF-8 is replaced (with a warning naming the line); inputs
+longer than the model's positions are truncated (with a warning naming the line). Input is
+read and translated in chunks, so memory stays bounded on any file size.
+
+With --nbest K each input line gives K lines (fewer if the search finished fewer
+hypotheses; one for an empty line), best first, tab-separated:
+    <input line number>  <rank>  <score>  <log-probability>  <translation>
+where score is the log-probability divided by the length penalty.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from transformer_mt.cli.common import decoding_parser, exit_on_user_error, parse_decoding_args
+from transformer_mt.decoding.beam import Hypothesis
+from transformer_mt.decoding.search import SearchOptions
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.training.checkpoint import atomic_write_bytes
 
@@ -26,43 +36,84 @@ CHUNK_LINES = 2000
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags of tmt-translate."""
     p = decoding_parser("tmt-translate", __doc__)
+    p.add_argument("checkpoint", type=Path, help="a checkpoint written by tmt-train/tmt-average")
     p.add_argument("--input", type=Path, help="input file (default: stdin)")
     p.add_argument("--output", type=Path, help="output file, written atomically (default: stdout)")
-    return parse_decoding_args(p, argv)
+    p.add_argument("--nbest", type=int, default=1, help="print the K best hypotheses (≤ --beam)")
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="translate each line as soon as it is read and flush it (terminal or pipe)",
+    )
+    args = parse_decoding_args(p, argv)
+    if args.interactive and args.output is not None:
+        p.error("--interactive writes to stdout; drop --output")
+    return args
 
 
-def read_chunks(stream: BinaryIO, name: str) -> Iterator[list[str]]:
-    """Lines of a byte stream in chunks; invalid UTF-8 is replaced with U+FFFD and reported."""
+def decode_line(raw: bytes, name: str, number: int) -> str:
+    """One input line as text; invalid UTF-8 is replaced with U+FFFD and reported."""
+    line = raw.rstrip(b"\n").rstrip(b"\r")
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        print(f"warning: {name}:{number}: invalid UTF-8 replaced", file=sys.stderr)
+        return line.decode("utf-8", errors="replace")
+
+
+def read_chunks(stream: BinaryIO, name: str, size: int = CHUNK_LINES) -> Iterator[list[str]]:
+    """The lines of a byte stream, ``size`` at a time (1 = as soon as each line arrives)."""
     chunk: list[str] = []
-    for number, raw in enumerate(stream, start=1):
-        line = raw.rstrip(b"\n").rstrip(b"\r")
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            text = line.decode("utf-8", errors="replace")
-            print(f"warning: {name}:{number}: invalid UTF-8 replaced", file=sys.stderr)
-        chunk.append(text)
-        if len(chunk) >= CHUNK_LINES:
+    number = 0
+    while raw := stream.readline():
+        number += 1
+        chunk.append(decode_line(raw, name, number))
+        if len(chunk) >= size:
             yield chunk
             chunk = []
     if chunk:
         yield chunk
 
 
+def format_hypotheses(
+    translator: Translator, hyps: list[list[Hypothesis]], first_line: int, nbest: int
+) -> str:
+    """Output text: the best translation per line, or the n-best format of the module doc."""
+    if nbest == 1:
+        return "".join(t + "\n" for t in translator.tokenizer.decode([h[0].tokens for h in hyps]))
+    out = []
+    for offset, candidates in enumerate(hyps):
+        texts = translator.tokenizer.decode([h.tokens for h in candidates])
+        for rank, (h, text) in enumerate(zip(candidates, texts, strict=True), start=1):
+            out.append(f"{first_line + offset}\t{rank}\t{h.score:.4f}\t{h.log_prob:.4f}\t{text}\n")
+    return "".join(out)
+
+
 def translate_stream(
     translator: Translator,
     chunks: Iterator[list[str]],
     out: BinaryIO,
-    beam: int,
+    options: SearchOptions,
     batch_size: int,
-    alpha: float,
+    max_tokens: int | None,
+    name: str,
 ) -> None:
-    """Translate chunk by chunk, writing one UTF-8 line per input line and flushing each chunk."""
+    """Translate chunk by chunk, writing UTF-8 lines and flushing after every chunk."""
+    first = 1
     for lines in chunks:
+
+        def warn(index: int, length: int, first: int = first) -> None:
+            print(
+                f"warning: {name}:{first + index}: {length} subwords, more than the model's "
+                f"{translator.model.max_positions - 1}; truncated",
+                file=sys.stderr,
+            )
+
         stripped = [line.strip() for line in lines]
-        hyps = translator.translate(stripped, beam_size=beam, batch_size=batch_size, alpha=alpha)
-        out.write("".join(h + "\n" for h in hyps).encode("utf-8"))
+        hyps = translator.translate_ids(stripped, options, batch_size, max_tokens, warn)
+        out.write(format_hypotheses(translator, hyps, first, options.nbest).encode("utf-8"))
         out.flush()
+        first += len(lines)
 
 
 @exit_on_user_error
@@ -72,11 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
     if args.input is not None and not args.input.is_file():
         raise FileNotFoundError(f"input file not found: {args.input}")
+    name = str(args.input or "<stdin>")
     with open(args.input, "rb") if args.input else sys.stdin.buffer as stream:
-        chunks = read_chunks(stream, str(args.input or "<stdin>"))
+        chunks = read_chunks(stream, name, 1 if args.interactive else CHUNK_LINES)
 
         def write(out: BinaryIO) -> None:
-            translate_stream(translator, chunks, out, args.beam, args.batch_size, args.alpha)
+            translate_stream(
+                translator, chunks, out, args.search, args.batch_size, args.max_tokens, name
+            )
 
         if args.output is None:
             write(sys.stdout.buffer)

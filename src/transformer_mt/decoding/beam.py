@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from transformer_mt.decoding.search import IncrementalDecoder, max_output_lengths
+from transformer_mt.decoding.search import (
+    BEAM,
+    IncrementalDecoder,
+    SearchOptions,
+    apply_constraints,
+    max_output_lengths,
+)
 
 
 @dataclass
@@ -36,23 +42,19 @@ def beam_search(
     src: torch.Tensor,  # (B, S)
     bos_id: int,
     eos_id: int,
-    beam_size: int = 5,
-    alpha: float = 0.6,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
-    min_len: int = 1,
-    nbest: int = 1,
+    options: SearchOptions = BEAM,
 ) -> list[list[Hypothesis]]:
-    """Beam search over a batch; returns the ``nbest`` best hypotheses of each sentence."""
-    if beam_size < 1 or not 1 <= nbest <= beam_size:
-        raise ValueError(f"need beam_size ≥ 1 and 1 ≤ nbest ≤ beam_size, got {beam_size}, {nbest}")
-    k = beam_size
+    """Beam search over a batch; returns the ``options.nbest`` best hypotheses per sentence."""
+    k, alpha = options.beam_size, options.alpha
     batch, device = src.size(0), src.device
     memory, memory_mask = model.encode(src)
     memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, d)
     memory_mask = memory_mask.repeat_interleave(k, dim=0)
-    max_lens = max_output_lengths(src, model.pad_id, max_len_a, max_len_b, model.max_positions)
+    max_lens = max_output_lengths(
+        src, model.pad_id, options.max_len_a, options.max_len_b, model.max_positions
+    )
     cache = model.new_cache()
+    special = (model.pad_id, bos_id, eos_id)
 
     alive = torch.arange(batch, device=device)  # original sentence index of each live row
     scores = torch.zeros(batch, k, device=device)  # cumulative log-probs of live beams
@@ -65,15 +67,8 @@ def beam_search(
         n = alive.numel()
         lprobs = model.decode_step(tokens, memory, memory_mask, cache, step)  # (n·K, V)
         vocab = lprobs.size(-1)
-        lprobs[:, model.pad_id] = -torch.inf
-        lprobs[:, bos_id] = -torch.inf
         at_limit = (step + 1 >= max_lens[alive]).repeat_interleave(k)  # (n·K,)
-        eos_lp = lprobs[at_limit, eos_id].clone()
-        if step + 1 < min_len:
-            lprobs[:, eos_id] = -torch.inf
-        if bool(at_limit.any()):  # out of budget: only EOS may follow (even before min_len)
-            lprobs[at_limit] = -torch.inf
-            lprobs[at_limit, eos_id] = eos_lp
+        apply_constraints(lprobs, history, at_limit, step, special, options)
         candidates = (scores.view(-1, 1) + lprobs).view(n, k * vocab)
         top_scores, top_index = candidates.topk(2 * k, dim=1)  # (n, 2K)
         top_beam, top_token = top_index // vocab, top_index % vocab
@@ -118,4 +113,4 @@ def beam_search(
         history = torch.cat([history[rows], next_tokens.view(-1, 1)], dim=1)
         tokens = next_tokens.view(-1)
 
-    return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in finished]
+    return [sorted(hyps, key=lambda h: -h.score)[: options.nbest] for hyps in finished]

@@ -1,10 +1,49 @@
-"""What greedy and beam search share: the interface they drive and output length limits."""
+"""What greedy and beam search share: their options, the interface they drive, output
+length limits and n-gram blocking."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How to search; the decoding flags of tmt-translate and tmt-evaluate map onto these.
+
+    The output budget of a sentence is ``max_len_a · source_length + max_len_b`` tokens, EOS
+    included (capped by the model's positions). EOS is not allowed before ``min_len`` tokens
+    (unless the budget runs out). ``no_repeat_ngram`` > 0 forbids any n-gram of that size
+    from appearing twice in a hypothesis. ``alpha`` is the GNMT length penalty (0 = rank by
+    raw log-probability). ``beam_size`` 1 is greedy search.
+    """
+
+    beam_size: int = 5
+    alpha: float = 0.6
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+    min_len: int = 1
+    no_repeat_ngram: int = 0
+    nbest: int = 1
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ValueError(f"beam size must be ≥ 1, got {self.beam_size}")
+        if not 1 <= self.nbest <= self.beam_size:
+            raise ValueError(f"nbest must be in [1, beam size {self.beam_size}], got {self.nbest}")
+        if self.max_len_a < 0 or self.max_len_b < 0 or self.max_len_a + self.max_len_b <= 0:
+            raise ValueError(
+                f"max length a·src+b needs a, b ≥ 0 and not both 0 (a={self.max_len_a}, "
+                f"b={self.max_len_b})"
+            )
+        if self.min_len < 0 or self.no_repeat_ngram < 0:
+            raise ValueError("min length and no-repeat n-gram size must be ≥ 0")
+
+
+BEAM = SearchOptions()  # beam 5, α 0.6
+GREEDY = SearchOptions(beam_size=1)
 
 
 class IncrementalDecoder(Protocol):
@@ -37,3 +76,82 @@ def max_output_lengths(
     src_len = (src != pad_id).sum(dim=1)
     limit = (max_len_a * src_len.float()).long() + max_len_b
     return limit.clamp(min=1, max=max_positions)
+
+
+def block_repeated_ngrams(lprobs: torch.Tensor, history: torch.Tensor, n: int) -> None:
+    """Set to -inf, in place, the log-prob of every token that would complete an n-gram
+    already present in that row's ``history`` (B, t) of generated tokens."""
+    if n <= 0 or history.size(1) < n:
+        return
+    rows: list[int] = []
+    banned: list[int] = []
+    for row, tokens in enumerate(history.tolist()):
+        context = tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else ()
+        for i in range(len(tokens) - n + 1):
+            if tuple(tokens[i : i + n - 1]) == context:
+                rows.append(row)
+                banned.append(tokens[i + n - 1])
+    if rows:
+        lprobs[rows, banned] = -torch.inf
+
+
+def apply_constraints(
+    lprobs: torch.Tensor,  # (B, V), modified in place
+    history: torch.Tensor,  # (B, t) tokens generated so far
+    at_limit: torch.Tensor,  # (B,) bool: this step is the last the budget allows
+    step: int,
+    special: tuple[int, int, int],  # pad, bos, eos
+    options: SearchOptions,
+) -> None:
+    """The rules every search applies to next-token log-probs: never PAD or BOS, no EOS
+    before ``min_len``, no repeated n-grams, and only EOS once the budget is spent."""
+    pad_id, bos_id, eos_id = special
+    eos_lp = lprobs[:, eos_id].clone()
+    lprobs[:, pad_id] = -torch.inf
+    lprobs[:, bos_id] = -torch.inf
+    if step + 1 < options.min_len:
+        lprobs[:, eos_id] = -torch.inf
+    block_repeated_ngrams(lprobs, history, options.no_repeat_ngram)
+    if bool(at_limit.any()):  # out of budget: only EOS may follow (even before min_len)
+        lprobs[at_limit] = -torch.inf
+        lprobs[at_limit, eos_id] = eos_lp[at_limit]
+
+
+class UncachedDecoder:
+    """A model driven without the key/value cache: every step re-decodes the whole prefix.
+
+    It gives the same outputs as cached decoding, at O(T²) cost; it exists to check that
+    (tests) and to measure what the cache buys (``make bench-decode``).
+    """
+
+    def __init__(self, model: IncrementalDecoder) -> None:
+        self.model = model
+        self.pad_id = model.pad_id
+        self.max_positions = model.max_positions
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode(src)
+
+    def new_cache(self) -> list:
+        return [None]  # [the prefix so far, (B, t)]
+
+    def decode_step(
+        self,
+        last_tokens: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        cache: list,
+        step: int,
+    ) -> torch.Tensor:
+        prefix = (
+            last_tokens[:, None]
+            if cache[0] is None
+            else torch.cat([cache[0], last_tokens[:, None]], dim=1)
+        )
+        cache[0] = prefix
+        logits = self.model.decode(prefix, memory, memory_mask)  # type: ignore[attr-defined]
+        return torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+    @staticmethod
+    def reorder_cache(cache: list, index: torch.Tensor) -> None:
+        cache[0] = cache[0].index_select(0, index)

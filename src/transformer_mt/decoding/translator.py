@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from transformer_mt.data.batching import pad
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.beam import Hypothesis, beam_search
 from transformer_mt.decoding.greedy import greedy_search
+from transformer_mt.decoding.search import BEAM, SearchOptions
 from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.model import Transformer
 from transformer_mt.training.checkpoint import load_checkpoint, spm_tensor_to_bytes
@@ -35,7 +37,7 @@ class Translator:
     """A model and its tokenizer, ready to translate lists of raw sentences.
 
     >>> t = Translator.from_checkpoint("runs/.../checkpoints/best.pt")
-    >>> t.translate(["A man is riding a bike."], beam_size=5)
+    >>> t.translate(["A man is riding a bike."], SearchOptions(beam_size=5))
     """
 
     def __init__(
@@ -44,11 +46,13 @@ class Translator:
         tokenizer: Tokenizer,
         device: torch.device,
         config: dict[str, Any] | None = None,
+        step: int | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = device
         self.config = config or {}
+        self.step = step  # the training update the weights come from, when known
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Translator:
@@ -61,54 +65,75 @@ class Translator:
             model.load_state_dict(state["model"])
         except (KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"{path}: inconsistent checkpoint: {e}") from e
-        return cls(model, tokenizer, dev, state["config"])
-
-    def _batches(self, ids: list[list[int]], batch_size: int) -> Iterator[list[int]]:
-        """Indices of non-empty inputs, sorted by length, in chunks of ``batch_size``."""
-        order = sorted((i for i, s in enumerate(ids) if s), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            yield order[start : start + batch_size]
+        return cls(model, tokenizer, dev, state["config"], int(state["step"]))
 
     def translate_ids(
         self,
         sentences: list[str],
-        beam_size: int = 5,
+        options: SearchOptions = BEAM,
         batch_size: int = 64,
-        alpha: float = 0.6,
-        max_len_a: float = 1.5,
-        max_len_b: int = 10,
-        nbest: int = 1,
+        max_tokens: int | None = None,
+        on_truncate: Callable[[int, int], None] | None = None,
     ) -> list[list[Hypothesis]]:
-        """n-best hypotheses (as ids) for each sentence; an empty sentence gets one empty hypothesis."""
+        """n-best hypotheses (as ids) for each sentence, in input order.
+
+        Inputs are sorted by length into batches of at most ``batch_size`` sentences and
+        ``max_tokens`` source tokens (padding included); results do not depend on either.
+        An empty sentence gets one empty hypothesis. A sentence longer than the model's
+        positions is truncated to fit, and ``on_truncate(index, n_subwords)`` is called
+        (by default a warning on stderr).
+        """
         tok = self.tokenizer
-        # Leave room for EOS; longer inputs are truncated to the model's positions.
-        limit = self.model.max_positions - 1
-        ids = [s[:limit] for s in tok.encode(sentences)]
+        limit = self.model.max_positions - 1  # room for EOS
+        ids = tok.encode(sentences)
+        for i, s in enumerate(ids):
+            if len(s) > limit:
+                (on_truncate or _warn_truncated)(i, len(s))
+                ids[i] = s[:limit]
         results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in sentences]
-        for chunk in self._batches(ids, batch_size):
+        for chunk in length_batches([len(s) + 1 for s in ids], batch_size, max_tokens):
             src = pad([[*ids[i], tok.eos_id] for i in chunk], tok.pad_id).to(self.device)
-            if beam_size == 1 and nbest == 1:
-                outs = greedy_search(self.model, src, tok.bos_id, tok.eos_id, max_len_a, max_len_b)
+            if options.beam_size == 1 and options.nbest == 1:
+                outs = greedy_search(self.model, src, tok.bos_id, tok.eos_id, options)
                 hyps = [[Hypothesis(o, 0.0, 0.0)] for o in outs]
             else:
-                hyps = beam_search(
-                    self.model,
-                    src,
-                    tok.bos_id,
-                    tok.eos_id,
-                    beam_size,
-                    alpha,
-                    max_len_a,
-                    max_len_b,
-                    nbest=nbest,
-                )
+                hyps = beam_search(self.model, src, tok.bos_id, tok.eos_id, options)
             for i, h in zip(chunk, hyps, strict=True):
                 results[i] = h
         return results
 
     def translate(
-        self, sentences: list[str], beam_size: int = 5, batch_size: int = 64, alpha: float = 0.6
+        self,
+        sentences: list[str],
+        options: SearchOptions = BEAM,
+        batch_size: int = 64,
+        max_tokens: int | None = None,
     ) -> list[str]:
-        """Detokenized translations, one per input sentence, in input order (greedy if beam_size=1)."""
-        best = self.translate_ids(sentences, beam_size, batch_size, alpha)
+        """Detokenized best translations, one per input sentence, in input order."""
+        best = self.translate_ids(sentences, options, batch_size, max_tokens)
         return self.tokenizer.decode([h[0].tokens for h in best])
+
+
+def length_batches(
+    lengths: list[int], batch_size: int, max_tokens: int | None = None
+) -> Iterator[list[int]]:
+    """Indices of the non-empty (length > 1: more than EOS) inputs, sorted by length, in
+    batches of at most ``batch_size`` sentences and ``max_tokens`` padded tokens."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 1), key=lambda i: lengths[i])
+    batch: list[int] = []
+    for i in order:
+        too_many = max_tokens is not None and (len(batch) + 1) * lengths[i] > max_tokens
+        if batch and (len(batch) >= batch_size or too_many):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def _warn_truncated(index: int, length: int) -> None:
+    print(
+        f"warning: sentence {index + 1} has {length} subwords, more than the model's "
+        "positions; truncated",
+        file=sys.stderr,
+    )

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from transformer_mt.data.batching import Batch, collate, iterate_batches, token_batches
 from transformer_mt.data.corpus import corpus_file, read_lines
 from transformer_mt.data.dataset import EncodedSplit, PreparedData, prepare_data
+from transformer_mt.decoding.search import GREEDY, SearchOptions
 from transformer_mt.decoding.translator import Translator, build_model, resolve_device
 from transformer_mt.errors import CheckpointError, ConfigError, TrainingDivergedError
 from transformer_mt.evaluation import score
@@ -358,9 +359,9 @@ class Trainer:
             val_loss, val_ppl = self.validation_loss()
             translator = Translator(self.model, self.tokenizer, self.device)
             hyps = translator.translate(
-                self.valid_src, beam_size=1, batch_size=self.tcfg.valid_batch_size
+                self.valid_src, GREEDY, batch_size=self.tcfg.valid_batch_size
             )
-            bleu = score(hyps, self.valid_ref).bleu
+            bleu = score(hyps, self.valid_ref, ("bleu",))["bleu"].score
             self.log(
                 f"epoch {self.epoch} step {self.step}: val loss {val_loss:.3f} "
                 f"ppl {val_ppl:.2f} BLEU {bleu:.2f}"
@@ -530,11 +531,14 @@ class Trainer:
         results: dict[str, Any] = {"beam_size": self.tcfg.final_beam_size}
         for role in ("valid", "test"):
             src, ref = read_references(self.cfg.data, role)
-            hyps = translator.translate(
-                src, beam_size=self.tcfg.final_beam_size, batch_size=self.tcfg.valid_batch_size
-            )
+            options = SearchOptions(beam_size=self.tcfg.final_beam_size)
+            hyps = translator.translate(src, options, batch_size=self.tcfg.valid_batch_size)
             s = score(hyps, ref)
-            results[role] = {"bleu": s.bleu, "chrf": s.chrf, "signature": s.bleu_signature}
+            results[role] = {
+                "bleu": s["bleu"].score,
+                "chrf": s["chrf"].score,
+                "signature": s["bleu"].signature,
+            }
         return results
 
 
