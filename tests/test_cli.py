@@ -8,6 +8,7 @@ import select
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,6 +186,32 @@ def test_too_long_and_invalid_lines_keep_the_line_contract(trained_run: Path) ->
     )
     assert proc.returncode == 0 and len(proc.stdout.split(b"\n")[:-1]) == 2
     assert b"<stdin>:2: invalid UTF-8" in proc.stderr
+
+
+def test_attention_maps_from_the_shell(trained_run: Path, tmp_path: Path) -> None:
+    best = trained_run / "checkpoints" / "best.pt"
+    out = tmp_path / "attention"
+    stdin = "A man is riding a bike.\n\nTwo dogs play.\n"
+    r = run_cli("tmt-translate", str(best), "--attention-dir", str(out), stdin=stdin)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000001.npy",
+        "000001.png",
+        "000003.npy",
+        "000003.png",
+    ]
+    weights = np.load(out / "000001.npy")
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+    bad = run_cli(
+        "tmt-translate",
+        str(best),
+        "--attention-dir",
+        str(out),
+        "--attention-layer",
+        "9",
+        stdin=stdin,
+    )
+    assert bad.returncode == 1 and "attention-layer 9" in bad.stderr
 
 
 def test_evaluate_many_checkpoints_with_more_metrics(trained_run: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ from transformer_mt.decoding import (
     greedy_search,
     length_penalty,
 )
+from transformer_mt.decoding.attention_maps import cross_attention, write_attention_map
 from transformer_mt.decoding.search import UncachedDecoder, block_repeated_ngrams
+from transformer_mt.errors import UserError
 from transformer_mt.model import Transformer
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -291,3 +294,21 @@ def test_too_long_inputs_are_truncated_with_a_warning(
     assert len(out) == 2 and seen and seen[0][0] == 1 and seen[0][1] > 19
     translator.translate(["a dog", long])
     assert "sentence 2" in capsys.readouterr().err
+
+
+def test_attention_maps_rows_sum_to_one_and_are_drawn(
+    translator: Translator, tmp_path: Path
+) -> None:
+    tok = translator.tokenizer
+    src_ids = tok.encode(["a dog runs on the street"])[0]
+    hyp = translator.translate_ids(["a dog runs on the street"], SearchOptions(beam_size=2))[0][0]
+    weights = write_attention_map(tmp_path, "000001", translator.model, tok, src_ids, hyp.tokens)
+    assert weights.shape == (len(hyp.tokens) + 1, len(src_ids) + 1)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(np.load(tmp_path / "000001.npy"), weights)
+    assert (tmp_path / "000001.png").read_bytes().startswith(b"\x89PNG")
+    one_head = cross_attention(translator.model, [*src_ids, EOS], hyp.tokens, BOS, layer=0, head=3)
+    np.testing.assert_allclose(one_head.sum(axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(one_head, weights)
+    with pytest.raises(UserError, match="attention-head 4"):
+        cross_attention(translator.model, [*src_ids, EOS], hyp.tokens, BOS, head=4)

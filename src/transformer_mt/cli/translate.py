@@ -14,6 +14,10 @@ With --nbest K each input line gives K lines (fewer if the search finished fewer
 hypotheses; one for an empty line), best first, tab-separated:
     <input line number>  <rank>  <score>  <log-probability>  <translation>
 where score is the log-probability divided by the length penalty.
+
+With --attention-dir DIR, each translated line N also gets DIR/<N>.png (a heatmap of the
+decoder→encoder attention, subwords on the axes) and DIR/<N>.npy (the weights; rows sum
+to 1): the last decoder layer, averaged over heads, unless --attention-layer/-head say.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from transformer_mt.cli.common import decoding_parser, exit_on_user_error, parse_decoding_args
+from transformer_mt.decoding.attention_maps import check_selection, write_attention_map
 from transformer_mt.decoding.beam import Hypothesis
-from transformer_mt.decoding.search import SearchOptions
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.training.checkpoint import atomic_write_bytes
 
@@ -45,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="translate each line as soon as it is read and flush it (terminal or pipe)",
     )
+    p.add_argument("--attention-dir", type=Path, help="write cross-attention maps here")
+    p.add_argument("--attention-layer", type=int, default=-1, help="decoder layer (default -1)")
+    p.add_argument("--attention-head", type=int, help="one head (default: mean of all heads)")
     args = parse_decoding_args(p, argv)
     if args.interactive and args.output is not None:
         p.error("--interactive writes to stdout; drop --output")
@@ -89,16 +96,39 @@ def format_hypotheses(
     return "".join(out)
 
 
+def write_attention_maps(
+    translator: Translator,
+    lines: list[str],
+    hyps: list[list[Hypothesis]],
+    first_line: int,
+    args: argparse.Namespace,
+) -> None:
+    """``<line>.png`` and ``<line>.npy`` in --attention-dir for every non-empty line."""
+    tok = translator.tokenizer
+    limit = translator.model.max_positions - 1
+    for offset, (src_ids, candidates) in enumerate(zip(tok.encode(lines), hyps, strict=True)):
+        if src_ids:
+            write_attention_map(
+                args.attention_dir,
+                f"{first_line + offset:06d}",
+                translator.model,
+                tok,
+                src_ids[:limit],
+                candidates[0].tokens,
+                args.attention_layer,
+                args.attention_head,
+            )
+
+
 def translate_stream(
     translator: Translator,
     chunks: Iterator[list[str]],
     out: BinaryIO,
-    options: SearchOptions,
-    batch_size: int,
-    max_tokens: int | None,
+    args: argparse.Namespace,
     name: str,
 ) -> None:
     """Translate chunk by chunk, writing UTF-8 lines and flushing after every chunk."""
+    options = args.search
     first = 1
     for lines in chunks:
 
@@ -110,9 +140,11 @@ def translate_stream(
             )
 
         stripped = [line.strip() for line in lines]
-        hyps = translator.translate_ids(stripped, options, batch_size, max_tokens, warn)
+        hyps = translator.translate_ids(stripped, options, args.batch_size, args.max_tokens, warn)
         out.write(format_hypotheses(translator, hyps, first, options.nbest).encode("utf-8"))
         out.flush()
+        if args.attention_dir is not None:
+            write_attention_maps(translator, stripped, hyps, first, args)
         first += len(lines)
 
 
@@ -121,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     """Translate stdin (or --input) to stdout (or --output)."""
     args = parse_args(argv)
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    if args.attention_dir is not None:
+        check_selection(translator.model, args.attention_layer, args.attention_head)
     if args.input is not None and not args.input.is_file():
         raise FileNotFoundError(f"input file not found: {args.input}")
     name = str(args.input or "<stdin>")
@@ -128,9 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         chunks = read_chunks(stream, name, 1 if args.interactive else CHUNK_LINES)
 
         def write(out: BinaryIO) -> None:
-            translate_stream(
-                translator, chunks, out, args.search, args.batch_size, args.max_tokens, name
-            )
+            translate_stream(translator, chunks, out, args, name)
 
         if args.output is None:
             write(sys.stdout.buffer)

@@ -61,3 +61,7 @@ class Tokenizer:
         """Subword ids -> detokenized sentences; special tokens are dropped."""
         specials = {self.pad_id, self.bos_id, self.eos_id}
         return self.sp.decode([[i for i in seq if i not in specials] for seq in ids])
+
+    def id_to_pieces(self, ids: list[int]) -> list[str]:
+        """Subword ids -> their piece strings (for labels, e.g. attention maps)."""
+        return [self.sp.id_to_piece(i) for i in ids]

@@ -65,6 +65,22 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape  # (B, T, d) -> (B, H, T, d_k)
         return x.view(b, t, self.n_heads, self.d_k).transpose(1, 2)
 
+    @torch.no_grad()
+    def attention_weights(
+        self,
+        query: torch.Tensor,  # (B, Tq, d)
+        key_value: torch.Tensor,  # (B, Tk, d)
+        mask: torch.Tensor | None = None,  # bool, broadcastable to (B, H, Tq, Tk)
+    ) -> torch.Tensor:  # (B, H, Tq, Tk)
+        """softmax(Q Kᵀ / √d_k) per head, written out (the fused kernel does not return it);
+        for inspecting what a layer attends to."""
+        q = self._split_heads(self.q_proj(query))
+        k = self._split_heads(self.k_proj(key_value))
+        scores = q @ k.transpose(-2, -1) / self.d_k**0.5  # (B, H, Tq, Tk)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -torch.inf)
+        return scores.softmax(dim=-1)
+
     def forward(
         self,
         query: torch.Tensor,  # (B, Tq, d)
