@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup data prepare train evaluate test lint clean
+.PHONY: setup data prepare train evaluate bench-decode test lint clean
+CKPT   ?= runs/multi30k_en-de/default/checkpoints/best.pt
 
 setup: $(STAMP)
 
@@ -27,8 +28,11 @@ prepare: data  ## tokenizer + encoded arrays (ARGS= Hydra overrides)
 train: prepare  ## the default recipe: Multi30k en->de (ARGS= Hydra overrides)
 	$(BIN)/tmt-train $(ARGS)
 
-evaluate: setup  ## CKPT=path/to/best.pt [ARGS="--split test"]
+evaluate: setup  ## [CKPT=path/to/best.pt] [ARGS="--split test"]
 	$(BIN)/tmt-evaluate $(CKPT) $(ARGS)
+
+bench-decode: setup  ## decoding speed on test_2016_flickr of CKPT (default: make train's best.pt)
+	$(BIN)/python scripts/bench_decode.py --checkpoint $(CKPT) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(ARGS)

@@ -214,6 +214,27 @@ def test_attention_maps_from_the_shell(trained_run: Path, tmp_path: Path) -> Non
     assert bad.returncode == 1 and "attention-layer 9" in bad.stderr
 
 
+def test_export_to_ctranslate2_and_translate_with_it(
+    trained_run: Path, multi30k_dir: Path, tmp_path: Path
+) -> None:
+    best, exported = trained_run / "checkpoints" / "best.pt", tmp_path / "ct2"
+    r = run_cli("tmt-export", str(best), "--format", "ctranslate2", str(exported))
+    assert r.returncode == 0, r.stderr
+    assert (exported / "model.bin").is_file() and (exported / "spm.model").is_file()
+    with gzip.open(multi30k_dir / "test_2016_flickr.en.gz", "rt") as f:
+        stdin = "\n".join(f.read().splitlines()[:100]) + "\n"
+    ours = run_cli("tmt-translate", str(best), "--greedy", stdin=stdin)
+    theirs = run_cli(
+        "tmt-translate", str(exported), "--engine", "ctranslate2", "--greedy", stdin=stdin
+    )
+    assert ours.returncode == 0 and theirs.returncode == 0, theirs.stderr
+    a, b = ours.stdout.splitlines(), theirs.stdout.splitlines()
+    assert len(a) == len(b) == 100
+    assert sum(x == y for x, y in zip(a, b, strict=True)) >= 98
+    again = run_cli("tmt-export", str(best), "--format", "ctranslate2", str(exported))
+    assert again.returncode == 1 and "--force" in again.stderr
+
+
 def test_evaluate_many_checkpoints_with_more_metrics(trained_run: Path, tmp_path: Path) -> None:
     src, ref = tmp_path / "s.en", tmp_path / "s.de"
     src.write_text("A man is riding a bike.\nTwo dogs play in the snow.\n")
@@ -235,11 +256,17 @@ def test_evaluate_many_checkpoints_with_more_metrics(trained_run: Path, tmp_path
     assert bad.returncode == 2 and "meteor" in bad.stderr
 
 
-def test_missing_checkpoint_fails_clearly(tmp_path: Path) -> None:
-    for tool in ("tmt-translate", "tmt-evaluate"):
-        r = run_cli(tool, str(tmp_path / "nope.pt"), stdin="hello\n")
-        assert r.returncode != 0
-        assert "nope.pt" in r.stderr and "Traceback" not in r.stderr
+def test_missing_or_corrupt_checkpoint_fails_clearly(tmp_path: Path) -> None:
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a checkpoint")
+    for name in ("nope.pt", "corrupt.pt"):
+        for tool in ("tmt-translate", "tmt-evaluate", "tmt-export"):
+            args = [str(tmp_path / name)] + (
+                [str(tmp_path / "out")] if tool == "tmt-export" else []
+            )
+            r = run_cli(tool, *args, stdin="hello\n")
+            assert r.returncode == 1, (tool, r.stderr)
+            assert name in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_config_key_is_an_error(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@
     tmt-translate best.pt --greedy --input in.en --output out.de
     tmt-translate best.pt --interactive              # one line in, one line out, at once
     tmt-translate best.pt --nbest 5 < in.en          # 5 scored hypotheses per line
+    tmt-translate exported/en-de --engine ctranslate2 < in.en   # a tmt-export directory
 
 Every input line gives exactly one output line, in order; an empty or whitespace-only line
 gives an empty line. Invalid UTF-8 is replaced (with a warning naming the line); inputs
@@ -32,6 +33,7 @@ from transformer_mt.cli.common import decoding_parser, exit_on_user_error, parse
 from transformer_mt.decoding.attention_maps import check_selection, write_attention_map
 from transformer_mt.decoding.beam import Hypothesis
 from transformer_mt.decoding.translator import Translator
+from transformer_mt.export.ctranslate2 import CTranslate2Translator
 from transformer_mt.training.checkpoint import atomic_write_bytes
 
 CHUNK_LINES = 2000
@@ -40,7 +42,17 @@ CHUNK_LINES = 2000
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags of tmt-translate."""
     p = decoding_parser("tmt-translate", __doc__)
-    p.add_argument("checkpoint", type=Path, help="a checkpoint written by tmt-train/tmt-average")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a checkpoint (tmt-train/tmt-average), or a tmt-export directory with --engine",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["torch", "ctranslate2"],
+        default="torch",
+        help="torch (this project's search) or ctranslate2 (a tmt-export directory)",
+    )
     p.add_argument("--input", type=Path, help="input file (default: stdin)")
     p.add_argument("--output", type=Path, help="output file, written atomically (default: stdout)")
     p.add_argument("--nbest", type=int, default=1, help="print the K best hypotheses (≤ --beam)")
@@ -55,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_decoding_args(p, argv)
     if args.interactive and args.output is not None:
         p.error("--interactive writes to stdout; drop --output")
+    if args.engine == "ctranslate2" and (args.nbest > 1 or args.attention_dir is not None):
+        p.error("--nbest and --attention-dir need --engine torch")
     return args
 
 
@@ -148,13 +162,29 @@ def translate_stream(
         first += len(lines)
 
 
+def translate_stream_ctranslate2(
+    translator: CTranslate2Translator,
+    chunks: Iterator[list[str]],
+    out: BinaryIO,
+    args: argparse.Namespace,
+) -> None:
+    """The same contract through CTranslate2: one line out per line in, flushed per chunk."""
+    for lines in chunks:
+        hyps = translator.translate([line.strip() for line in lines], args.search, args.batch_size)
+        out.write("".join(h + "\n" for h in hyps).encode("utf-8"))
+        out.flush()
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     """Translate stdin (or --input) to stdout (or --output)."""
     args = parse_args(argv)
-    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
-    if args.attention_dir is not None:
-        check_selection(translator.model, args.attention_layer, args.attention_head)
+    if args.engine == "ctranslate2":
+        ct2 = CTranslate2Translator.from_dir(args.checkpoint, device=args.device)
+    else:
+        translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+        if args.attention_dir is not None:
+            check_selection(translator.model, args.attention_layer, args.attention_head)
     if args.input is not None and not args.input.is_file():
         raise FileNotFoundError(f"input file not found: {args.input}")
     name = str(args.input or "<stdin>")
@@ -162,7 +192,10 @@ def main(argv: list[str] | None = None) -> None:
         chunks = read_chunks(stream, name, 1 if args.interactive else CHUNK_LINES)
 
         def write(out: BinaryIO) -> None:
-            translate_stream(translator, chunks, out, args, name)
+            if args.engine == "ctranslate2":
+                translate_stream_ctranslate2(ct2, chunks, out, args)
+            else:
+                translate_stream(translator, chunks, out, args, name)
 
         if args.output is None:
             write(sys.stdout.buffer)

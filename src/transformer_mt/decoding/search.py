@@ -8,6 +8,8 @@ from typing import Protocol
 
 import torch
 
+from transformer_mt.model import Transformer
+
 
 @dataclass(frozen=True)
 class SearchOptions:
@@ -124,7 +126,7 @@ class UncachedDecoder:
     (tests) and to measure what the cache buys (``make bench-decode``).
     """
 
-    def __init__(self, model: IncrementalDecoder) -> None:
+    def __init__(self, model: Transformer) -> None:
         self.model = model
         self.pad_id = model.pad_id
         self.max_positions = model.max_positions
@@ -149,7 +151,7 @@ class UncachedDecoder:
             else torch.cat([cache[0], last_tokens[:, None]], dim=1)
         )
         cache[0] = prefix
-        logits = self.model.decode(prefix, memory, memory_mask)  # type: ignore[attr-defined]
+        logits = self.model.decode(prefix, memory, memory_mask)
         return torch.log_softmax(logits[:, -1].float(), dim=-1)
 
     @staticmethod

@@ -13,7 +13,7 @@ from transformer_mt.data.batching import pad
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.beam import Hypothesis, beam_search
 from transformer_mt.decoding.greedy import greedy_search
-from transformer_mt.decoding.search import BEAM, SearchOptions
+from transformer_mt.decoding.search import BEAM, SearchOptions, UncachedDecoder
 from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.model import Transformer
 from transformer_mt.training.checkpoint import load_checkpoint, spm_tensor_to_bytes
@@ -47,12 +47,14 @@ class Translator:
         device: torch.device,
         config: dict[str, Any] | None = None,
         step: int | None = None,
+        use_cache: bool = True,
     ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = device
         self.config = config or {}
         self.step = step  # the training update the weights come from, when known
+        self.use_cache = use_cache  # False: re-decode the whole prefix each step (benchmarks)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Translator:
@@ -91,13 +93,14 @@ class Translator:
                 (on_truncate or _warn_truncated)(i, len(s))
                 ids[i] = s[:limit]
         results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in sentences]
+        decoder = self.model if self.use_cache else UncachedDecoder(self.model)
         for chunk in length_batches([len(s) + 1 for s in ids], batch_size, max_tokens):
             src = pad([[*ids[i], tok.eos_id] for i in chunk], tok.pad_id).to(self.device)
             if options.beam_size == 1 and options.nbest == 1:
-                outs = greedy_search(self.model, src, tok.bos_id, tok.eos_id, options)
+                outs = greedy_search(decoder, src, tok.bos_id, tok.eos_id, options)
                 hyps = [[Hypothesis(o, 0.0, 0.0)] for o in outs]
             else:
-                hyps = beam_search(self.model, src, tok.bos_id, tok.eos_id, options)
+                hyps = beam_search(decoder, src, tok.bos_id, tok.eos_id, options)
             for i, h in zip(chunk, hyps, strict=True):
                 results[i] = h
         return results

@@ -1,0 +1,1 @@
+"""Export trained checkpoints to inference engines (CTranslate2)."""

@@ -1,0 +1,232 @@
+"""CTranslate2 export: the exported model gives the same log-probabilities and translations
+as the PyTorch model, and the export directory is written safely."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import WORDS, small_transformer
+from transformer_mt.data.batching import pad
+from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
+from transformer_mt.decoding import SearchOptions, Translator
+from transformer_mt.errors import UserError
+from transformer_mt.model import Transformer
+from transformer_mt.training.checkpoint import save_checkpoint, spm_bytes_to_tensor
+
+pytest.importorskip("ctranslate2")
+
+from transformer_mt.cli import export as export_cli
+from transformer_mt.export import ctranslate2 as ct2_export
+from transformer_mt.export.ctranslate2 import (
+    CTranslate2Translator,
+    export_ctranslate2,
+)
+
+MODEL_CFG = dict(
+    d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, max_positions=40
+)
+
+
+def sentences(n: int, seed: int, max_words: int = 12) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(1, max_words))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    text = sentences(400, seed=0)
+    return Tokenizer(train_sentencepiece(text + [t.upper() for t in text], 80, "unigram", 1.0))
+
+
+def make_model(tokenizer: Tokenizer, **overrides: object) -> tuple[Transformer, dict]:
+    """A seeded model and its ``model`` config section (build_model's keyword arguments)."""
+    cfg = {**MODEL_CFG, "dropout": 0.0, "norm_first": True, **overrides}
+    return small_transformer(vocab_size=tokenizer.vocab_size, **cfg), cfg
+
+
+def train_to_uppercase(model: Transformer, tokenizer: Tokenizer, steps: int) -> None:
+    """A few Adam steps on "copy the sentence in upper case": enough for varied outputs."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    text = sentences(400, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch = [text[i] for i in rng.integers(0, len(text), 32)]
+        src = pad([[*s, tokenizer.eos_id] for s in tokenizer.encode(batch)], tokenizer.pad_id)
+        tgt = tokenizer.encode([s.upper() for s in batch])
+        tgt_in = pad([[tokenizer.bos_id, *t] for t in tgt], tokenizer.pad_id)
+        tgt_out = pad([[*t, tokenizer.eos_id] for t in tgt], tokenizer.pad_id)
+        logits = model(src, tgt_in)
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), tgt_out.flatten(), ignore_index=tokenizer.pad_id
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def save(path: Path, model: Transformer, cfg: dict, tokenizer: Tokenizer) -> Path:
+    state = {
+        "model": model.state_dict(),
+        "config": {"model": cfg, "data": {"src_lang": "en", "tgt_lang": "xx"}},
+        "spm_model": spm_bytes_to_tensor(tokenizer.model_bytes),
+        "step": 123,
+        "epoch": 1,
+    }
+    save_checkpoint(path, state)
+    return path
+
+
+@dataclass
+class Exported:
+    checkpoint: Path
+    directory: Path
+    reference: Translator
+    ct2: CTranslate2Translator
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> Exported:
+    """A briefly trained pre-norm model, its checkpoint, and its CTranslate2 export."""
+    tmp = tmp_path_factory.mktemp("export")
+    model, cfg = make_model(tokenizer)
+    train_to_uppercase(model, tokenizer, steps=200)
+    ckpt = save(tmp / "model.pt", model, cfg, tokenizer)
+    directory = export_ctranslate2(ckpt, tmp / "ct2")
+    return Exported(
+        ckpt,
+        directory,
+        Translator.from_checkpoint(ckpt),
+        CTranslate2Translator.from_dir(directory, intra_threads=1),
+    )
+
+
+def agreement(exported: Exported, options: SearchOptions, lines: list[str]) -> float:
+    ours = exported.reference.translate(lines, options)
+    theirs = exported.ct2.translate(lines, options)
+    assert len(set(ours)) > 50  # real, varied translations
+    rate = sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(lines)
+    print(f"{options}: CTranslate2 agrees on {rate:.0%} of {len(lines)} sentences")
+    return rate
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        SearchOptions(beam_size=1),
+        SearchOptions(beam_size=4, alpha=0.6),
+        SearchOptions(beam_size=4, alpha=0.0),
+        SearchOptions(beam_size=1, max_len_a=0.5, max_len_b=2, min_len=4),  # budget-bound
+        SearchOptions(beam_size=1, no_repeat_ngram=2),
+    ],
+    ids=["greedy", "beam4", "beam4-alpha0", "greedy-short-budget", "greedy-no-repeat"],
+)
+def test_translations_agree_with_pytorch(exported: Exported, options: SearchOptions) -> None:
+    lines = sentences(100, seed=1, max_words=15)
+    assert agreement(exported, options, lines) >= 0.98
+
+
+def test_nbest_scores_equal_beam_search_scores(exported: Exported) -> None:
+    options = SearchOptions(beam_size=4, alpha=0.6, nbest=3)
+    lines = sentences(20, seed=3)
+    ours = exported.reference.translate_ids(lines, options)
+    theirs = exported.ct2.translate_nbest(lines, options)
+    compared = 0
+    for hyps, nbest in zip(ours, theirs, strict=True):
+        assert len(nbest) == 3
+        assert [s for _, s in nbest] == sorted((s for _, s in nbest), reverse=True)
+        texts = exported.reference.tokenizer.decode([h.tokens for h in hyps])
+        for text, h, (ct2_text, ct2_score) in zip(texts, hyps, nbest, strict=True):
+            if text == ct2_text:
+                assert ct2_score == pytest.approx(h.score, abs=1e-3)
+                compared += 1
+    assert compared >= 55
+
+
+@pytest.mark.parametrize("norm_first, activation", [(True, "relu"), (False, "gelu")])
+def test_token_log_probs_match_pytorch(
+    tmp_path: Path, tokenizer: Tokenizer, norm_first: bool, activation: str
+) -> None:
+    """Teacher-forced log-probabilities of random (untrained) pre- and post-norm models."""
+    model, cfg = make_model(tokenizer, norm_first=norm_first, activation=activation)
+    ct2 = CTranslate2Translator.from_dir(
+        export_ctranslate2(save(tmp_path / "m.pt", model, cfg, tokenizer), tmp_path / "ct2"),
+        intra_threads=1,
+    )
+    src_ids = tokenizer.encode(sentences(8, seed=4))
+    tgt_ids = tokenizer.encode([s.upper() for s in sentences(8, seed=5)])
+    scored = ct2.translator.score_batch(
+        [[ct2.pieces[t] for t in s] for s in src_ids],
+        [[ct2.pieces[t] for t in ids] for ids in tgt_ids],
+    )
+    with torch.no_grad():
+        src = pad([[*s, tokenizer.eos_id] for s in src_ids], tokenizer.pad_id)
+        tgt_in = pad([[tokenizer.bos_id, *t] for t in tgt_ids], tokenizer.pad_id)
+        log_probs = torch.log_softmax(model(src, tgt_in), dim=-1)
+    for row, (tgt, result) in enumerate(zip(tgt_ids, scored, strict=True)):
+        expected = [log_probs[row, i, t].item() for i, t in enumerate([*tgt, tokenizer.eos_id])]
+        np.testing.assert_allclose(result.log_probs, expected, atol=1e-4)
+
+
+def test_empty_and_truncated_inputs(exported: Exported) -> None:
+    long = " ".join(["the red ball"] * 30)  # more subwords than max_positions 40
+    lines = ["", "a dog runs", "   ", long]
+    for options in (SearchOptions(beam_size=1), SearchOptions(beam_size=3)):
+        out = exported.ct2.translate(lines, options)
+        assert out[0] == "" and out[2] == ""
+        assert out == exported.reference.translate(lines, options)
+    assert exported.ct2.translate_nbest([""], SearchOptions(beam_size=2, nbest=2)) == [[("", 0.0)]]
+
+
+def test_export_directory_contents(exported: Exported) -> None:
+    names = {p.name for p in exported.directory.iterdir()}
+    assert {"model.bin", "config.json", "shared_vocabulary.json", "spm.model"} <= names
+    assert (exported.directory / "spm.model").read_bytes() == exported.ct2.tokenizer.model_bytes
+    meta = json.loads((exported.directory / "transformer_mt.json").read_text())
+    assert meta["src_lang"] == "en" and meta["tgt_lang"] == "xx"
+    assert meta["checkpoint"] == str(exported.checkpoint.resolve())
+    assert meta["max_positions"] == MODEL_CFG["max_positions"]
+
+
+def test_export_refuses_to_overwrite_without_force(exported: Exported, tmp_path: Path) -> None:
+    out = tmp_path / "ct2"
+    export_ctranslate2(exported.checkpoint, out)
+    with pytest.raises(UserError, match="not empty; pass --force"):
+        export_ctranslate2(exported.checkpoint, out)
+    (out / "stale.txt").write_text("old")
+    export_ctranslate2(exported.checkpoint, out, quantization="int8", force=True)
+    assert not (out / "stale.txt").exists()
+    assert CTranslate2Translator.from_dir(out).translate(["a dog"], SearchOptions(beam_size=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]  # no temporary leftovers
+
+
+def test_failed_export_leaves_nothing(
+    exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(new: Path, target: Path) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ct2_export, "_replace_dir", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_ctranslate2(exported.checkpoint, tmp_path / "ct2")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli(exported: Exported, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    export_cli.main([str(exported.checkpoint), "--format", "ctranslate2", str(out)])
+    assert "spm.model" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        export_cli.main([str(exported.checkpoint), str(out), "--quantization", "int8"])
+    assert exit_info.value.code == 1
+    assert "pass --force" in capsys.readouterr().err
+    export_cli.main([str(exported.checkpoint), str(out), "--quantization", "int8", "--force"])
+    assert "int8" in capsys.readouterr().out
