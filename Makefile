@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup data prepare train evaluate bench-decode test lint clean
+.PHONY: setup data prepare train evaluate bench bench-decode test lint clean
 CKPT   ?= runs/multi30k_en-de/default/checkpoints/best.pt
 
 setup: $(STAMP)
@@ -30,6 +30,9 @@ train: prepare  ## the default recipe: Multi30k en->de (ARGS= Hydra overrides)
 
 evaluate: setup  ## [CKPT=path/to/best.pt] [ARGS="--split test"]
 	$(BIN)/tmt-evaluate $(CKPT) $(ARGS)
+
+bench: prepare  ## training throughput: ours vs a plain nn.Transformer loop (ARGS=--json)
+	$(BIN)/python scripts/bench_train.py $(ARGS)
 
 bench-decode: setup  ## decoding speed on test_2016_flickr of CKPT (default: make train's best.pt)
 	$(BIN)/python scripts/bench_decode.py --checkpoint $(CKPT) $(ARGS)

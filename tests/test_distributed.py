@@ -90,7 +90,7 @@ def test_multirun_through_the_submitit_local_launcher(corpus_root: Path) -> None
         *synthetic_overrides(corpus_root),
         "trainer.max_steps=6",
         "trainer.num_threads=1",
-        "optim.lr=1e-3,3e-3",
+        "optim.lr=1e-3,3e-3,-1",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = (sweep / "summary.tsv").read_text().splitlines()
@@ -99,8 +99,11 @@ def test_multirun_through_the_submitit_local_launcher(corpus_root: Path) -> None
     assert sorted((row[0], row[1]) for row in table) == [
         ("0", "optim.lr=0.001"),
         ("1", "optim.lr=0.003"),
+        ("2", "optim.lr=-1"),
     ]
-    assert all(row[header.index("steps")] == "6" for row in table)  # both ran 6 updates
+    steps, stopped = header.index("steps"), header.index("stopped")
+    assert [row[steps] for row in table[:2]] == ["6", "6"]  # both good runs did 6 updates
+    assert table[2][stopped].startswith("failed: optim.lr must be positive")  # and went on
     assert "sweep summary" in result.stdout
 
 

@@ -206,6 +206,12 @@ def test_export_refuses_to_overwrite_without_force(exported: Exported, tmp_path:
     assert not (out / "stale.txt").exists()
     assert CTranslate2Translator.from_dir(out).translate(["a dog"], SearchOptions(beam_size=1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]  # no temporary leftovers
+    precious = tmp_path / "run"
+    (precious / "checkpoints").mkdir(parents=True)
+    (precious / "checkpoints" / "best.pt").write_bytes(b"weights")
+    with pytest.raises(UserError, match="not a tmt-export directory"):
+        export_ctranslate2(exported.checkpoint, precious, force=True)
+    assert (precious / "checkpoints" / "best.pt").read_bytes() == b"weights"  # untouched
 
 
 def test_failed_export_leaves_nothing(

@@ -148,3 +148,18 @@ def test_resume_settings_are_checked(corpus_root: Path) -> None:
     last = corpus_root / "r" / "checkpoints" / "last.pt"
     trainer = Trainer(make_config(corpus_root, f"trainer.resume={last}"), corpus_root / "s")
     assert trainer.step == 2
+
+
+def test_resuming_with_another_update_freq_finishes_the_epoch(corpus_root: Path) -> None:
+    first = Trainer(make_config(corpus_root, "trainer.max_steps=3"), corpus_root / "r")
+    first.train()
+    n_batches = len(first.epoch_batches(1))
+    assert first.batches_done == 3 < n_batches
+    cfg = make_config(
+        corpus_root, "trainer.max_steps=null", "trainer.max_epochs=1", "trainer.update_freq=2"
+    )
+    second = Trainer(cfg, corpus_root / "r")
+    assert second.step == 3
+    result = second.train()
+    assert second.epoch == 1 and second.batches_done == 0
+    assert result.steps == 3 + -(-(n_batches - 3) // 2)  # the rest, two batches an update

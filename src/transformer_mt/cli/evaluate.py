@@ -8,7 +8,9 @@ sacreBLEU (BLEU, chrF, TER).
 
 Prints a table (one row per checkpoint) and the sacreBLEU signatures, or with --json one
 JSON object per checkpoint and line. Each checkpoint's hypotheses are saved next to it as
-``<checkpoint stem>.<split>.beam<N>.<tgt lang>`` (or to --output, for one checkpoint).
+``<checkpoint stem>.<split>.<search>.<tgt lang>``, where <search> is ``beam<N>`` plus any
+non-default setting (``beam5-alpha1``), or to --output for one checkpoint. An unreadable
+checkpoint among several is reported and skipped (exit status 1 at the end).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +104,8 @@ def evaluate_one(path: Path, args: argparse.Namespace, sources: dict[str, Any]) 
         src, ref = sources[key]
     hyps = translator.translate(src, args.search, args.batch_size, args.max_tokens)
     scores = score(hyps, ref, args.metrics)
-    output = args.output or path.with_name(
-        f"{path.stem}.{name}.beam{args.beam}.{data_cfg.tgt_lang}"
-    )
+    tag = args.search.tag()
+    output = args.output or path.with_name(f"{path.stem}.{name}.{tag}.{data_cfg.tgt_lang}")
     atomic_write_text(output, "".join(h + "\n" for h in hyps))
     result: dict[str, Any] = {"checkpoint": str(path), "step": translator.step, "split": name}
     result |= {"beam": args.beam, "alpha": args.alpha}
@@ -139,16 +141,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.output is not None and len(paths) > 1:
         raise CheckpointError(f"--output needs exactly one checkpoint, got {len(paths)}")
     sources: dict[str, Any] = {}
-    results = []
+    results, failed = [], []
     for path in paths:
-        result = evaluate_one(path, args, sources)
+        try:
+            result = evaluate_one(path, args, sources)
+        except CheckpointError as e:  # one bad file does not lose the others' scores
+            if len(paths) == 1:
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            failed.append(path)
+            continue
         results.append(result)
         if args.json:
             print(json.dumps(result), flush=True)
-    if not args.json:
+    if results and not args.json:
         print(format_table(results, args.metrics))
         for r in results:
             print(f"hypotheses: {r['hypotheses']}")
+    if failed:
+        raise CheckpointError(f"{len(failed)} of {len(paths)} checkpoints could not be read")
 
 
 if __name__ == "__main__":

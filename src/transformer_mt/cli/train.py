@@ -7,14 +7,17 @@ torchrun --nproc_per_node=2 -m transformer_mt.cli.train ...     # data-parallel
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from transformer_mt.cli.common import config_dir, exit_on_user_error, register_resolvers
+from transformer_mt.errors import UserError
 from transformer_mt.training.checkpoint import atomic_write_text
 from transformer_mt.training.distributed import env_rank, shutdown_distributed
 from transformer_mt.training.trainer import Trainer
@@ -26,12 +29,22 @@ register_resolvers()
 @exit_on_user_error
 def train(cfg: DictConfig) -> float:
     """Train with ``cfg``; prints the best checkpoint and its val/test scores. Returns val BLEU."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         trainer = Trainer(cfg, run_dir)
         if trainer.dist.is_main:
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         result = trainer.train()
+    except UserError as e:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        # In a sweep one failed run (a diverging lr, say) must not stop the others: record
+        # it for the sweep summary and go on.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        failure = {"stop_reason": f"failed: {e}", "best_val_bleu_greedy": None}
+        atomic_write_text(run_dir / "results.json", json.dumps(failure, indent=2) + "\n")
+        return float("nan")
     finally:
         shutdown_distributed()
     if env_rank() == 0:

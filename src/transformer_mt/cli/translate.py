@@ -67,8 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_decoding_args(p, argv)
     if args.interactive and args.output is not None:
         p.error("--interactive writes to stdout; drop --output")
-    if args.engine == "ctranslate2" and (args.nbest > 1 or args.attention_dir is not None):
-        p.error("--nbest and --attention-dir need --engine torch")
+    if args.engine == "ctranslate2" and (
+        args.nbest > 1 or args.attention_dir is not None or args.max_tokens is not None
+    ):
+        p.error("--nbest, --attention-dir and --max-tokens need --engine torch")
     return args
 
 

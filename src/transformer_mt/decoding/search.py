@@ -3,7 +3,7 @@ length limits and n-gram blocking."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
@@ -42,6 +42,16 @@ class SearchOptions:
             )
         if self.min_len < 0 or self.no_repeat_ngram < 0:
             raise ValueError("min length and no-repeat n-gram size must be ≥ 0")
+
+    def tag(self) -> str:
+        """A short name for file names: "beam5", plus the settings that differ from the
+        defaults, e.g. "beam5-alpha1-min_len3"."""
+        changed = [
+            f"{f.name}{getattr(self, f.name):g}"
+            for f in fields(self)
+            if f.name not in ("beam_size", "nbest") and getattr(self, f.name) != f.default
+        ]
+        return "-".join([f"beam{self.beam_size}", *changed])
 
 
 BEAM = SearchOptions()  # beam 5, α 0.6

@@ -197,8 +197,15 @@ def _check_output_dir(output_dir: Path, force: bool) -> None:
         return
     if not output_dir.is_dir():
         raise UserError(f"{output_dir} exists and is not a directory")
-    if any(output_dir.iterdir()) and not force:
+    if not any(output_dir.iterdir()):
+        return
+    if not force:
         raise UserError(f"{output_dir} exists and is not empty; pass --force to overwrite it")
+    if not (output_dir / METADATA_FILE).is_file():  # --force replaces only an earlier export
+        raise UserError(
+            f"{output_dir} is not a tmt-export directory (no {METADATA_FILE}); "
+            "--force only replaces an earlier export"
+        )
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -299,9 +306,12 @@ class CTranslate2Translator:
             raise UserError(f"{path} is not a transformer_mt CTranslate2 export")
         metadata = json.loads(meta_path.read_text())
         ct2 = _import_ctranslate2()
-        translator = ct2.Translator(
-            str(path), device=device, compute_type=compute_type, intra_threads=intra_threads
-        )
+        try:
+            translator = ct2.Translator(
+                str(path), device=device, compute_type=compute_type, intra_threads=intra_threads
+            )
+        except (RuntimeError, ValueError) as e:  # unknown device/compute type, no CUDA ...
+            raise UserError(f"CTranslate2 cannot load {path} on {device}: {e}") from e
         tokenizer = Tokenizer((path / SPM_FILE).read_bytes())
         return cls(translator, tokenizer, int(metadata["max_positions"]))
 

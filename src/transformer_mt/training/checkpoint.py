@@ -154,15 +154,21 @@ class CheckpointManager:
 
     @property
     def best_path(self) -> Path:
+        """``best.pt``: the checkpoint with the best val BLEU so far."""
         return self.directory / "best.pt"
 
     @property
     def last_path(self) -> Path:
+        """``last.pt``: the newest checkpoint."""
         return self.directory / "last.pt"
+
+    def path_for(self, step: int) -> Path:
+        """Where the checkpoint of update ``step`` goes."""
+        return self.directory / f"checkpoint_{step:07d}.pt"
 
     def save(self, state: dict[str, Any], val_bleu: float | None, is_best: bool) -> Path:
         """Write the checkpoint of ``state["step"]``, update the links, prune old files."""
-        path = self.directory / f"checkpoint_{int(state['step']):07d}.pt"
+        path = self.path_for(int(state["step"]))
         save_checkpoint(path, state)
         if val_bleu is not None:
             self.scores[path.name] = val_bleu

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -36,6 +37,7 @@ class DistContext:
 
     @property
     def enabled(self) -> bool:
+        """True in a job of several processes."""
         return self.world_size > 1
 
 
@@ -74,7 +76,10 @@ def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 validates and runs the final beam search while the others wait: allow it.
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3)
+        )
     return ctx, device
 
 

@@ -184,13 +184,13 @@ class Trainer:
                     "continue it with trainer.resume=auto or pick another hydra.run.dir"
                 )
             return None
-        if mode == "auto":
-            found = self.ckpts.newest_good() if self.dist.is_main else None
-            path = dist.broadcast_object(str(found[0]) if found else None, self.dist)
-            if path is None:
-                return None
+        # auto, or PATH: this run's own newest good checkpoint first (so a relaunch after a
+        # crash continues the run); PATH only starts a run that has none yet.
+        found = self.ckpts.newest_good() if self.dist.is_main else None
+        path = dist.broadcast_object(str(found[0]) if found else None, self.dist)
+        if path is not None:
             return Path(path), (found[1] if found else load_checkpoint(path))
-        return Path(mode), load_checkpoint(mode)
+        return None if mode == "auto" else (Path(mode), load_checkpoint(mode))
 
     def load_training_state(self, path: Path, state: dict[str, Any]) -> None:
         """Continue from ``state``: weights, optimizer, scheduler, counters and RNGs."""
@@ -299,6 +299,9 @@ class Trainer:
         elif finite:
             self.optimizer.step()
         if not finite:
+            if self.scaler is not None and self.scaler.get_scale() >= 1.0:
+                self.nonfinite_total += 1  # fp16 overflow: the scaler lowers its scale
+                return None
             self.skip_nonfinite_update()
             return None
         self.nonfinite_run = 0
@@ -395,6 +398,8 @@ class Trainer:
                     )
         val_bleu = self.validated[1] if self.validated[0] == self.step else None
         is_best = val_bleu is not None and self.best_step == self.step
+        if val_bleu is not None:  # before training_state(), so the saved scores include it
+            self.ckpts.scores[self.ckpts.path_for(self.step).name] = val_bleu
         if self.dist.enabled:
             digest = dist.check_replicas_in_sync(self.model, self.dist)
             self.log(
@@ -440,11 +445,15 @@ class Trainer:
         per_update = self.dist.world_size * self.tcfg.update_freq
         while not self.done():
             batches = self.epoch_batches(self.epoch + 1)
-            groups = [batches[i : i + per_update] for i in range(0, len(batches), per_update)]
-            start = math.ceil(self.batches_done / per_update)
+            # Regroup what is left of the epoch: a resumed run may use another update_freq
+            # or number of processes than the one that wrote the checkpoint.
+            done_before = self.batches_done
+            groups = [
+                batches[i : i + per_update] for i in range(done_before, len(batches), per_update)
+            ]
             bar = tqdm(
-                total=len(groups),
-                initial=start,
+                total=len(groups) + math.ceil(done_before / per_update),
+                initial=math.ceil(done_before / per_update),
                 desc=f"epoch {self.epoch + 1}",
                 unit="update",
                 dynamic_ncols=True,
@@ -452,7 +461,7 @@ class Trainer:
                 disable=not self.dist.is_main,
             )
             window = _Window(self.device)
-            for group in groups[start:]:
+            for group in groups:
                 micro = self.micro_batches(group)
                 result = self.train_step(micro)
                 self.batches_done += len(group)
@@ -501,6 +510,8 @@ class Trainer:
     def finish(self) -> TrainResult:
         """Final beam evaluation of best.pt (rank 0), results.json, TensorBoard hparams."""
         best = self.ckpts.best_path
+        if not best.exists():  # resumed from a PATH whose best no later validation beat
+            best = self.ckpts.last_path
         final: dict[str, Any] = {}
         if self.dist.is_main:
             if self.tcfg.final_eval:

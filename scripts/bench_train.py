@@ -1,0 +1,228 @@
+"""Training benchmark (``make bench``): this project's training step against a plain
+``torch.nn.Transformer`` loop, same model dimensions, same real Multi30k batches, one process.
+
+Prints target tokens/s of each, their ratio, peak RSS, achieved model FLOP/s
+(6 · N · tokens/s, N = parameters including the output projection) and its ratio to a
+matrix-multiply peak measured in the same run for the precision used (MFU), the padding
+fraction of the batches and the fraction of time spent building batches (data wait).
+With --json the last line is one JSON object. Timings are printed, never asserted.
+
+    python scripts/bench_train.py [--steps 30] [--warmup 5] [--precision fp32|bf16] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from transformer_mt.cli.common import config_dir, register_resolvers
+from transformer_mt.data.batching import Batch, collate, token_batches
+from transformer_mt.training.precision import autocast
+from transformer_mt.training.trainer import Trainer
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=30, help="timed updates per side")
+    p.add_argument("--warmup", type=int, default=5, help="untimed updates per side first")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--json", action="store_true", help="end with one JSON object")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for the model/data/trainer")
+    return p.parse_args()
+
+
+class Reference(nn.Module):
+    """The plain loop's model: embeddings + sinusoidal positions + ``nn.Transformer`` + a
+    tied output projection, with the same dimensions as ours."""
+
+    def __init__(
+        self, vocab: int, d: int, heads: int, enc: int, dec: int, ff: int, p: float
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d, padding_idx=0)
+        self.scale = math.sqrt(d)
+        pos = torch.arange(512)[:, None] * torch.exp(torch.arange(0, d, 2) * (-math.log(1e4) / d))
+        pe = torch.zeros(512, d)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos), torch.cos(pos)
+        self.register_buffer("pe", pe)
+        self.transformer = nn.Transformer(
+            d, heads, enc, dec, ff, p, batch_first=True, norm_first=True
+        )
+        self.out = nn.Linear(d, vocab, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        s = self.embed(src) * self.scale + self.pe[: src.size(1)]
+        t = self.embed(tgt) * self.scale + self.pe[: tgt.size(1)]
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1))
+        y = self.transformer(
+            s,
+            t,
+            tgt_mask=causal,
+            src_key_padding_mask=src == 0,
+            tgt_key_padding_mask=tgt == 0,
+            memory_key_padding_mask=src == 0,
+            tgt_is_causal=True,
+        )
+        return self.out(y)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an n×n matrix multiply in ``dtype`` on this machine, best of a few runs."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return 2 * n**3 / best
+
+
+def timed_loop(
+    batches: list[np.ndarray],
+    make: Callable[[np.ndarray], Batch],
+    step: Callable[[Batch], None],
+    warmup: int,
+) -> tuple[float, float, int]:
+    """(seconds stepping, seconds building batches, target tokens) over the timed batches."""
+    for idx in batches[:warmup]:
+        step(make(idx))
+    step_s = data_s = 0.0
+    tokens = 0
+    for idx in batches[warmup:]:
+        t0 = time.perf_counter()
+        batch = make(idx)
+        t1 = time.perf_counter()
+        step(batch)
+        t2 = time.perf_counter()
+        data_s, step_s, tokens = data_s + t1 - t0, step_s + t2 - t1, tokens + batch.n_tgt_tokens
+    return step_s, data_s, tokens
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    register_resolvers()
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "trainer.device=cpu",
+                f"trainer.precision={args.precision}",
+                "trainer.final_eval=false",
+                "trainer.resume=never",
+                *args.overrides,
+            ],
+        )
+    run_dir = tempfile.TemporaryDirectory()  # the Trainer's TensorBoard writer lives here
+    trainer = Trainer(cfg, Path(run_dir.name))
+    tok, split = trainer.tokenizer, trainer.train_split
+    rng = np.random.default_rng(cfg.seed)
+    batches = token_batches(split.src_lengths, split.tgt_lengths, cfg.trainer.max_tokens, rng)
+    batches = batches[: args.warmup + args.steps]
+
+    def make(idx: np.ndarray) -> Batch:
+        return collate(split, idx, tok.pad_id, tok.bos_id, tok.eos_id)
+
+    # (a) this project's update: Trainer.train_step.
+    ours_s, ours_data_s, tokens = timed_loop(
+        batches, make, lambda b: trainer.train_step([(b, 1.0)]), args.warmup
+    )
+
+    # (b) the plain loop around torch.nn.Transformer.
+    m = cfg.model
+    torch.manual_seed(cfg.seed)
+    ref = Reference(
+        tok.vocab_size,
+        m.d_model,
+        m.n_heads,
+        m.n_encoder_layers,
+        m.n_decoder_layers,
+        m.d_ff,
+        m.dropout,
+    )
+    optimizer = torch.optim.Adam(ref.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.98), eps=1e-9)
+    loss_fn = nn.CrossEntropyLoss(
+        ignore_index=tok.pad_id, label_smoothing=cfg.trainer.label_smoothing, reduction="sum"
+    )
+
+    def ref_step(b: Batch) -> None:
+        ref.train()
+        with autocast(torch.device("cpu"), args.precision):
+            logits = ref(b.src, b.tgt_in)
+        loss = loss_fn(logits.float().view(-1, logits.size(-1)), b.tgt_out.view(-1))
+        optimizer.zero_grad(set_to_none=True)
+        (loss / b.n_tgt_tokens).backward()
+        nn.utils.clip_grad_norm_(ref.parameters(), cfg.trainer.clip_norm)
+        optimizer.step()
+        float(loss)  # the usual per-step loss read-out
+
+    ref_s, _, ref_tokens = timed_loop(batches, make, ref_step, args.warmup)
+    assert ref_tokens == tokens
+
+    timed = batches[args.warmup :]
+    real = sum(
+        int(split.src_lengths[i].sum() + split.tgt_lengths[i].sum()) + 2 * len(i) for i in timed
+    )
+    padded = sum(
+        len(i) * (int(split.src_lengths[i].max()) + 1)
+        + len(i) * (int(split.tgt_lengths[i].max()) + 1)
+        for i in timed
+    )
+    n_params = trainer.model.num_parameters()[0]  # tied: the output projection counted once
+    peak = matmul_peak(torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    ours_tps, ref_tps = tokens / ours_s, tokens / ref_s
+    result = {
+        "precision": args.precision,
+        "threads": args.threads,
+        "timed_updates": len(timed),
+        "target_tokens": tokens,
+        "tokens_per_s_ours": ours_tps,
+        "tokens_per_s_reference": ref_tps,
+        "throughput_ratio": ours_tps / ref_tps,
+        "parameters": n_params,
+        "model_flops_ours": 6 * n_params * ours_tps,
+        "matmul_peak_flops": peak,
+        "mfu": 6 * n_params * ours_tps / peak,
+        "mfu_reference": 6 * n_params * ref_tps / peak,
+        "padding_fraction": 1 - real / padded,
+        "data_wait_fraction": ours_data_s / (ours_data_s + ours_s),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print(
+        f"\n{len(timed)} timed updates ({tokens:,} target tokens), {args.precision}, {args.threads} threads"
+    )
+    print(f"{'':<28}{'ours':>12}{'nn.Transformer':>16}")
+    print(f"{'target tokens/s':<28}{ours_tps:12,.0f}{ref_tps:16,.0f}")
+    gflops_ours, gflops_ref = 6 * n_params * ours_tps / 1e9, 6 * n_params * ref_tps / 1e9
+    print(f"{'model GFLOP/s (6·N·tok/s)':<28}{gflops_ours:12.1f}{gflops_ref:16.1f}")
+    print(f"{'MFU':<28}{result['mfu']:12.1%}{result['mfu_reference']:16.1%}")
+    print(f"throughput ratio ours/reference: {result['throughput_ratio']:.2f}×")
+    print(f"matmul peak ({args.precision}): {peak / 1e9:.0f} GFLOP/s; N = {n_params:,} parameters")
+    print(
+        f"padding fraction {result['padding_fraction']:.1%}, data wait {result['data_wait_fraction']:.1%}"
+    )
+    print(f"peak RSS {result['peak_rss_mib']:,.0f} MiB")
+    if args.json:
+        print(json.dumps(result))
+    if trainer.writer is not None:
+        trainer.writer.close()
+    run_dir.cleanup()
+
+
+if __name__ == "__main__":
+    main()
