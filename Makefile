@@ -31,7 +31,7 @@ train: prepare  ## the default recipe: Multi30k en->de (ARGS= Hydra overrides)
 evaluate: setup  ## [CKPT=path/to/best.pt] [ARGS="--split test"]
 	$(BIN)/tmt-evaluate $(CKPT) $(ARGS)
 
-bench: prepare  ## training throughput: ours vs a plain nn.Transformer loop (ARGS=--json)
+bench: data  ## training throughput: ours vs a plain nn.Transformer loop (ARGS=--json)
 	$(BIN)/python scripts/bench_train.py $(ARGS)
 
 bench-decode: setup  ## decoding speed on test_2016_flickr of CKPT (default: make train's best.pt)

@@ -169,7 +169,7 @@ def main() -> None:
         (loss / b.n_tgt_tokens).backward()
         nn.utils.clip_grad_norm_(ref.parameters(), cfg.trainer.clip_norm)
         optimizer.step()
-        float(loss)  # the usual per-step loss read-out
+        float(loss.detach())  # the usual per-step loss read-out
 
     ref_s, _, ref_tokens = timed_loop(batches, make, ref_step, args.warmup)
     assert ref_tokens == tokens
