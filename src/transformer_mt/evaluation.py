@@ -11,12 +11,11 @@ METRICS = {"bleu": BLEU, "chrf": CHRF, "ter": TER}
 
 @dataclass
 class MetricScore:
-    """One corpus score with sacreBLEU's reproducibility signature and its full line."""
+    """One corpus score with sacreBLEU's reproducibility signature."""
 
     name: str
     score: float
     signature: str
-    detail: str
 
 
 def score(
@@ -30,5 +29,5 @@ def score(
     for name in metrics:
         metric = METRICS[name]()
         result = metric.corpus_score(hypotheses, [references])
-        out[name] = MetricScore(name, result.score, str(metric.get_signature()), str(result))
+        out[name] = MetricScore(name, result.score, str(metric.get_signature()))
     return out

@@ -75,6 +75,7 @@ class SweepSummary(Callback):
     """Hydra callback: at the end of a multirun, write and print the sweep's summary."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Collect the runs' results.json into ``summary.tsv`` and print it."""
         sweep_dir = Path(config.hydra.sweep.dir)
         table = format_table(summarize_sweep(sweep_dir))
         atomic_write_text(sweep_dir / "summary.tsv", table)

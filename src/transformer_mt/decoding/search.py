@@ -142,10 +142,12 @@ class UncachedDecoder:
         self.max_positions = model.max_positions
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's encoder output and source mask."""
         return self.model.encode(src)
 
     def new_cache(self) -> list:
-        return [None]  # [the prefix so far, (B, t)]
+        """Holds only the prefix decoded so far, (B, t)."""
+        return [None]
 
     def decode_step(
         self,
@@ -155,6 +157,8 @@ class UncachedDecoder:
         cache: list,
         step: int,
     ) -> torch.Tensor:
+        """Append ``last_tokens`` to the prefix, decode all of it again, and return the last
+        position's log-probabilities (B, V)."""
         prefix = (
             last_tokens[:, None]
             if cache[0] is None
@@ -166,4 +170,5 @@ class UncachedDecoder:
 
     @staticmethod
     def reorder_cache(cache: list, index: torch.Tensor) -> None:
+        """Keep the prefixes of rows ``index`` (beam search survivors)."""
         cache[0] = cache[0].index_select(0, index)
