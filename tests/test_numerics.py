@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,28 @@ def test_precision_settings(corpus_root: Path) -> None:
     loss, _ = trainer.train_step([(batch_of(trainer, range(0, 8)), 1.0)])
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast only
+
+
+def test_compiled_training_step_matches_eager(
+    corpus_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Dynamo tracing + AOT autograd without inductor's C++ code generation, which takes
+    # minutes on 2 cores: the graph capture of our model is what is tested here.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+
+    def first_update(name: str, *overrides: str) -> dict[str, torch.Tensor]:
+        trainer = Trainer(
+            make_config(corpus_root, "model.dropout=0", *overrides), corpus_root / name
+        )
+        trainer.train_step([(batch_of(trainer, range(0, 16)), 1.0)])
+        return {
+            n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None
+        }
+
+    eager, compiled = first_update("eager"), first_update("compiled", "trainer.compile=true")
+    assert eager.keys() == compiled.keys()
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(

@@ -134,6 +134,10 @@ class Trainer:
             self.config_dict["model"], self.tokenizer.vocab_size, self.tokenizer.pad_id
         ).to(self.device)
         self.ddp = DistributedDataParallel(self.model) if self.dist.enabled else None
+        # What the training forward runs: the (DDP-wrapped) model, compiled on request.
+        self.train_module: torch.nn.Module = self.ddp or self.model
+        if self.tcfg.compile:
+            self.train_module = torch.compile(self.train_module)  # type: ignore[assignment]
         ocfg = cfg.optim
         self.optimizer = torch.optim.Adam(
             self.model.parameters(),
@@ -267,7 +271,7 @@ class Trainer:
         gradient norm skips the update. Returns this rank's summed loss (no host sync) and the
         update's target tokens on all ranks, or None when the update was skipped.
         """
-        model = self.ddp or self.model
+        model = self.train_module
         model.train()
         local_tokens = sum(b.n_tgt_tokens * w for b, w in batches)
         global_tokens = dist.all_reduce_sum(local_tokens, self.dist, self.device)
