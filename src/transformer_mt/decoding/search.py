@@ -81,13 +81,20 @@ class IncrementalDecoder(Protocol):
     def reorder_cache(cache: list, index: torch.Tensor) -> None: ...
 
 
+def output_budget(
+    src_lengths: torch.Tensor, max_len_a: float, max_len_b: int, max_positions: int
+) -> torch.Tensor:
+    """Output budget ``⌊a·source_length⌋ + b`` tokens (EOS included) per source length (EOS
+    included), computed in float32 and capped to [1, max_positions]."""
+    limit = (max_len_a * src_lengths.float()).long() + max_len_b
+    return limit.clamp(min=1, max=max_positions)
+
+
 def max_output_lengths(
     src: torch.Tensor, pad_id: int, max_len_a: float, max_len_b: int, max_positions: int
 ) -> torch.Tensor:
-    """Per-sentence output budget ``a·source_length + b`` tokens (EOS included), capped by positions."""
-    src_len = (src != pad_id).sum(dim=1)
-    limit = (max_len_a * src_len.float()).long() + max_len_b
-    return limit.clamp(min=1, max=max_positions)
+    """The :func:`output_budget` of each sentence of a padded batch ``src`` (B, S)."""
+    return output_budget((src != pad_id).sum(dim=1), max_len_a, max_len_b, max_positions)
 
 
 def block_repeated_ngrams(lprobs: torch.Tensor, history: torch.Tensor, n: int) -> None:

@@ -86,12 +86,7 @@ class Translator:
         (by default a warning on stderr).
         """
         tok = self.tokenizer
-        limit = self.model.max_positions - 1  # room for EOS
-        ids = tok.encode(sentences)
-        for i, s in enumerate(ids):
-            if len(s) > limit:
-                (on_truncate or _warn_truncated)(i, len(s))
-                ids[i] = s[:limit]
+        ids = encode_to_fit(tok, sentences, self.model.max_positions, on_truncate)
         results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in sentences]
         decoder = self.model if self.use_cache else UncachedDecoder(self.model)
         for chunk in length_batches([len(s) + 1 for s in ids], batch_size, max_tokens):
@@ -132,6 +127,23 @@ def length_batches(
         batch.append(i)
     if batch:
         yield batch
+
+
+def encode_to_fit(
+    tokenizer: Tokenizer,
+    sentences: list[str],
+    max_positions: int,
+    on_truncate: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """Subword ids of ``sentences``, each cut to ``max_positions - 1`` (room for EOS); a cut
+    calls ``on_truncate(index, n_subwords)``, by default a warning on stderr."""
+    limit = max_positions - 1
+    ids = tokenizer.encode(sentences)
+    for i, s in enumerate(ids):
+        if len(s) > limit:
+            (on_truncate or _warn_truncated)(i, len(s))
+            ids[i] = s[:limit]
+    return ids
 
 
 def _warn_truncated(index: int, length: int) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from torch import nn
 
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.beam import length_penalty
-from transformer_mt.decoding.search import BEAM, SearchOptions
-from transformer_mt.decoding.translator import Translator
+from transformer_mt.decoding.search import BEAM, SearchOptions, output_budget
+from transformer_mt.decoding.translator import Translator, encode_to_fit
 from transformer_mt.errors import UserError
 from transformer_mt.model import Transformer
 from transformer_mt.model.attention import MultiHeadAttention
@@ -337,16 +336,7 @@ class CTranslate2Translator:
     def _search(
         self, sentences: list[str], options: SearchOptions, batch_size: int, rescore: bool
     ) -> list[list[Scored]]:
-        ids = self.tokenizer.encode(sentences)
-        limit = self.max_positions - 1  # room for EOS
-        for i, s in enumerate(ids):
-            if len(s) > limit:
-                print(
-                    f"warning: sentence {i + 1} has {len(s)} subwords, more than the model's "
-                    "positions; truncated",
-                    file=sys.stderr,
-                )
-                ids[i] = s[:limit]
+        ids = encode_to_fit(self.tokenizer, sentences, self.max_positions)
         results: list[list[Scored]] = [[([], 0.0)] for _ in sentences]
         groups: dict[int, list[int]] = {}
         for i, s in enumerate(ids):
@@ -364,8 +354,8 @@ class CTranslate2Translator:
     def budget(self, source_length: int, options: SearchOptions) -> int:
         """Output tokens allowed, EOS included, for a source of ``source_length`` tokens
         (EOS included): ``⌊a·length⌋ + b`` in float32 like the PyTorch search, capped."""
-        budget = int(np.float32(options.max_len_a) * np.float32(source_length)) + options.max_len_b
-        return min(max(budget, 1), self.max_positions)
+        lengths = torch.tensor([source_length])
+        return int(output_budget(lengths, options.max_len_a, options.max_len_b, self.max_positions))
 
     def _decode(
         self, sources: list[list[str]], budget: int, options: SearchOptions, batch_size: int

@@ -166,12 +166,14 @@ class CheckpointManager:
         """Where the checkpoint of update ``step`` goes."""
         return self.directory / f"checkpoint_{step:07d}.pt"
 
-    def save(self, state: dict[str, Any], val_bleu: float | None, is_best: bool) -> Path:
+    def record_score(self, step: int, val_bleu: float) -> None:
+        """Remember the val BLEU of the checkpoint of ``step`` (for keeping the best K)."""
+        self.scores[self.path_for(step).name] = val_bleu
+
+    def save(self, state: dict[str, Any], is_best: bool) -> Path:
         """Write the checkpoint of ``state["step"]``, update the links, prune old files."""
         path = self.path_for(int(state["step"]))
         save_checkpoint(path, state)
-        if val_bleu is not None:
-            self.scores[path.name] = val_bleu
         atomic_link(path, self.last_path)
         if is_best:
             atomic_link(path, self.best_path)

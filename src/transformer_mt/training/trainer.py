@@ -403,7 +403,7 @@ class Trainer:
         val_bleu = self.validated[1] if self.validated[0] == self.step else None
         is_best = val_bleu is not None and self.best_step == self.step
         if val_bleu is not None:  # before training_state(), so the saved scores include it
-            self.ckpts.scores[self.ckpts.path_for(self.step).name] = val_bleu
+            self.ckpts.record_score(self.step, val_bleu)
         if self.dist.enabled:
             digest = dist.check_replicas_in_sync(self.model, self.dist)
             self.log(
@@ -412,7 +412,7 @@ class Trainer:
             )
         state = self.training_state(val_bleu)
         if self.dist.is_main:
-            self.ckpts.save(state, val_bleu, is_best)
+            self.ckpts.save(state, is_best)
         dist.barrier(self.dist)
         self.saved_step = self.step
 
