@@ -121,6 +121,7 @@ def main() -> None:
         cfg = compose(
             "train",
             overrides=[
+                "model=small",  # the shape of the reference loop; override at will
                 "trainer.device=cpu",
                 f"trainer.precision={args.precision}",
                 "trainer.final_eval=false",
