@@ -81,6 +81,41 @@ def test_stops_at_max_epochs_and_writes_usable_checkpoints(corpus_root: Path) ->
     assert saved["steps"] == result.steps and saved["best_val_bleu_greedy"] == result.best_val_bleu
 
 
+def test_average_last_writes_the_mean_of_the_last_checkpoints_and_scores_it(
+    corpus_root: Path,
+) -> None:
+    cfg = make_config(
+        corpus_root,
+        "trainer.max_steps=12",
+        "trainer.save_every_steps=4",
+        "trainer.average_last=2",
+        "trainer.final_eval=true",
+        "trainer.final_beam_size=2",
+    )
+    result = Trainer(cfg, corpus_root / "run").train()
+    ckpts = corpus_root / "run" / "checkpoints"
+    averaged = torch.load(ckpts / "averaged.pt", weights_only=True)
+    a, b = (
+        torch.load(ckpts / f"checkpoint_{s:07d}.pt", weights_only=True)["model"] for s in (8, 12)
+    )
+    for name, value in averaged["model"].items():
+        torch.testing.assert_close(value, (a[name] + b[name]) / 2)
+    assert not torch.equal(
+        a["encoder.layers.0.feed_forward.linear1.weight"],
+        b["encoder.layers.0.feed_forward.linear1.weight"],
+    )
+    saved = json.loads((corpus_root / "run" / "results.json").read_text())
+    assert saved["averaged"]["checkpoint"] == str(ckpts / "averaged.pt")
+    assert set(saved["averaged"]) >= {"valid", "test"} and "bleu" in saved["averaged"]["test"]
+    assert result.final["averaged"]["valid"] == saved["averaged"]["valid"]
+
+
+def test_average_last_above_keep_last_is_a_config_error(corpus_root: Path) -> None:
+    cfg = make_config(corpus_root, "trainer.average_last=6", "trainer.keep_last=5")
+    with pytest.raises(ConfigError, match=r"trainer\.average_last"):
+        Trainer(cfg, corpus_root / "run")
+
+
 def test_bad_precision_fails_before_training(corpus_root: Path) -> None:
     cfg = make_config(corpus_root, "trainer.precision=fp8")
     with pytest.raises(ValueError, match=r"trainer\.precision"):

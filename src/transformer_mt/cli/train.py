@@ -50,13 +50,15 @@ def train(cfg: DictConfig) -> float:
     if env_rank() == 0:
         print(f"best checkpoint: {result.best_checkpoint}")
         print(f"best greedy val BLEU during training: {result.best_val_bleu:.2f}")
-        for role in ("valid", "test"):
-            if role in result.final:
-                r = result.final[role]
-                print(
-                    f"{role} (beam {result.final['beam_size']}): BLEU {r['bleu']:.2f} "
-                    f"chrF {r['chrf']:.2f}  [{r['signature']}]"
-                )
+        averaged = result.final.get("averaged", {})
+        for name, final in (("best", result.final), ("averaged", averaged)):
+            for role in ("valid", "test"):
+                if role in final:
+                    r = final[role]
+                    print(
+                        f"{name} {role} (beam {final['beam_size']}): BLEU {r['bleu']:.2f} "
+                        f"chrF {r['chrf']:.2f}  [{r['signature']}]"
+                    )
     return result.best_val_bleu
 
 

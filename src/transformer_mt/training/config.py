@@ -38,6 +38,12 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
         _positive(t.validate_every_steps, "trainer.validate_every_steps", allow_null=True),
         _positive(t.patience, "trainer.patience", allow_null=True),
         _positive(t.keep_last, "trainer.keep_last"),
+        _positive(t.average_last, "trainer.average_last", allow_null=True),
+        (
+            t.average_last is None or t.average_last <= t.keep_last,
+            f"trainer.average_last={t.average_last} needs trainer.keep_last ≥ it "
+            f"(keep_last={t.keep_last})",
+        ),
         _positive(t.max_nonfinite_updates, "trainer.max_nonfinite_updates"),
         _positive(t.final_beam_size, "trainer.final_beam_size"),
         (t.keep_best >= 0, f"trainer.keep_best must be ≥ 0, got {t.keep_best}"),

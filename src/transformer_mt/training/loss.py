@@ -1,9 +1,56 @@
-"""Label-smoothed cross entropy (paper §5.4)."""
+"""Label-smoothed cross entropy (paper §5.4), fused into one forward and one backward pass."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision logits; fp32 and fp64 stay as they are."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+class _LabelSmoothedCrossEntropy(torch.autograd.Function):
+    """Forward: log-sum-exp, gold logit and mean logit per row; no (N, V) log-probs kept.
+
+    Backward in one (N, V) pass: d loss_i / d logits_i = softmax_i - (1-ε)·onehot - ε/V and
+    d nll_i / d logits_i = softmax_i - onehot. The autograd of log_softmax + gather + mean
+    instead writes and reads several (N, V) tensors, which on a CPU is memory-bound work.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        logits: torch.Tensor,  # (N, V), any float dtype
+        target: torch.Tensor,  # (N,)
+        epsilon: float,
+        ignore_index: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = logits.to(_compute_dtype(logits))
+        keep = (target != ignore_index).to(x.dtype)  # (N,)
+        gold_index = target.clamp(min=0).unsqueeze(1)  # (N, 1); ignored rows are masked
+        lse = torch.logsumexp(x, dim=-1)  # (N,)
+        nll = (lse - x.gather(1, gold_index).squeeze(1)) * keep  # -log p_gold
+        smooth = (lse - x.mean(dim=-1)) * keep  # mean_v(-log p_v)
+        loss = (1.0 - epsilon) * nll + epsilon * smooth
+        ctx.save_for_backward(logits, lse, gold_index, keep)
+        ctx.epsilon = epsilon
+        return loss.sum(), nll.sum()
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_loss: torch.Tensor, grad_nll: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None, None]:
+        logits, lse, gold_index, keep = ctx.saved_tensors
+        eps, vocab = ctx.epsilon, logits.size(-1)
+        grad = torch.exp(logits.to(lse.dtype) - lse.unsqueeze(1))  # (N, V) softmax
+        grad.mul_(((grad_loss + grad_nll) * keep).unsqueeze(1))
+        grad.sub_((grad_loss * eps / vocab * keep).unsqueeze(1))
+        gold = -((grad_loss * (1.0 - eps) + grad_nll) * keep).unsqueeze(1)  # (N, 1)
+        grad.scatter_add_(1, gold_index, gold)
+        return grad.to(logits.dtype), None, None, None
 
 
 def label_smoothed_nll_loss(
@@ -12,18 +59,13 @@ def label_smoothed_nll_loss(
     epsilon: float,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label-smoothed loss and summed NLL over non-padding targets.
+    """Summed label-smoothed loss and summed NLL over the targets that are not ``ignore_index``.
 
     The smoothed target puts 1-ε on the gold token and spreads ε uniformly over the
     whole vocabulary (as fairseq and ``F.cross_entropy(label_smoothing=ε)`` do):
-    loss = (1-ε)·(-log p_gold) + ε·mean_v(-log p_v).
+    loss = (1-ε)·(-log p_gold) + ε·mean_v(-log p_v). Computed in fp32 whatever the logits'
+    dtype; the gradient comes back in the logits' dtype.
     """
-    logits = logits.reshape(-1, logits.size(-1)).float()
-    target = target.reshape(-1)
-    lprobs = F.log_softmax(logits, dim=-1)  # (N, V)
-    keep = target != ignore_index
-    nll = -lprobs.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,)
-    smooth = -lprobs.mean(dim=-1)  # (N,)
-    loss = (1.0 - epsilon) * nll + epsilon * smooth
-    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
-    return torch.where(keep, loss, zero).sum(), torch.where(keep, nll, zero).sum()
+    logits = logits.reshape(-1, logits.size(-1))
+    loss, nll = _LabelSmoothedCrossEntropy.apply(logits, target.reshape(-1), epsilon, ignore_index)
+    return loss, nll

@@ -41,9 +41,11 @@ from transformer_mt.training.checkpoint import (
     CheckpointManager,
     atomic_write_text,
     load_checkpoint,
+    save_checkpoint,
     spm_bytes_to_tensor,
     step_checkpoints,
 )
+from transformer_mt.training.averaging import average_checkpoints
 from transformer_mt.training.config import validate_config
 from transformer_mt.training.loss import label_smoothed_nll_loss
 from transformer_mt.training.precision import autocast, grad_scaler
@@ -281,12 +283,19 @@ class Trainer:
         for i, (batch, weight) in enumerate(batches):
             last = i == len(batches) - 1
             no_sync = self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext()
+            # The real target positions, found on the host (no device sync): logits and loss
+            # are computed there only.
+            target = batch.tgt_out.reshape(-1)  # (B·T,)
+            positions = (target != self.tokenizer.pad_id).nonzero().squeeze(1)  # (N,)
+            nb = self.device.type == "cuda"
+            positions_dev = positions.to(self.device, non_blocking=nb)
+            target = target.index_select(0, positions).to(self.device, non_blocking=nb)  # (N,)
             batch = batch.to(self.device)
             with no_sync:
                 with autocast(self.device, self.tcfg.precision):
-                    logits = model(batch.src, batch.tgt_in)  # (B, T, V)
+                    logits = model(batch.src, batch.tgt_in, positions_dev)  # (N, V)
                 loss, _ = label_smoothed_nll_loss(
-                    logits, batch.tgt_out, self.tcfg.label_smoothing, self.tokenizer.pad_id
+                    logits, target, self.tcfg.label_smoothing, self.tokenizer.pad_id
                 )
                 scaled = loss * (scale * weight)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -518,8 +527,12 @@ class Trainer:
             best = self.ckpts.last_path
         final: dict[str, Any] = {}
         if self.dist.is_main:
+            averaged = self.average_last_checkpoints()
             if self.tcfg.final_eval:
                 final = self.final_evaluation(best)
+                if averaged is not None:
+                    final["averaged"] = {"checkpoint": str(averaged)}
+                    final["averaged"].update(self.final_evaluation(averaged))
             results = {
                 "best_checkpoint": str(best),
                 "best_val_bleu_greedy": self.best_bleu,
@@ -535,14 +548,35 @@ class Trainer:
             for role in ("valid", "test"):
                 if role in final:
                     metrics[f"hparam/{role}_bleu_beam"] = final[role]["bleu"]
+                if role in final.get("averaged", {}):
+                    metrics[f"hparam/{role}_bleu_beam_averaged"] = final["averaged"][role]["bleu"]
             self.writer.add_hparams(flat_hparams(self.config_dict), metrics, run_name="hparams")
             self.writer.close()
         dist.barrier(self.dist)
         return TrainResult(best, self.best_bleu, self.step, final)
 
-    def final_evaluation(self, best_path: Path) -> dict[str, Any]:
-        """Beam-search BLEU/chrF of ``best.pt`` on val and test."""
-        translator = Translator.from_checkpoint(best_path, device=str(self.device))
+    def average_last_checkpoints(self) -> Path | None:
+        """With ``trainer.average_last=N``: the mean of the run's last N step checkpoints,
+        written to ``checkpoints/averaged.pt`` (None when off or fewer than 2 exist)."""
+        n = self.tcfg.average_last
+        if not n:
+            return None
+        paths = step_checkpoints(self.ckpts.directory)[-n:]
+        if len(paths) < 2:
+            self.log(f"trainer.average_last={n}: only {len(paths)} checkpoint(s); nothing averaged")
+            return None
+        if len(paths) < n:
+            self.log(f"trainer.average_last={n}: only {len(paths)} checkpoints to average")
+        out = self.ckpts.directory / "averaged.pt"
+        save_checkpoint(out, average_checkpoints(paths))
+        self.log(
+            f"averaged {len(paths)} checkpoints ({paths[0].name} .. {paths[-1].name}) -> {out}"
+        )
+        return out
+
+    def final_evaluation(self, checkpoint: Path) -> dict[str, Any]:
+        """Beam-search BLEU/chrF of ``checkpoint`` (best.pt, averaged.pt) on val and test."""
+        translator = Translator.from_checkpoint(checkpoint, device=str(self.device))
         results: dict[str, Any] = {"beam_size": self.tcfg.final_beam_size}
         for role in ("valid", "test"):
             src, ref = read_references(self.cfg.data, role)
