@@ -37,6 +37,7 @@ from transformer_mt.errors import CheckpointError, ConfigError, TrainingDiverged
 from transformer_mt.evaluation import score
 from transformer_mt.model import Transformer
 from transformer_mt.training import distributed as dist
+from transformer_mt.training.averaging import average_checkpoints
 from transformer_mt.training.checkpoint import (
     CheckpointManager,
     atomic_write_text,
@@ -45,7 +46,6 @@ from transformer_mt.training.checkpoint import (
     spm_bytes_to_tensor,
     step_checkpoints,
 )
-from transformer_mt.training.averaging import average_checkpoints
 from transformer_mt.training.config import validate_config
 from transformer_mt.training.loss import label_smoothed_nll_loss
 from transformer_mt.training.precision import autocast, grad_scaler
