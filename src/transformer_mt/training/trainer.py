@@ -147,7 +147,9 @@ class Trainer:
             betas=tuple(ocfg.betas),
             eps=ocfg.eps,
             weight_decay=ocfg.weight_decay,
-            foreach=True,
+            # One fused kernel over all parameters: on this project's 2-core CPU an update of
+            # the small model takes ~3-10x less time than the foreach or per-tensor versions.
+            fused=self.device.type in ("cpu", "cuda"),
         )
         self.scheduler = inverse_sqrt_schedule(self.optimizer, ocfg.warmup_steps)
         self.scaler = grad_scaler(self.device, self.tcfg.precision)
