@@ -56,7 +56,9 @@ def test_fused_loss_gradient_matches_autograd_of_cross_entropy(dtype: torch.dtyp
     ref_in = base.clone().float().requires_grad_()
     loss, nll = label_smoothed_nll_loss(fused_in, target, eps, ignore_index=pad)
     (2.0 * loss + 0.5 * nll).backward()  # both outputs carry gradient
-    ref_loss = F.cross_entropy(ref_in, target, ignore_index=pad, label_smoothing=eps, reduction="sum")
+    ref_loss = F.cross_entropy(
+        ref_in, target, ignore_index=pad, label_smoothing=eps, reduction="sum"
+    )
     ref_nll = F.cross_entropy(ref_in, target, ignore_index=pad, reduction="sum")
     (2.0 * ref_loss + 0.5 * ref_nll).backward()
     assert fused_in.grad is not None and ref_in.grad is not None
