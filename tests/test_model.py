@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import small_transformer
-from transformer_mt.model import MultiHeadAttention, PositionalEncoding
+from transformer_mt.model import Dropout, MultiHeadAttention, PositionalEncoding
 
 
 def copy_into_reference(ours: MultiHeadAttention, ref: nn.MultiheadAttention) -> None:
@@ -109,3 +109,23 @@ def test_tied_embeddings_and_parameter_count() -> None:
 def test_heads_must_divide_d_model() -> None:
     with pytest.raises(ValueError, match="not divisible"):
         MultiHeadAttention(30, 4, dropout=0.0)
+
+
+def test_dropout_keeps_1_minus_p_scales_by_its_inverse_and_follows_torch_seed() -> None:
+    drop = Dropout(0.3).train()
+    x = torch.randn(200, 500, requires_grad=True)
+    torch.manual_seed(7)
+    y = drop(x)
+    kept = y != 0
+    # 100,000 Bernoulli(0.7) draws: the kept fraction is within 0.005 of 0.7 (> 10 sigma).
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    torch.testing.assert_close(y[kept], x[kept] / 0.7)
+    y.sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)
+    torch.manual_seed(7)
+    assert torch.equal(drop(x), y)  # the mask follows torch's generator ...
+    assert not torch.equal(drop(x), y)  # ... and changes from call to call
+    assert torch.equal(drop.eval()(x), x)  # identity at inference
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.0)

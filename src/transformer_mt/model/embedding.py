@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from transformer_mt.model.dropout import Dropout
+
 
 class PositionalEncoding(nn.Module):
     """Fixed sinusoidal positions: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)."""
@@ -49,7 +51,7 @@ class TransformerEmbedding(nn.Module):
         with torch.no_grad():
             self.tokens.weight[padding_idx].zero_()
         self.positions = PositionalEncoding(d_model, max_positions)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """ids: (B, T) -> (B, T, d)."""

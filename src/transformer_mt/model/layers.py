@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from transformer_mt.model.attention import MultiHeadAttention
+from transformer_mt.model.dropout import Dropout
 
 
 class FeedForward(nn.Module):
@@ -18,7 +19,7 @@ class FeedForward(nn.Module):
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
         self.activation = {"relu": nn.ReLU(), "gelu": nn.GELU()}[activation]
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
@@ -34,7 +35,7 @@ class Residual(nn.Module):
     def __init__(self, d_model: int, dropout: float, norm_first: bool) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm_first = norm_first
 
     def forward(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -13,11 +14,12 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 class _LabelSmoothedCrossEntropy(torch.autograd.Function):
-    """Forward: log-sum-exp, gold logit and mean logit per row; no (N, V) log-probs kept.
+    """Forward: one log-softmax kernel, then the gold and mean log-probability per row.
 
-    Backward in one (N, V) pass: d loss_i / d logits_i = softmax_i - (1-ε)·onehot - ε/V and
-    d nll_i / d logits_i = softmax_i - onehot. The autograd of log_softmax + gather + mean
-    instead writes and reads several (N, V) tensors, which on a CPU is memory-bound work.
+    Backward from the saved log-probs in three in-place (N, V) passes (exp, scale, shift)
+    plus a scatter at the gold tokens: d loss_i / d logits_i = softmax_i - (1-ε)·onehot - ε/V
+    and d nll_i / d logits_i = softmax_i - onehot. Autograd through log_softmax + gather +
+    mean would instead write and read several more (N, V) tensors, memory-bound on a CPU.
     """
 
     @staticmethod
@@ -28,29 +30,28 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         epsilon: float,
         ignore_index: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = logits.to(_compute_dtype(logits))
-        keep = (target != ignore_index).to(x.dtype)  # (N,)
+        lprobs = F.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)  # (N, V), one kernel
+        keep = (target != ignore_index).to(lprobs.dtype)  # (N,)
         gold_index = target.clamp(min=0).unsqueeze(1)  # (N, 1); ignored rows are masked
-        lse = torch.logsumexp(x, dim=-1)  # (N,)
-        nll = (lse - x.gather(1, gold_index).squeeze(1)) * keep  # -log p_gold
-        smooth = (lse - x.mean(dim=-1)) * keep  # mean_v(-log p_v)
+        nll = -lprobs.gather(1, gold_index).squeeze(1) * keep  # -log p_gold
+        smooth = -lprobs.mean(dim=-1) * keep  # mean_v(-log p_v)
         loss = (1.0 - epsilon) * nll + epsilon * smooth
-        ctx.save_for_backward(logits, lse, gold_index, keep)
-        ctx.epsilon = epsilon
+        ctx.save_for_backward(lprobs, gold_index, keep)
+        ctx.epsilon, ctx.logits_dtype = epsilon, logits.dtype
         return loss.sum(), nll.sum()
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_loss: torch.Tensor, grad_nll: torch.Tensor
     ) -> tuple[torch.Tensor, None, None, None]:
-        logits, lse, gold_index, keep = ctx.saved_tensors
-        eps, vocab = ctx.epsilon, logits.size(-1)
-        grad = torch.exp(logits.to(lse.dtype) - lse.unsqueeze(1))  # (N, V) softmax
+        lprobs, gold_index, keep = ctx.saved_tensors
+        eps, vocab = ctx.epsilon, lprobs.size(-1)
+        grad = torch.exp(lprobs)  # (N, V) softmax
         grad.mul_(((grad_loss + grad_nll) * keep).unsqueeze(1))
         grad.sub_((grad_loss * eps / vocab * keep).unsqueeze(1))
         gold = -((grad_loss * (1.0 - eps) + grad_nll) * keep).unsqueeze(1)  # (N, 1)
         grad.scatter_add_(1, gold_index, gold)
-        return grad.to(logits.dtype), None, None, None
+        return grad.to(ctx.logits_dtype), None, None, None
 
 
 def label_smoothed_nll_loss(
