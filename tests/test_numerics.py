@@ -15,6 +15,7 @@ from transformer_mt.data.batching import Batch, collate
 from transformer_mt.decoding import Translator
 from transformer_mt.errors import ConfigError, TrainingDivergedError
 from transformer_mt.training.checkpoint import load_checkpoint, step_checkpoints
+from transformer_mt.training.loss import label_smoothed_nll_loss
 from transformer_mt.training.trainer import Trainer
 
 
@@ -151,3 +152,37 @@ def test_average_of_two_checkpoints_is_their_mean_and_translates(corpus_root: Pa
     assert again.returncode == 1 and "--force" in again.stderr  # never overwrites silently
     too_many = run_cli("tmt-average", str(corpus_root / "r"), "--last", "5", "-o", "x.pt")
     assert too_many.returncode == 1 and "holds 2" in too_many.stderr
+
+
+def test_train_step_loss_equals_the_loss_of_the_full_padded_logits(corpus_root: Path) -> None:
+    # The step projects only the real target positions; the loss must be that of all of them.
+    trainer = Trainer(make_config(corpus_root, "model.dropout=0"), corpus_root / "r")
+    batch = batch_of(trainer, range(0, 16))
+    assert (batch.tgt_out == trainer.tokenizer.pad_id).any()  # the batch has padding
+    with torch.no_grad():
+        full, _ = label_smoothed_nll_loss(
+            trainer.model(batch.src, batch.tgt_in),
+            batch.tgt_out,
+            trainer.tcfg.label_smoothing,
+            trainer.tokenizer.pad_id,
+        )
+    result = trainer.train_step([(batch, 1.0)])
+    assert result is not None
+    loss, tokens = result
+    assert tokens == batch.n_tgt_tokens
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-4)
+
+
+def test_resume_uses_the_fused_optimizer_whatever_the_checkpoint_says(corpus_root: Path) -> None:
+    cfg = make_config(corpus_root, "trainer.max_steps=4")
+    Trainer(cfg, corpus_root / "a").train()
+    state = load_checkpoint(corpus_root / "a" / "checkpoints" / "last.pt")
+    for group in state["optimizer"]["param_groups"]:  # as written before fused Adam
+        group["fused"], group["foreach"] = None, True
+    old = corpus_root / "old.pt"
+    torch.save(state, old)
+    resumed = Trainer(
+        make_config(corpus_root, "trainer.max_steps=8", f"trainer.resume={old}"), corpus_root / "b"
+    )
+    assert resumed.step == 4
+    assert all(g["fused"] is True and not g["foreach"] for g in resumed.optimizer.param_groups)

@@ -110,8 +110,11 @@ def test_average_last_writes_the_mean_of_the_last_checkpoints_and_scores_it(
     assert result.final["averaged"]["valid"] == saved["averaged"]["valid"]
 
 
-def test_average_last_above_keep_last_is_a_config_error(corpus_root: Path) -> None:
-    cfg = make_config(corpus_root, "trainer.average_last=6", "trainer.keep_last=5")
+@pytest.mark.parametrize("average_last", [1, 6])
+def test_average_last_below_2_or_above_keep_last_is_a_config_error(
+    corpus_root: Path, average_last: int
+) -> None:
+    cfg = make_config(corpus_root, f"trainer.average_last={average_last}", "trainer.keep_last=5")
     with pytest.raises(ConfigError, match=r"trainer\.average_last"):
         Trainer(cfg, corpus_root / "run")
 

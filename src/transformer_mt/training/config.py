@@ -38,7 +38,10 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
         _positive(t.validate_every_steps, "trainer.validate_every_steps", allow_null=True),
         _positive(t.patience, "trainer.patience", allow_null=True),
         _positive(t.keep_last, "trainer.keep_last"),
-        _positive(t.average_last, "trainer.average_last", allow_null=True),
+        (
+            t.average_last is None or t.average_last >= 2,
+            f"trainer.average_last must be ≥ 2 or null, got {t.average_last}",
+        ),
         (
             t.average_last is None or t.average_last <= t.keep_last,
             f"trainer.average_last={t.average_last} needs trainer.keep_last ≥ it "

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -16,7 +17,7 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
 class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     """Forward: one log-softmax kernel, then the gold and mean log-probability per row.
 
-    Backward from the saved log-probs in three in-place (N, V) passes (exp, scale, shift)
+    Backward from the saved log-probs in three (N, V) passes (exp, then scale and shift in place)
     plus a scatter at the gold tokens: d loss_i / d logits_i = softmax_i - (1-ε)·onehot - ε/V
     and d nll_i / d logits_i = softmax_i - onehot. Autograd through log_softmax + gather +
     mean would instead write and read several more (N, V) tensors, memory-bound on a CPU.
@@ -41,6 +42,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         return loss.sum(), nll.sum()
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: Any, grad_loss: torch.Tensor, grad_nll: torch.Tensor
     ) -> tuple[torch.Tensor, None, None, None]:
@@ -64,8 +66,8 @@ def label_smoothed_nll_loss(
 
     The smoothed target puts 1-ε on the gold token and spreads ε uniformly over the
     whole vocabulary (as fairseq and ``F.cross_entropy(label_smoothing=ε)`` do):
-    loss = (1-ε)·(-log p_gold) + ε·mean_v(-log p_v). Computed in fp32 whatever the logits'
-    dtype; the gradient comes back in the logits' dtype.
+    loss = (1-ε)·(-log p_gold) + ε·mean_v(-log p_v). Computed in fp32 for half-precision
+    logits (fp64 stays fp64); the gradient comes back in the logits' dtype.
     """
     logits = logits.reshape(-1, logits.size(-1))
     loss, nll = _LabelSmoothedCrossEntropy.apply(logits, target.reshape(-1), epsilon, ignore_index)

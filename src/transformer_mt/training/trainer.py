@@ -211,7 +211,10 @@ class Trainer:
                     f"run's ({section}.* must match; trainer.resume=never starts afresh)"
                 )
         self.model.load_state_dict(state["model"])
+        kernel = {k: self.optimizer.defaults[k] for k in ("foreach", "fused")}
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the saved flags would override ours
+            group.update(kernel)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -523,7 +526,8 @@ class Trainer:
 
     # -- the end ------------------------------------------------------------------------------
     def finish(self) -> TrainResult:
-        """Final beam evaluation of best.pt (rank 0), results.json, TensorBoard hparams."""
+        """Averaging (``trainer.average_last``) and the final beam evaluation of best.pt and
+        averaged.pt (rank 0), results.json, TensorBoard hparams."""
         best = self.ckpts.best_path
         if not best.exists():  # resumed from a PATH whose best no later validation beat
             best = self.ckpts.last_path
@@ -535,6 +539,8 @@ class Trainer:
                 if averaged is not None:
                     final["averaged"] = {"checkpoint": str(averaged)}
                     final["averaged"].update(self.final_evaluation(averaged))
+            if averaged is not None:
+                final.setdefault("averaged", {"checkpoint": str(averaged)})
             results = {
                 "best_checkpoint": str(best),
                 "best_val_bleu_greedy": self.best_bleu,
@@ -570,7 +576,11 @@ class Trainer:
         if len(paths) < n:
             self.log(f"trainer.average_last={n}: only {len(paths)} checkpoints to average")
         out = self.ckpts.directory / "averaged.pt"
-        save_checkpoint(out, average_checkpoints(paths))
+        try:
+            save_checkpoint(out, average_checkpoints(paths))
+        except CheckpointError as e:  # the run's results matter more than its average
+            print(f"warning: trainer.average_last: {e}; nothing averaged", file=sys.stderr)
+            return None
         self.log(
             f"averaged {len(paths)} checkpoints ({paths[0].name} .. {paths[-1].name}) -> {out}"
         )
