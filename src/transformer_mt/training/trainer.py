@@ -536,11 +536,10 @@ class Trainer:
             averaged = self.average_last_checkpoints()
             if self.tcfg.final_eval:
                 final = self.final_evaluation(best)
-                if averaged is not None:
-                    final["averaged"] = {"checkpoint": str(averaged)}
-                    final["averaged"].update(self.final_evaluation(averaged))
             if averaged is not None:
-                final.setdefault("averaged", {"checkpoint": str(averaged)})
+                final["averaged"] = {"checkpoint": str(averaged)}
+                if self.tcfg.final_eval:
+                    final["averaged"].update(self.final_evaluation(averaged))
             results = {
                 "best_checkpoint": str(best),
                 "best_val_bleu_greedy": self.best_bleu,
