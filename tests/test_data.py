@@ -132,6 +132,23 @@ def test_collate_adds_bos_eos_and_padding(tmp_path: Path) -> None:
     assert batch.n_tgt_tokens == sum(len(split.pair(i)[1]) + 1 for i in (0, 1))
 
 
+def test_collate_lists_the_real_target_positions(tmp_path: Path) -> None:
+    raw, prepared = tmp_path / "raw", tmp_path / "prepared"
+    synthetic_corpus(raw, n_train=50)
+    split = prepare_data(data_config(raw, prepared)).split("train")
+    shortest, longest = np.argmin(split.tgt_lengths), np.argmax(split.tgt_lengths)
+    assert split.tgt_lengths[shortest] < split.tgt_lengths[longest]  # the batch has padding
+    indices = np.array([shortest, longest])
+    batch = collate(split, indices, PAD_ID, BOS_ID, EOS_ID)
+    expected = [tok for i in indices for tok in [*split.pair(int(i))[1].tolist(), EOS_ID]]
+    assert batch.real_targets().tolist() == expected  # row by row, no padding
+    width = batch.tgt_out.size(1)
+    short_len = int(split.tgt_lengths[shortest]) + 1
+    assert batch.tgt_positions.tolist()[:short_len] == list(range(short_len))
+    assert batch.tgt_positions.tolist()[short_len:] == list(range(width, 2 * width))
+    assert batch.n_tgt_tokens == len(expected)
+
+
 def test_evaluation_batches_truncate_long_sentences(tmp_path: Path) -> None:
     raw, prepared = tmp_path / "raw", tmp_path / "prepared"
     synthetic_corpus(raw, n_train=50)

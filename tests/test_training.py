@@ -69,6 +69,23 @@ def test_fused_loss_gradient_matches_autograd_of_cross_entropy(dtype: torch.dtyp
     torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-5)
 
 
+def test_fused_loss_gradient_is_exact_for_far_tail_log_probs() -> None:
+    # A trained model puts much of the vocabulary below log-prob -87, where the backward
+    # clamps before exp (float32 subnormals); those gradients must still match.
+    torch.manual_seed(3)
+    n, v, eps = 8, 50, 0.0  # no smoothing: the tail's gradient is its softmax alone
+    target = torch.randint(1, v, (n,))
+    base = torch.randn(n, v) * 40 - 100.0  # log-probs spread from about -250 to 0
+    base[torch.arange(n), target] = 20.0
+    fused_in, ref_in = base.clone().requires_grad_(), base.clone().requires_grad_()
+    loss, _ = label_smoothed_nll_loss(fused_in, target, eps, ignore_index=0)
+    loss.backward()
+    F.cross_entropy(ref_in, target, label_smoothing=eps, reduction="sum").backward()
+    assert fused_in.grad is not None and ref_in.grad is not None
+    assert (F.log_softmax(base, -1) < -87.0).float().mean() > 0.5  # the tail is exercised
+    torch.testing.assert_close(fused_in.grad, ref_in.grad, atol=1e-37, rtol=1e-5)
+
+
 def test_fused_loss_passes_gradcheck_in_double_precision() -> None:
     torch.manual_seed(2)
     logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)

@@ -13,21 +13,34 @@ from transformer_mt.data.dataset import EncodedSplit
 
 @dataclass
 class Batch:
-    """A padded batch. ``tgt_in`` starts with BOS, ``tgt_out`` ends with EOS."""
+    """A padded batch. ``tgt_in`` starts with BOS, ``tgt_out`` ends with EOS.
+
+    ``tgt_positions`` lists where the real target tokens are, as flat indices into the
+    B·T positions of ``tgt_out``: the model projects only those onto the vocabulary, so no
+    output-layer or loss work is spent on padding. Found here, on the host, so that the
+    training step needs no device sync to find them.
+    """
 
     src: torch.Tensor  # (B, S)
     tgt_in: torch.Tensor  # (B, T)
     tgt_out: torch.Tensor  # (B, T)
-    n_tgt_tokens: int  # real (non-pad) target tokens, EOS included
+    tgt_positions: torch.Tensor  # (N,) flat indices of the non-pad entries of tgt_out
+    n_tgt_tokens: int  # N: real (non-pad) target tokens, EOS included
 
     def to(self, device: torch.device) -> Batch:
+        """The batch on ``device`` (an asynchronous copy on CUDA)."""
         nb = device.type == "cuda"
         return Batch(
             self.src.to(device, non_blocking=nb),
             self.tgt_in.to(device, non_blocking=nb),
             self.tgt_out.to(device, non_blocking=nb),
+            self.tgt_positions.to(device, non_blocking=nb),
             self.n_tgt_tokens,
         )
+
+    def real_targets(self) -> torch.Tensor:
+        """(N,) the target ids at ``tgt_positions``, in the same order."""
+        return self.tgt_out.reshape(-1).index_select(0, self.tgt_positions)
 
 
 def token_batches(
@@ -91,8 +104,9 @@ def collate(
         srcs.append([*s, eos_id])
         tgt_ins.append([bos_id, *t])
         tgt_outs.append([*t, eos_id])
-    n_tokens = sum(len(t) for t in tgt_outs)
-    return Batch(pad(srcs, pad_id), pad(tgt_ins, pad_id), pad(tgt_outs, pad_id), n_tokens)
+    tgt_out = pad(tgt_outs, pad_id)
+    positions = (tgt_out.reshape(-1) != pad_id).nonzero().squeeze(1)  # (N,)
+    return Batch(pad(srcs, pad_id), pad(tgt_ins, pad_id), tgt_out, positions, len(positions))
 
 
 def iterate_batches(

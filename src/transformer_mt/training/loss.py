@@ -48,7 +48,11 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     ) -> tuple[torch.Tensor, None, None, None]:
         lprobs, gold_index, keep = ctx.saved_tensors
         eps, vocab = ctx.epsilon, lprobs.size(-1)
-        grad = torch.exp(lprobs)  # (N, V) softmax
+        # (N, V) softmax. Log-probs below -87.3 would put exp in float32's subnormal range,
+        # where the CPU's vectorized exp takes a ~20x slower path (without label smoothing,
+        # much of a trained model's vocabulary lies there); probabilities < 1.7e-38 change
+        # nothing.
+        grad = lprobs.clamp_min(-87.0).exp_()
         grad.mul_(((grad_loss + grad_nll) * keep).unsqueeze(1))
         grad.sub_((grad_loss * eps / vocab * keep).unsqueeze(1))
         gold = -((grad_loss * (1.0 - eps) + grad_nll) * keep).unsqueeze(1)  # (N, 1)

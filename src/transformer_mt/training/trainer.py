@@ -288,19 +288,12 @@ class Trainer:
         for i, (batch, weight) in enumerate(batches):
             last = i == len(batches) - 1
             no_sync = self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext()
-            # The real target positions, found on the host (no device sync): logits and loss
-            # are computed there only.
-            target = batch.tgt_out.reshape(-1)  # (B·T,)
-            positions = (target != self.tokenizer.pad_id).nonzero().squeeze(1)  # (N,)
-            nb = self.device.type == "cuda"
-            positions_dev = positions.to(self.device, non_blocking=nb)
-            target = target.index_select(0, positions).to(self.device, non_blocking=nb)  # (N,)
             batch = batch.to(self.device)
             with no_sync:
-                with autocast(self.device, self.tcfg.precision):
-                    logits = model(batch.src, batch.tgt_in, positions_dev)  # (N, V)
+                with autocast(self.device, self.tcfg.precision):  # logits at real targets only
+                    logits = model(batch.src, batch.tgt_in, batch.tgt_positions)  # (N, V)
                 loss, _ = label_smoothed_nll_loss(
-                    logits, target, self.tcfg.label_smoothing, self.tokenizer.pad_id
+                    logits, batch.real_targets(), self.tcfg.label_smoothing, self.tokenizer.pad_id
                 )
                 scaled = loss * (scale * weight)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -364,9 +357,9 @@ class Trainer:
         ):
             batch = batch.to(self.device)
             with autocast(self.device, self.tcfg.precision):
-                logits = self.model(batch.src, batch.tgt_in)
+                logits = self.model(batch.src, batch.tgt_in, batch.tgt_positions)  # (N, V)
             loss, nll = label_smoothed_nll_loss(
-                logits, batch.tgt_out, self.tcfg.label_smoothing, tok.pad_id
+                logits, batch.real_targets(), self.tcfg.label_smoothing, tok.pad_id
             )
             total_loss += float(loss)
             total_nll += float(nll)
