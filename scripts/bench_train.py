@@ -1,5 +1,6 @@
 """Training benchmark (``make bench``): this project's training step against a plain
-``torch.nn.Transformer`` loop, same model dimensions, same real Multi30k batches, one process.
+``torch.nn.Transformer`` loop, same model dimensions, same real Multi30k batches, one process;
+the two alternate batch by batch, so both see the same state of the machine.
 
 Prints target tokens/s of each, their ratio, peak RSS, achieved model FLOP/s
 (6 · N · tokens/s, N = parameters including the output projection) and its ratio to a
@@ -92,24 +93,33 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def timed_loop(
+def timed_side_by_side(
     batches: list[np.ndarray],
     make: Callable[[np.ndarray], Batch],
-    step: Callable[[Batch], None],
+    steps: dict[str, Callable[[Batch], None]],
     warmup: int,
-) -> tuple[float, float, int]:
-    """(seconds stepping, seconds building batches, target tokens) over the timed batches."""
+) -> tuple[dict[str, float], float, int]:
+    """Every step function on every batch, in turn: (seconds stepping per function, seconds
+    building batches, target tokens) over the timed batches.
+
+    The functions alternate batch by batch, so a slower or faster stretch of the machine
+    (other tenants, frequency changes) falls on all of them alike.
+    """
     for idx in batches[:warmup]:
-        step(make(idx))
-    step_s = data_s = 0.0
-    tokens = 0
+        batch = make(idx)
+        for step in steps.values():
+            step(batch)
+    step_s = dict.fromkeys(steps, 0.0)
+    data_s, tokens = 0.0, 0
     for idx in batches[warmup:]:
         t0 = time.perf_counter()
         batch = make(idx)
-        t1 = time.perf_counter()
-        step(batch)
-        t2 = time.perf_counter()
-        data_s, step_s, tokens = data_s + t1 - t0, step_s + t2 - t1, tokens + batch.n_tgt_tokens
+        data_s += time.perf_counter() - t0
+        tokens += batch.n_tgt_tokens
+        for name, step in steps.items():
+            t1 = time.perf_counter()
+            step(batch)
+            step_s[name] += time.perf_counter() - t1
     return step_s, data_s, tokens
 
 
@@ -139,12 +149,7 @@ def main() -> None:
     def make(idx: np.ndarray) -> Batch:
         return collate(split, idx, tok.pad_id, tok.bos_id, tok.eos_id)
 
-    # (a) this project's update: Trainer.train_step.
-    ours_s, ours_data_s, tokens = timed_loop(
-        batches, make, lambda b: trainer.train_step([(b, 1.0)]), args.warmup
-    )
-
-    # (b) the plain loop around torch.nn.Transformer.
+    # (b) the plain loop around torch.nn.Transformer; (a), ours, is Trainer.train_step.
     m = cfg.model
     torch.manual_seed(cfg.seed)
     ref = Reference(
@@ -172,8 +177,13 @@ def main() -> None:
         optimizer.step()
         float(loss.detach())  # the usual per-step loss read-out
 
-    ref_s, _, ref_tokens = timed_loop(batches, make, ref_step, args.warmup)
-    assert ref_tokens == tokens
+    def ours_step(b: Batch) -> None:
+        trainer.train_step([(b, 1.0)])
+
+    step_s, data_s, tokens = timed_side_by_side(
+        batches, make, {"ours": ours_step, "reference": ref_step}, args.warmup
+    )
+    ours_s, ref_s = step_s["ours"], step_s["reference"]
 
     timed = batches[args.warmup :]
     real = sum(
@@ -201,7 +211,7 @@ def main() -> None:
         "mfu": 6 * n_params * ours_tps / peak,
         "mfu_reference": 6 * n_params * ref_tps / peak,
         "padding_fraction": 1 - real / padded,
-        "data_wait_fraction": ours_data_s / (ours_data_s + ours_s),
+        "data_wait_fraction": data_s / (data_s + ours_s),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     print(
