@@ -70,8 +70,8 @@ def test_fused_loss_gradient_matches_autograd_of_cross_entropy(dtype: torch.dtyp
 
 
 def test_fused_loss_gradient_is_exact_for_far_tail_log_probs() -> None:
-    # A trained model puts much of the vocabulary below log-prob -87, where the backward
-    # clamps before exp (float32 subnormals); those gradients must still match.
+    # Without label smoothing a trained model puts much of the vocabulary below log-prob -87,
+    # where the backward clamps before exp (float32 subnormals); those gradients must match.
     torch.manual_seed(3)
     n, v, eps = 8, 50, 0.0  # no smoothing: the tail's gradient is its softmax alone
     target = torch.randint(1, v, (n,))

@@ -25,7 +25,11 @@ class Batch:
     tgt_in: torch.Tensor  # (B, T)
     tgt_out: torch.Tensor  # (B, T)
     tgt_positions: torch.Tensor  # (N,) flat indices of the non-pad entries of tgt_out
-    n_tgt_tokens: int  # N: real (non-pad) target tokens, EOS included
+
+    @property
+    def n_tgt_tokens(self) -> int:
+        """N: real (non-pad) target tokens, EOS included (known on the host, no device sync)."""
+        return self.tgt_positions.numel()
 
     def to(self, device: torch.device) -> Batch:
         """The batch on ``device`` (an asynchronous copy on CUDA)."""
@@ -35,7 +39,6 @@ class Batch:
             self.tgt_in.to(device, non_blocking=nb),
             self.tgt_out.to(device, non_blocking=nb),
             self.tgt_positions.to(device, non_blocking=nb),
-            self.n_tgt_tokens,
         )
 
     def real_targets(self) -> torch.Tensor:
@@ -106,7 +109,7 @@ def collate(
         tgt_outs.append([*t, eos_id])
     tgt_out = pad(tgt_outs, pad_id)
     positions = (tgt_out.reshape(-1) != pad_id).nonzero().squeeze(1)  # (N,)
-    return Batch(pad(srcs, pad_id), pad(tgt_ins, pad_id), tgt_out, positions, len(positions))
+    return Batch(pad(srcs, pad_id), pad(tgt_ins, pad_id), tgt_out, positions)
 
 
 def iterate_batches(
