@@ -62,7 +62,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(
     lr = trainer.scheduler.get_last_lr()
 
     forward = trainer.model.forward
-    monkeypatch.setattr(trainer.model, "forward", lambda *a: forward(*a) * float("nan"))
+    monkeypatch.setattr(trainer.model, "forward", lambda *a, **k: forward(*a, **k) * float("nan"))
     assert trainer.train_step([(batch, 1.0)]) is None
     assert trainer.train_step([(batch, 1.0)]) is None
     assert "non-finite" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from transformer_mt.training.checkpoint import (
     spm_bytes_to_tensor,
     spm_tensor_to_bytes,
 )
-from transformer_mt.training.loss import label_smoothed_nll_loss
+from transformer_mt.training.loss import OutputLayerLoss, label_smoothed_nll_loss
 from transformer_mt.training.schedule import inverse_sqrt_schedule
 
 
@@ -93,6 +93,69 @@ def test_fused_loss_passes_gradcheck_in_double_precision() -> None:
     assert torch.autograd.gradcheck(
         lambda x: label_smoothed_nll_loss(x, target, 0.1, ignore_index=0), (logits,)
     )
+
+
+def _projection_case(n: int, v: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(seed)
+    hidden, weight = torch.randn(n, d), torch.randn(v, d) * 0.5
+    target = torch.randint(1, v, (n,))
+    target[::4] = 0  # padding rows
+    return hidden, weight, target
+
+
+def test_output_layer_loss_equals_linear_then_loss_in_value_and_gradient() -> None:
+    criterion = OutputLayerLoss(0.1, ignore_index=0)
+    # Growing, then shrinking batches: the kept buffer is reallocated, then reused as a view.
+    for n, seed in ((9, 0), (23, 1), (5, 2)):
+        hidden, weight, target = _projection_case(n, 11, 6, seed)
+        h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, nll = criterion(h1, w1, target)
+        (2.0 * loss + 0.5 * nll).backward()  # both outputs carry gradient
+        ref_loss, ref_nll = label_smoothed_nll_loss(F.linear(h2, w2), target, 0.1, 0)
+        (2.0 * ref_loss + 0.5 * ref_nll).backward()
+        torch.testing.assert_close((loss, nll), (ref_loss, ref_nll), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-6, atol=1e-7)
+        assert h1.grad is not None and h1.grad[::4].abs().sum() == 0  # padding: no gradient
+
+
+def test_output_layer_loss_under_bf16_autocast_matches_linear_then_loss() -> None:
+    hidden, weight, target = _projection_case(12, 9, 8, 3)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = OutputLayerLoss(0.1, ignore_index=0)(h1, w1, target)
+        logits = F.linear(h2, w2)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    ref_loss, _ = label_smoothed_nll_loss(logits, target, 0.1, 0)
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    assert h1.grad is not None and h1.grad.dtype == torch.float32  # back through the casts
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+def test_output_layer_loss_refuses_to_backpropagate_a_call_whose_buffer_was_reused() -> None:
+    criterion = OutputLayerLoss(0.1, ignore_index=0)
+    hidden, weight, target = _projection_case(8, 10, 4, 4)
+    weight.requires_grad_()
+    first, _ = criterion(hidden, weight, target)
+    criterion(hidden, weight, target)  # overwrites the buffer the first call saved
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()
+
+
+def test_output_layer_loss_in_inference_mode_leaves_training_calls_working() -> None:
+    criterion = OutputLayerLoss(0.0, ignore_index=0)
+    hidden, weight, target = _projection_case(7, 10, 4, 5)
+    with torch.inference_mode():
+        expected, _ = criterion(hidden, weight, target)
+    weight.requires_grad_()
+    loss, _ = criterion(hidden, weight, target)  # no inference tensor was kept for this one
+    loss.backward()
+    assert torch.equal(loss.detach(), expected) and weight.grad is not None
 
 
 def test_warmup_schedule_matches_paper_formula() -> None:

@@ -123,25 +123,32 @@ class Transformer(nn.Module):
         cache: DecoderCache | None = None,
         offset: int = 0,
         positions: torch.Tensor | None = None,
+        project: bool = True,
     ) -> torch.Tensor:
         """tgt_in: (B, T) ids (BOS-prefixed) -> logits (B, T, V).
 
         With ``positions`` (flat indices into B·T), only those positions are projected onto
         the vocabulary: logits (len(positions), V). Training passes the real (non-pad) target
-        positions, so no output-layer or softmax work is spent on padding.
+        positions, so no output-layer or softmax work is spent on padding. With
+        ``project=False`` the decoder's output states (B, T, d) or (N, d) come back instead,
+        for a loss that applies ``output_projection`` itself (``training.loss.OutputLayerLoss``).
         """
         y = self.decoder(self.embedding(tgt_in, offset), memory, memory_mask, cache)  # (B, T, d)
         if positions is not None:
             y = y.reshape(-1, y.size(-1)).index_select(0, positions)  # (N, d)
-        return self.output_projection(y)
+        return self.output_projection(y) if project else y
 
     def forward(
-        self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor | None = None
+        self,
+        src: torch.Tensor,
+        tgt_in: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        project: bool = True,
     ) -> torch.Tensor:
         """Teacher forcing: src (B, S), tgt_in (B, T) -> logits (B, T, V), or (N, V) at
-        ``positions`` (see ``decode``)."""
+        ``positions``, or the states before the output projection (see ``decode``)."""
         memory, src_mask = self.encode(src)
-        return self.decode(tgt_in, memory, src_mask, positions=positions)
+        return self.decode(tgt_in, memory, src_mask, positions=positions, project=project)
 
     def new_cache(self) -> DecoderCache:
         """An empty key/value cache for incremental decoding."""

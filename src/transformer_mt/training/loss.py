@@ -1,4 +1,14 @@
-"""Label-smoothed cross entropy (paper §5.4), fused into one forward and one backward pass."""
+"""Label-smoothed cross entropy (paper §5.4), fused into one forward and one backward pass.
+
+Two entry points share the arithmetic:
+
+- :func:`label_smoothed_nll_loss` takes logits (any caller, any shape);
+- :class:`OutputLayerLoss` takes the decoder's output states and the output projection's
+  weight: the projection, the softmax and the loss are one autograd step that writes its
+  (N, V) logits, log-probs and gradient into one buffer kept across calls. On a CPU each fresh
+  (N, V) tensor (about 120 MB for 4,000 targets × 8k vocabulary) costs page faults and
+  zeroing; the training step needed three per micro-batch.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +19,55 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
-def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision logits; fp32 and fp64 stay as they are."""
-    return torch.promote_types(logits.dtype, torch.float32)
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _smoothed_losses(
+    lprobs: torch.Tensor,  # (N, V) log-probabilities
+    target: torch.Tensor,  # (N,)
+    epsilon: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed smoothed loss and NLL, plus the gold index (N, 1) and keep weights (N,)."""
+    keep = (target != ignore_index).to(lprobs.dtype)  # (N,)
+    gold_index = target.clamp(min=0).unsqueeze(1)  # (N, 1); ignored rows are masked
+    nll = -lprobs.gather(1, gold_index).squeeze(1) * keep  # -log p_gold
+    smooth = -lprobs.mean(dim=-1) * keep  # mean_v(-log p_v)
+    loss = (1.0 - epsilon) * nll + epsilon * smooth
+    return loss.sum(), nll.sum(), gold_index, keep
+
+
+def _logit_gradient_(
+    lprobs: torch.Tensor,  # (N, V), overwritten with the gradient
+    gold_index: torch.Tensor,
+    keep: torch.Tensor,
+    grad_loss: torch.Tensor,
+    grad_nll: torch.Tensor,
+    epsilon: float,
+) -> torch.Tensor:
+    """d(grad_loss·loss + grad_nll·nll)/d logits, written over ``lprobs`` in three passes.
+
+    d loss_i / d logits_i = softmax_i - (1-ε)·onehot - ε/V and d nll_i / d logits_i =
+    softmax_i - onehot. Log-probs below -87.3 would put exp in float32's subnormal range, where
+    the CPU's vectorized exp takes a ~20x slower path (without label smoothing, much of a
+    trained model's vocabulary lies there); probabilities < 1.7e-38 change nothing.
+    """
+    vocab = lprobs.size(-1)
+    grad = lprobs.clamp_min_(-87.0).exp_()  # (N, V) softmax
+    grad.mul_(((grad_loss + grad_nll) * keep).unsqueeze(1))
+    grad.sub_((grad_loss * epsilon / vocab * keep).unsqueeze(1))
+    gold = -((grad_loss * (1.0 - epsilon) + grad_nll) * keep).unsqueeze(1)  # (N, 1)
+    return grad.scatter_add_(1, gold_index, gold)
 
 
 class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     """Forward: one log-softmax kernel, then the gold and mean log-probability per row.
 
-    Backward from the saved log-probs in three (N, V) passes (exp, then scale and shift in place)
-    plus a scatter at the gold tokens: d loss_i / d logits_i = softmax_i - (1-ε)·onehot - ε/V
-    and d nll_i / d logits_i = softmax_i - onehot. Autograd through log_softmax + gather +
-    mean would instead write and read several more (N, V) tensors, memory-bound on a CPU.
+    Backward from the saved log-probs in three in-place (N, V) passes plus a scatter at the
+    gold tokens (``_logit_gradient_``). Autograd through log_softmax + gather + mean would
+    instead write and read several more (N, V) tensors, memory-bound on a CPU.
     """
 
     @staticmethod
@@ -31,15 +78,11 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         epsilon: float,
         ignore_index: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        lprobs = F.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)  # (N, V), one kernel
-        keep = (target != ignore_index).to(lprobs.dtype)  # (N,)
-        gold_index = target.clamp(min=0).unsqueeze(1)  # (N, 1); ignored rows are masked
-        nll = -lprobs.gather(1, gold_index).squeeze(1) * keep  # -log p_gold
-        smooth = -lprobs.mean(dim=-1) * keep  # mean_v(-log p_v)
-        loss = (1.0 - epsilon) * nll + epsilon * smooth
+        lprobs = F.log_softmax(logits.to(_compute_dtype(logits.dtype)), dim=-1)  # (N, V)
+        loss, nll, gold_index, keep = _smoothed_losses(lprobs, target, epsilon, ignore_index)
         ctx.save_for_backward(lprobs, gold_index, keep)
         ctx.epsilon, ctx.logits_dtype = epsilon, logits.dtype
-        return loss.sum(), nll.sum()
+        return loss, nll
 
     @staticmethod
     @once_differentiable
@@ -47,16 +90,8 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         ctx: Any, grad_loss: torch.Tensor, grad_nll: torch.Tensor
     ) -> tuple[torch.Tensor, None, None, None]:
         lprobs, gold_index, keep = ctx.saved_tensors
-        eps, vocab = ctx.epsilon, lprobs.size(-1)
-        # (N, V) softmax. Log-probs below -87.3 would put exp in float32's subnormal range,
-        # where the CPU's vectorized exp takes a ~20x slower path (without label smoothing,
-        # much of a trained model's vocabulary lies there); probabilities < 1.7e-38 change
-        # nothing.
-        grad = lprobs.clamp_min(-87.0).exp_()
-        grad.mul_(((grad_loss + grad_nll) * keep).unsqueeze(1))
-        grad.sub_((grad_loss * eps / vocab * keep).unsqueeze(1))
-        gold = -((grad_loss * (1.0 - eps) + grad_nll) * keep).unsqueeze(1)  # (N, 1)
-        grad.scatter_add_(1, gold_index, gold)
+        # The saved log-probs are copied first, so a retained graph can run backward again.
+        grad = _logit_gradient_(lprobs.clone(), gold_index, keep, grad_loss, grad_nll, ctx.epsilon)
         return grad.to(ctx.logits_dtype), None, None, None
 
 
@@ -76,3 +111,89 @@ def label_smoothed_nll_loss(
     logits = logits.reshape(-1, logits.size(-1))
     loss, nll = _LabelSmoothedCrossEntropy.apply(logits, target.reshape(-1), epsilon, ignore_index)
     return loss, nll
+
+
+class _ProjectedLabelSmoothedCrossEntropy(torch.autograd.Function):
+    """logits = hidden · weightᵀ, then the loss, all in ``buffer``: logits, then log-probs
+    (in place), then in backward the logits' gradient (in place), which the two matrix
+    products of the projection's backward read."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,  # (N, d)
+        weight: torch.Tensor,  # (V, d)
+        target: torch.Tensor,  # (N,)
+        epsilon: float,
+        ignore_index: int,
+        buffer: torch.Tensor,  # (N, V), fp32 or fp64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(hidden.device.type, enabled=False):
+            if hidden.dtype == buffer.dtype:
+                torch.mm(hidden, weight.t(), out=buffer)  # (N, V) logits
+            else:  # half-precision matmul, fp32 softmax
+                buffer.copy_(torch.mm(hidden, weight.t()))
+            lprobs = torch.log_softmax(buffer, dim=-1, out=buffer)  # in place, row by row
+            loss, nll, gold_index, keep = _smoothed_losses(lprobs, target, epsilon, ignore_index)
+        ctx.save_for_backward(hidden, weight, lprobs, gold_index, keep)
+        ctx.epsilon = epsilon
+        return loss, nll
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_loss: torch.Tensor, grad_nll: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
+        hidden, weight, lprobs, gold_index, keep = ctx.saved_tensors
+        grad = _logit_gradient_(lprobs, gold_index, keep, grad_loss, grad_nll, ctx.epsilon)
+        grad = grad.to(hidden.dtype)  # (N, V)
+        # The same products (and operand layouts) as autograd's backward of hidden @ weight.t().
+        grad_hidden = grad.mm(weight) if ctx.needs_input_grad[0] else None  # (N, d)
+        grad_weight = grad.t().mm(hidden) if ctx.needs_input_grad[1] else None  # (V, d)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+class OutputLayerLoss:
+    """The output layer (logits = hidden · Wᵀ) and the label-smoothed loss as one autograd step.
+
+    Equals ``label_smoothed_nll_loss(hidden @ weight.t(), target, ...)`` in value and gradient.
+    One (N, V) buffer, grown as needed, is reused by every call: a call's graph must be
+    backpropagated before the next call (as a training step does). Backpropagating an older
+    call raises autograd's "modified by an inplace operation" error rather than returning
+    wrong gradients. Under autocast the projection runs in the autocast dtype and the softmax
+    and loss in fp32, as with ``nn.Linear`` followed by ``label_smoothed_nll_loss``.
+    """
+
+    def __init__(self, epsilon: float, ignore_index: int) -> None:
+        self.epsilon = epsilon
+        self.ignore_index = ignore_index
+        self._buffer: torch.Tensor | None = None
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,  # (N, d) decoder output states at the target positions
+        weight: torch.Tensor,  # (V, d) output projection
+        target: torch.Tensor,  # (N,)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed label-smoothed loss and summed NLL (see ``label_smoothed_nll_loss``)."""
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        buffer = self._logits_buffer(hidden.size(0), weight.size(0), hidden)
+        loss, nll = _ProjectedLabelSmoothedCrossEntropy.apply(
+            hidden, weight, target, self.epsilon, self.ignore_index, buffer
+        )
+        return loss, nll
+
+    def _logits_buffer(self, rows: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
+        """A (rows, vocab) view of the kept buffer, reallocated when too small or unsuitable."""
+        dtype = _compute_dtype(like.dtype)
+        if torch.is_inference_mode_enabled():  # inference tensors cannot be saved by autograd
+            return torch.empty(rows, vocab, dtype=dtype, device=like.device)
+        buf = self._buffer
+        fits = buf is not None and buf.numel() >= rows * vocab
+        if not fits or buf.dtype != dtype or buf.device != like.device:  # type: ignore[union-attr]
+            self._buffer = buf = None  # free the old one before allocating
+            buf = self._buffer = torch.empty(rows * vocab, dtype=dtype, device=like.device)
+        return buf[: rows * vocab].view(rows, vocab)

@@ -47,7 +47,7 @@ from transformer_mt.training.checkpoint import (
     step_checkpoints,
 )
 from transformer_mt.training.config import validate_config
-from transformer_mt.training.loss import label_smoothed_nll_loss
+from transformer_mt.training.loss import OutputLayerLoss
 from transformer_mt.training.precision import autocast, grad_scaler
 from transformer_mt.training.rng import rng_state, seed_everything, set_rng_state
 from transformer_mt.training.schedule import inverse_sqrt_schedule
@@ -153,6 +153,7 @@ class Trainer:
         )
         self.scheduler = inverse_sqrt_schedule(self.optimizer, ocfg.warmup_steps)
         self.scaler = grad_scaler(self.device, self.tcfg.precision)
+        self.criterion = OutputLayerLoss(self.tcfg.label_smoothing, self.tokenizer.pad_id)
 
         # Progress; all of it is saved in checkpoints (see training_state).
         self.step = 0  # successful updates
@@ -290,11 +291,11 @@ class Trainer:
             no_sync = self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext()
             batch = batch.to(self.device)
             with no_sync:
-                with autocast(self.device, self.tcfg.precision):  # logits at real targets only
-                    logits = model(batch.src, batch.tgt_in, batch.tgt_positions)  # (N, V)
-                loss, _ = label_smoothed_nll_loss(
-                    logits, batch.real_targets(), self.tcfg.label_smoothing, self.tokenizer.pad_id
-                )
+                with autocast(self.device, self.tcfg.precision):  # real target positions only
+                    hidden = model(batch.src, batch.tgt_in, batch.tgt_positions, project=False)
+                    loss, _ = self.criterion(
+                        hidden, self.model.output_projection.weight, batch.real_targets()
+                    )
                 scaled = loss * (scale * weight)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.detach() * weight
@@ -357,10 +358,10 @@ class Trainer:
         ):
             batch = batch.to(self.device)
             with autocast(self.device, self.tcfg.precision):
-                logits = self.model(batch.src, batch.tgt_in, batch.tgt_positions)  # (N, V)
-            loss, nll = label_smoothed_nll_loss(
-                logits, batch.real_targets(), self.tcfg.label_smoothing, tok.pad_id
-            )
+                hidden = self.model(batch.src, batch.tgt_in, batch.tgt_positions, project=False)
+                loss, nll = self.criterion(
+                    hidden, self.model.output_projection.weight, batch.real_targets()
+                )
             total_loss += float(loss)
             total_nll += float(nll)
             total_tokens += batch.n_tgt_tokens
