@@ -40,14 +40,15 @@ def _smoothed_losses(
 
 
 def _logit_gradient_(
-    lprobs: torch.Tensor,  # (N, V), overwritten with the gradient
+    lprobs: torch.Tensor,  # (N, V)
     gold_index: torch.Tensor,
     keep: torch.Tensor,
     grad_loss: torch.Tensor,
     grad_nll: torch.Tensor,
     epsilon: float,
+    out: torch.Tensor,  # (N, V), may be ``lprobs`` itself
 ) -> torch.Tensor:
-    """d(grad_loss·loss + grad_nll·nll)/d logits, written over ``lprobs`` in three passes.
+    """d(grad_loss·loss + grad_nll·nll)/d logits, written into ``out`` in three passes.
 
     d loss_i / d logits_i = softmax_i - (1-ε)·onehot - ε/V and d nll_i / d logits_i =
     softmax_i - onehot. Log-probs below -87.3 would put exp in float32's subnormal range, where
@@ -55,7 +56,7 @@ def _logit_gradient_(
     trained model's vocabulary lies there); probabilities < 1.7e-38 change nothing.
     """
     vocab = lprobs.size(-1)
-    grad = lprobs.clamp_min_(-87.0).exp_()  # (N, V) softmax
+    grad = torch.clamp_min(lprobs, -87.0, out=out).exp_()  # (N, V) softmax
     grad.mul_(((grad_loss + grad_nll) * keep).unsqueeze(1))
     grad.sub_((grad_loss * epsilon / vocab * keep).unsqueeze(1))
     gold = -((grad_loss * (1.0 - epsilon) + grad_nll) * keep).unsqueeze(1)  # (N, 1)
@@ -90,8 +91,10 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         ctx: Any, grad_loss: torch.Tensor, grad_nll: torch.Tensor
     ) -> tuple[torch.Tensor, None, None, None]:
         lprobs, gold_index, keep = ctx.saved_tensors
-        # The saved log-probs are copied first, so a retained graph can run backward again.
-        grad = _logit_gradient_(lprobs.clone(), gold_index, keep, grad_loss, grad_nll, ctx.epsilon)
+        # A new tensor, not the saved log-probs: a retained graph can run backward again.
+        grad = _logit_gradient_(
+            lprobs, gold_index, keep, grad_loss, grad_nll, ctx.epsilon, torch.empty_like(lprobs)
+        )
         return grad.to(ctx.logits_dtype), None, None, None
 
 
@@ -145,7 +148,7 @@ class _ProjectedLabelSmoothedCrossEntropy(torch.autograd.Function):
         ctx: Any, grad_loss: torch.Tensor, grad_nll: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
         hidden, weight, lprobs, gold_index, keep = ctx.saved_tensors
-        grad = _logit_gradient_(lprobs, gold_index, keep, grad_loss, grad_nll, ctx.epsilon)
+        grad = _logit_gradient_(lprobs, gold_index, keep, grad_loss, grad_nll, ctx.epsilon, lprobs)
         grad = grad.to(hidden.dtype)  # (N, V)
         # The same products (and operand layouts) as autograd's backward of hidden @ weight.t().
         grad_hidden = grad.mm(weight) if ctx.needs_input_grad[0] else None  # (N, d)

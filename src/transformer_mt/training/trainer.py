@@ -271,6 +271,15 @@ class Trainer:
         return state
 
     # -- one update ---------------------------------------------------------------------------
+    def batch_loss(
+        self, module: torch.nn.Module, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed label-smoothed loss and NLL of ``batch`` (on the device) through ``module``
+        (the model, or its DDP/compiled wrapper), at the real target positions only."""
+        with autocast(self.device, self.tcfg.precision):
+            hidden = module(batch.src, batch.tgt_in, batch.tgt_positions, project=False)
+            return self.criterion(hidden, self.model.output_projection.weight, batch.real_targets())
+
     def train_step(self, batches: list[tuple[Batch, float]]) -> tuple[torch.Tensor, int] | None:
         """One update from this rank's micro-batches ``[(batch, weight), ...]``.
 
@@ -291,11 +300,7 @@ class Trainer:
             no_sync = self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext()
             batch = batch.to(self.device)
             with no_sync:
-                with autocast(self.device, self.tcfg.precision):  # real target positions only
-                    hidden = model(batch.src, batch.tgt_in, batch.tgt_positions, project=False)
-                    loss, _ = self.criterion(
-                        hidden, self.model.output_projection.weight, batch.real_targets()
-                    )
+                loss, _ = self.batch_loss(model, batch)
                 scaled = loss * (scale * weight)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.detach() * weight
@@ -357,11 +362,7 @@ class Trainer:
             max_len=max_len,
         ):
             batch = batch.to(self.device)
-            with autocast(self.device, self.tcfg.precision):
-                hidden = self.model(batch.src, batch.tgt_in, batch.tgt_positions, project=False)
-                loss, nll = self.criterion(
-                    hidden, self.model.output_projection.weight, batch.real_targets()
-                )
+            loss, nll = self.batch_loss(self.model, batch)
             total_loss += float(loss)
             total_nll += float(nll)
             total_tokens += batch.n_tgt_tokens
