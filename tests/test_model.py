@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import small_transformer
 from transformer_mt.model import Dropout, MultiHeadAttention, PositionalEncoding
+from transformer_mt.model.dropout import keep_mask
 
 
 def copy_into_reference(ours: MultiHeadAttention, ref: nn.MultiheadAttention) -> None:
@@ -129,6 +130,39 @@ def test_dropout_keeps_1_minus_p_scales_by_its_inverse_and_follows_torch_seed() 
     assert torch.equal(drop.eval()(x), x)  # identity at inference
     with pytest.raises(ValueError, match="dropout probability"):
         Dropout(1.0)
+
+
+def test_keep_mask_honours_p_and_zeroes_where_asked() -> None:
+    torch.manual_seed(0)
+    shape = torch.Size([400, 1000])
+    for p in (0.1, 0.3, 0.5):
+        mask = keep_mask(shape, p, torch.float32)
+        values = mask.unique().tolist()
+        assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - p))
+        # 400,000 draws: sigma of the dropped fraction is at most 0.0008; 0.004 is 5 sigma.
+        assert abs((mask == 0).float().mean().item() - p) < 0.004
+    where = torch.rand(shape) < 0.5
+    mask = keep_mask(shape, 0.3, torch.bfloat16, where=where)
+    assert mask.dtype == torch.bfloat16
+    assert not mask[~where].any()  # zero wherever ``where`` is False ...
+    assert abs((mask[where] == 0).float().mean().item() - 0.3) < 0.005  # ... dropout elsewhere
+
+
+def test_dropout_relu_is_relu_then_dropout_in_value_and_gradient() -> None:
+    drop = Dropout(0.3).train()
+    x = torch.randn(64, 300, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    torch.manual_seed(5)
+    fused = drop.relu(x)
+    torch.manual_seed(5)
+    separate = drop(torch.relu(x2))
+    assert torch.equal(fused, separate)
+    upstream = torch.randn(64, 300)
+    fused.backward(upstream)
+    separate.backward(upstream)
+    assert torch.equal(x.grad, x2.grad)
+    assert (fused == 0).float().mean().item() > 0.6  # about 1 - 0.5 · 0.7 = 0.65 zeroed
+    assert torch.equal(drop.eval().relu(x), torch.relu(x))  # plain ReLU at inference
 
 
 def test_dropout_is_torch_dropout_under_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:

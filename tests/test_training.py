@@ -105,7 +105,7 @@ def _projection_case(n: int, v: int, d: int, seed: int) -> tuple[torch.Tensor, .
 
 def test_output_layer_loss_equals_linear_then_loss_in_value_and_gradient() -> None:
     criterion = OutputLayerLoss(0.1, ignore_index=0)
-    # Growing, then shrinking batches: the kept buffer is reallocated, then reused as a view.
+    # Growing, then shrinking batches: the kept buffer is reused as a view each time.
     for n, seed in ((9, 0), (23, 1), (5, 2)):
         hidden, weight, target = _projection_case(n, 11, 6, seed)
         h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -118,6 +118,25 @@ def test_output_layer_loss_equals_linear_then_loss_in_value_and_gradient() -> No
         torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-6, atol=1e-7)
         assert h1.grad is not None and h1.grad[::4].abs().sum() == 0  # padding: no gradient
+
+
+def test_output_layer_loss_grows_its_buffer_with_headroom_and_reuses_it() -> None:
+    criterion = OutputLayerLoss(0.1, ignore_index=0)
+    vocab = 6
+
+    def buffer_after(n: int) -> tuple[int, int]:
+        hidden, weight, target = _projection_case(n, vocab, 4, n)
+        loss, _ = criterion(hidden, weight.requires_grad_(), target)
+        loss.backward()
+        assert criterion._buffer is not None
+        return criterion._buffer.data_ptr(), criterion._buffer.numel()
+
+    first = buffer_after(9)
+    assert first[1] == 512 * vocab  # rows rounded up to a multiple of 512
+    assert buffer_after(500) == first  # a larger batch within the headroom: same memory
+    grown = buffer_after(700)
+    assert grown[1] == 1024 * vocab
+    assert buffer_after(30) == grown  # shrinking never reallocates
 
 
 def test_output_layer_loss_under_bf16_autocast_matches_linear_then_loss() -> None:

@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def keep_mask(
+    shape: torch.Size, p: float, dtype: torch.dtype, where: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A CPU tensor of 0s (probability p) and 1/(1-p)s (probability 1-p): dropout's multiplier.
+    With ``where`` (bool, ``shape``), elements where it is False are 0 as well.
+
+    Each element compares one 16-bit draw from NumPy's SFC64 generator with round(p·2¹⁶), so p
+    is honoured to within 2⁻¹⁷. Four draws come from each 64-bit output, with no float
+    conversion: about 5× faster than float32 uniforms and many times faster than torch's CPU
+    ``bernoulli_``. SFC64 is seeded by one draw from torch's generator, so ``torch.manual_seed``
+    and the torch RNG state saved in checkpoints govern the masks as they govern ``nn.Dropout``.
+    """
+    seed = int(torch.randint(0, 2**62, (1,)))
+    n = math.prod(shape)
+    raw = np.random.SFC64(seed).random_raw((n + 3) // 4)  # (⌈n/4⌉,) uint64
+    draws = torch.from_numpy(raw.view(np.int16)[:n]).view(shape)  # uniform on [-2¹⁵, 2¹⁵)
+    threshold = round(p * 65536) - 32768  # P(draw < threshold) = round(p·2¹⁶) / 2¹⁶
+    keep = draws >= threshold
+    if where is not None:
+        keep &= where
+    return keep.to(dtype).mul_(1.0 / (1.0 - p))
+
+
 class Dropout(nn.Module):
     """Inverted dropout: zero each element with probability ``p``, scale the rest by 1/(1-p).
 
-    Same semantics as ``nn.Dropout``. On CPU the uniform draws for the mask come from NumPy's
-    counter-based Philox generator, several times faster than torch's CPU ``bernoulli_``
-    (which took ~17% of a training step of the small model). Each call seeds Philox with one
-    draw from torch's generator, so ``torch.manual_seed`` and the torch RNG state saved in
-    checkpoints govern the masks as they govern ``nn.Dropout``. On other devices, and under
-    ``torch.compile``, it is ``F.dropout``.
+    Same semantics as ``nn.Dropout``. On CPU the mask comes from ``keep_mask`` (torch's CPU
+    ``bernoulli_`` took ~17% of a training step of the small model). On other devices, and
+    under ``torch.compile``, it is ``F.dropout``.
     """
 
     def __init__(self, p: float) -> None:
@@ -29,12 +51,21 @@ class Dropout(nn.Module):
         """x with elements zeroed (probability p) and the rest scaled by 1/(1-p) in training."""
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
+        if not self.uses_keep_mask(x):
             return F.dropout(x, self.p, training=True)
-        seed = int(torch.randint(0, 2**62, (1,)))
-        uniform = np.random.Generator(np.random.Philox(seed)).random(x.shape, dtype=np.float32)
-        keep = torch.from_numpy(uniform).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1/(1-p)
-        return x * keep.to(x.dtype)
+        return x * keep_mask(x.shape, self.p, x.dtype)
+
+    def relu(self, x: torch.Tensor) -> torch.Tensor:
+        """dropout(max(0, x)) as one multiply: max(0, x) · m = x · (m · [x > 0]). Its backward is
+        one multiply too, where ReLU and dropout would each make a pass over x's gradient."""
+        if not (self.training and self.p > 0.0 and self.uses_keep_mask(x)):
+            return self(torch.relu(x))
+        return x * keep_mask(x.shape, self.p, x.dtype, where=x > 0)
+
+    @staticmethod
+    def uses_keep_mask(x: torch.Tensor) -> bool:
+        """Whether dropout of ``x`` draws its mask with ``keep_mask`` (CPU, not compiling)."""
+        return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

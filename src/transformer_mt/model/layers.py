@@ -22,7 +22,10 @@ class FeedForward(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        h = self.linear1(x)  # (B, T, d_ff)
+        if isinstance(self.activation, nn.ReLU):
+            return self.linear2(self.dropout.relu(h))  # ReLU and dropout in one multiply
+        return self.linear2(self.dropout(self.activation(h)))
 
 
 class Residual(nn.Module):

@@ -198,5 +198,6 @@ class OutputLayerLoss:
         fits = buf is not None and buf.numel() >= rows * vocab
         if not fits or buf.dtype != dtype or buf.device != like.device:  # type: ignore[union-attr]
             self._buffer = buf = None  # free the old one before allocating
-            buf = self._buffer = torch.empty(rows * vocab, dtype=dtype, device=like.device)
+            capacity = -(-rows // 512) * 512  # headroom: slightly larger batches reuse it
+            buf = self._buffer = torch.empty(capacity * vocab, dtype=dtype, device=like.device)
         return buf[: rows * vocab].view(rows, vocab)
