@@ -148,12 +148,12 @@ def test_keep_mask_honours_p_and_zeroes_where_asked() -> None:
     assert abs((mask[where] == 0).float().mean().item() - 0.3) < 0.005  # ... dropout elsewhere
 
 
-def test_dropout_relu_is_relu_then_dropout_in_value_and_gradient() -> None:
+def test_dropout_after_relu_is_relu_then_dropout_in_value_and_gradient() -> None:
     drop = Dropout(0.3).train()
     x = torch.randn(64, 300, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     torch.manual_seed(5)
-    fused = drop.relu(x)
+    fused = drop.after_relu(x)
     torch.manual_seed(5)
     separate = drop(torch.relu(x2))
     assert torch.equal(fused, separate)
@@ -162,7 +162,7 @@ def test_dropout_relu_is_relu_then_dropout_in_value_and_gradient() -> None:
     separate.backward(upstream)
     assert torch.equal(x.grad, x2.grad)
     assert (fused == 0).float().mean().item() > 0.6  # about 1 - 0.5 · 0.7 = 0.65 zeroed
-    assert torch.equal(drop.eval().relu(x), torch.relu(x))  # plain ReLU at inference
+    assert torch.equal(drop.eval().after_relu(x), torch.relu(x))  # plain ReLU at inference
 
 
 def test_dropout_is_torch_dropout_under_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:

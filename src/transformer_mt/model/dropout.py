@@ -55,7 +55,7 @@ class Dropout(nn.Module):
             return F.dropout(x, self.p, training=True)
         return x * keep_mask(x.shape, self.p, x.dtype)
 
-    def relu(self, x: torch.Tensor) -> torch.Tensor:
+    def after_relu(self, x: torch.Tensor) -> torch.Tensor:
         """dropout(max(0, x)) as one multiply: max(0, x) · m = x · (m · [x > 0]). Its backward is
         one multiply too, where ReLU and dropout would each make a pass over x's gradient."""
         if not (self.training and self.p > 0.0 and self.uses_keep_mask(x)):

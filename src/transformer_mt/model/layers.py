@@ -24,7 +24,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         h = self.linear1(x)  # (B, T, d_ff)
         if isinstance(self.activation, nn.ReLU):
-            return self.linear2(self.dropout.relu(h))  # ReLU and dropout in one multiply
+            return self.linear2(self.dropout.after_relu(h))  # ReLU and dropout in one multiply
         return self.linear2(self.dropout(self.activation(h)))
 
 
