@@ -91,6 +91,7 @@ def test_average_last_writes_the_mean_of_the_last_checkpoints_and_scores_it(
         "trainer.average_last=2",
         "trainer.final_eval=true",
         "trainer.final_beam_size=2",
+        "trainer.final_alpha=0.5",
     )
     result = Trainer(cfg, corpus_root / "run").train()
     ckpts = corpus_root / "run" / "checkpoints"
@@ -107,6 +108,8 @@ def test_average_last_writes_the_mean_of_the_last_checkpoints_and_scores_it(
     saved = json.loads((corpus_root / "run" / "results.json").read_text())
     assert saved["averaged"]["checkpoint"] == str(ckpts / "averaged.pt")
     assert set(saved["averaged"]) >= {"valid", "test"} and "bleu" in saved["averaged"]["test"]
+    assert (saved["beam_size"], saved["alpha"]) == (2, 0.5)
+    assert (saved["averaged"]["beam_size"], saved["averaged"]["alpha"]) == (2, 0.5)
     assert result.final["averaged"]["valid"] == saved["averaged"]["valid"]
 
 
@@ -131,6 +134,7 @@ def test_bad_precision_fails_before_training(corpus_root: Path) -> None:
     [
         ("optim.lr=0", "optim.lr"),
         ("trainer.max_tokens=-5", "trainer.max_tokens"),
+        ("trainer.final_alpha=-1", "trainer.final_alpha"),
         ("model.n_heads=3", "model.n_heads"),
         ("data.filter.max_len=300", "model.max_positions"),
         ("data.tgt_lang=en", "data.src_lang"),

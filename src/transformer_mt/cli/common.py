@@ -65,8 +65,9 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
     search = g.add_mutually_exclusive_group()
     search.add_argument("--beam", type=int, default=5, help="beam size (default 5); 1 = greedy")
     search.add_argument("--greedy", action="store_true", help="greedy search (same as --beam 1)")
+    alpha = SearchOptions.alpha
     g.add_argument(
-        "--alpha", type=float, default=0.6, help="length penalty α (default 0.6; 0 = off)"
+        "--alpha", type=float, default=alpha, help=f"length penalty α (default {alpha:g}; 0 = off)"
     )
     g.add_argument(
         "--max-len-a", type=float, default=1.5, help="output budget a·src_len + b: a (default 1.5)"

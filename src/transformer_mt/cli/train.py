@@ -54,9 +54,9 @@ def train(cfg: DictConfig) -> float:
         for name, final in (("best", result.final), ("averaged", averaged)):
             for role in ("valid", "test"):
                 if role in final:
-                    r = final[role]
+                    r, search = final[role], f"beam {final['beam_size']}, α {final['alpha']:g}"
                     print(
-                        f"{name} {role} (beam {final['beam_size']}): BLEU {r['bleu']:.2f} "
+                        f"{name} {role} ({search}): BLEU {r['bleu']:.2f} "
                         f"chrF {r['chrf']:.2f}  [{r['signature']}]"
                     )
     return result.best_val_bleu

@@ -19,11 +19,13 @@ class SearchOptions:
     included (capped by the model's positions). EOS is not allowed before ``min_len`` tokens
     (unless the budget runs out). ``no_repeat_ngram`` > 0 forbids any n-gram of that size
     from appearing twice in a hypothesis. ``alpha`` is the GNMT length penalty (0 = rank by
-    raw log-probability). ``beam_size`` 1 is greedy search.
+    raw log-probability). ``beam_size`` 1 is greedy search. The default α, 2.2, was tuned on
+    Multi30k val: this project's models write short beam outputs, and a strong length penalty
+    brings them closer to the references' length (README, "Tuning on val").
     """
 
     beam_size: int = 5
-    alpha: float = 0.6
+    alpha: float = 2.2
     max_len_a: float = 1.5
     max_len_b: int = 10
     min_len: int = 1
@@ -54,7 +56,7 @@ class SearchOptions:
         return "-".join([f"beam{self.beam_size}", *changed])
 
 
-BEAM = SearchOptions()  # beam 5, α 0.6
+BEAM = SearchOptions()  # beam 5, α 2.2
 GREEDY = SearchOptions(beam_size=1)
 
 

@@ -49,6 +49,7 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
         ),
         _positive(t.max_nonfinite_updates, "trainer.max_nonfinite_updates"),
         _positive(t.final_beam_size, "trainer.final_beam_size"),
+        (t.final_alpha >= 0, f"trainer.final_alpha must be ≥ 0 (0 = off), got {t.final_alpha}"),
         (t.keep_best >= 0, f"trainer.keep_best must be ≥ 0, got {t.keep_best}"),
         (t.clip_norm >= 0, f"trainer.clip_norm must be ≥ 0 (0 = off), got {t.clip_norm}"),
         (

@@ -583,10 +583,10 @@ class Trainer:
     def final_evaluation(self, checkpoint: Path) -> dict[str, Any]:
         """Beam-search BLEU/chrF of ``checkpoint`` (best.pt, averaged.pt) on val and test."""
         translator = Translator.from_checkpoint(checkpoint, device=str(self.device))
-        results: dict[str, Any] = {"beam_size": self.tcfg.final_beam_size}
+        options = SearchOptions(beam_size=self.tcfg.final_beam_size, alpha=self.tcfg.final_alpha)
+        results: dict[str, Any] = {"beam_size": options.beam_size, "alpha": options.alpha}
         for role in ("valid", "test"):
             src, ref = read_references(self.cfg.data, role)
-            options = SearchOptions(beam_size=self.tcfg.final_beam_size)
             hyps = translator.translate(src, options, batch_size=self.tcfg.valid_batch_size)
             s = score(hyps, ref)
             results[role] = {
