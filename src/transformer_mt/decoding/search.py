@@ -20,8 +20,8 @@ class SearchOptions:
     (unless the budget runs out). ``no_repeat_ngram`` > 0 forbids any n-gram of that size
     from appearing twice in a hypothesis. ``alpha`` is the GNMT length penalty (0 = rank by
     raw log-probability). ``beam_size`` 1 is greedy search. The default α, 2.2, was tuned on
-    Multi30k val: this project's models write short beam outputs, and a strong length penalty
-    brings them closer to the references' length (README, "Tuning on val").
+    Multi30k val, where this project's models write short beam outputs; test_2016_flickr's
+    references are shorter, and there it does not help (README, "Length penalty").
     """
 
     beam_size: int = 5
