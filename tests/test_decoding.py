@@ -260,7 +260,13 @@ def test_min_len_and_max_len_conflict_still_finishes_every_sentence() -> None:
 
 
 def test_search_options_are_checked() -> None:
-    for bad in (dict(beam_size=0), dict(beam_size=2, nbest=3), dict(max_len_a=0.0, max_len_b=0)):
+    bad_options = (
+        dict(beam_size=0),
+        dict(beam_size=2, nbest=3),
+        dict(max_len_a=0.0, max_len_b=0),
+        dict(alpha=-0.5),
+    )
+    for bad in bad_options:
         with pytest.raises(ValueError):
             SearchOptions(**bad)  # type: ignore[arg-type]
 

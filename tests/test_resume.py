@@ -77,7 +77,7 @@ def test_sigkilled_run_resumes_to_bitwise_identical_weights(corpus_root: Path) -
 def test_truncated_checkpoint_is_named_and_resume_uses_the_previous_one(
     corpus_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    overrides = ("trainer.save_every_steps=5", "trainer.keep_last=3")
+    overrides = ("trainer.save_every_steps=5", "trainer.keep_last=3", "trainer.average_last=2")
     Trainer(make_config(corpus_root, "trainer.max_steps=15", *overrides), corpus_root / "r").train()
     files = step_checkpoints(corpus_root / "r" / "checkpoints")
     assert [p.name for p in files] == [f"checkpoint_{s:07d}.pt" for s in (5, 10, 15)]
@@ -105,6 +105,7 @@ def test_keeps_the_last_k_and_the_best_k(corpus_root: Path) -> None:
         "trainer.validate_every_steps=5",
         "trainer.keep_last=2",
         "trainer.keep_best=1",
+        "trainer.average_last=null",
     )
     trainer = Trainer(cfg, corpus_root / "r")
     trainer.train()

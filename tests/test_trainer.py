@@ -15,7 +15,8 @@ from conftest import synthetic_corpus, synthetic_overrides
 from transformer_mt.cli.common import config_dir
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.errors import ConfigError
-from transformer_mt.training.trainer import Trainer
+from transformer_mt.evaluation import score
+from transformer_mt.training.trainer import Trainer, read_references
 
 
 def make_config(root: Path, *overrides: str) -> DictConfig:
@@ -113,6 +114,33 @@ def test_average_last_writes_the_mean_of_the_last_checkpoints_and_scores_it(
     assert result.final["averaged"]["valid"] == saved["averaged"]["valid"]
 
 
+def test_a_list_of_alphas_is_tuned_on_val_and_only_the_winner_decodes_test(
+    corpus_root: Path,
+) -> None:
+    grid = [0.0, 0.5, 4.0]
+    cfg = make_config(
+        corpus_root,
+        "trainer.max_steps=12",
+        "trainer.average_last=null",
+        "trainer.final_eval=true",
+        "trainer.final_beam_size=3",
+        f"trainer.final_alpha=[{','.join(map(str, grid))}]",
+    )
+    result = Trainer(cfg, corpus_root / "run").train()
+    saved = json.loads((corpus_root / "run" / "results.json").read_text())
+    assert list(saved["alpha_grid"]) == ["0", "0.5", "4"]
+    val_bleu = saved["alpha_grid"]
+    chosen = max(grid, key=lambda a: val_bleu[f"{a:g}"])
+    assert saved["alpha"] == chosen and saved["beam_size"] == 3
+    assert saved["valid"]["bleu"] == val_bleu[f"{chosen:g}"]
+    # the reported val score is that of the chosen α, decoded again here from best.pt
+    translator = Translator.from_checkpoint(Path(result.best_checkpoint), device="cpu")
+    src, refs = read_references(cfg.data, "valid")
+    hyps = translator.translate(src, SearchOptions(beam_size=3, alpha=chosen))
+    assert score(hyps, refs)["bleu"].score == pytest.approx(saved["valid"]["bleu"])
+    assert "test" in saved and "alpha_grid" not in saved["test"]
+
+
 @pytest.mark.parametrize("average_last", [1, 6])
 def test_average_last_below_2_or_above_keep_last_is_a_config_error(
     corpus_root: Path, average_last: int
@@ -135,6 +163,12 @@ def test_bad_precision_fails_before_training(corpus_root: Path) -> None:
         ("optim.lr=0", "optim.lr"),
         ("trainer.max_tokens=-5", "trainer.max_tokens"),
         ("trainer.final_alpha=-1", "trainer.final_alpha"),
+        ("trainer.final_alpha=[1.0,-1]", "trainer.final_alpha"),
+        ("trainer.final_alpha=[]", "trainer.final_alpha"),
+        ("trainer.final_alpha=abc", "trainer.final_alpha"),
+        ("trainer.clip_norm=abc", "trainer.clip_norm"),
+        ("optim.lr=fast", "optim.lr"),
+        ("trainer.max_steps=true", "trainer.max_steps"),
         ("model.n_heads=3", "model.n_heads"),
         ("data.filter.max_len=300", "model.max_positions"),
         ("data.tgt_lang=en", "data.src_lang"),

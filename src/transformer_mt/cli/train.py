@@ -55,6 +55,8 @@ def train(cfg: DictConfig) -> float:
             for role in ("valid", "test"):
                 if role in final:
                     r, search = final[role], f"beam {final['beam_size']}, α {final['alpha']:g}"
+                    if "alpha_grid" in final:
+                        search += " tuned on val"
                     print(
                         f"{name} {role} ({search}): BLEU {r['bleu']:.2f} "
                         f"chrF {r['chrf']:.2f}  [{r['signature']}]"

@@ -42,6 +42,8 @@ class SearchOptions:
                 f"max length a·src+b needs a, b ≥ 0 and not both 0 (a={self.max_len_a}, "
                 f"b={self.max_len_b})"
             )
+        if self.alpha < 0:
+            raise ValueError(f"length penalty α must be ≥ 0 (0 = off), got {self.alpha}")
         if self.min_len < 0 or self.no_repeat_ngram < 0:
             raise ValueError("min length and no-repeat n-gram size must be ≥ 0")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from transformer_mt.data.corpus import corpus_file
 from transformer_mt.data.dataset import split_names
@@ -16,6 +16,59 @@ from transformer_mt.errors import ConfigError
 from transformer_mt.training.precision import check_precision
 
 RESUME_MODES = ("auto", "never")
+
+# Keys that must hold a number (null where the key's comment allows it); checked first, so that
+# a text value is named in the error rather than failing a comparison later.
+NUMERIC_KEYS = (
+    "optim.lr",
+    "optim.warmup_steps",
+    "trainer.max_tokens",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.update_freq",
+    "trainer.log_every",
+    "trainer.save_every_steps",
+    "trainer.validate_every_steps",
+    "trainer.patience",
+    "trainer.keep_last",
+    "trainer.keep_best",
+    "trainer.average_last",
+    "trainer.max_nonfinite_updates",
+    "trainer.final_beam_size",
+    "trainer.clip_norm",
+    "trainer.label_smoothing",
+    "model.d_model",
+    "model.n_heads",
+    "model.max_positions",
+    "data.filter.max_len",
+)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Each of ``NUMERIC_KEYS`` holds a number or null (whether null is allowed is checked
+    after, per key), and ``trainer.final_alpha`` a number ≥ 0 or a non-empty list of them."""
+    for key in NUMERIC_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not _is_number(value):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+    alpha = cfg.trainer.final_alpha
+    alphas = list(alpha) if isinstance(alpha, (ListConfig, list)) else [alpha]
+    if not alphas or not all(_is_number(a) and a >= 0 for a in alphas):
+        raise ConfigError(
+            "trainer.final_alpha must be a number ≥ 0 (0 = off) or a non-empty list of them "
+            f"(tuned on val), got {alpha}"
+        )
+
+
+def final_alphas(value: float | ListConfig | list[float]) -> list[float]:
+    """``trainer.final_alpha`` as a list: one α, or the grid to tune on val."""
+    if isinstance(value, (ListConfig, list)):
+        return [float(a) for a in value]
+    return [float(value)]
 
 
 def _positive(value: float | None, key: str, allow_null: bool = False) -> tuple[bool, str]:
@@ -25,6 +78,7 @@ def _positive(value: float | None, key: str, allow_null: bool = False) -> tuple[
 
 def validate_config(cfg: DictConfig, device: torch.device) -> None:
     """Raise ConfigError for settings that cannot train; the message names the key."""
+    check_numbers(cfg)
     t, o, m, d = cfg.trainer, cfg.optim, cfg.model, cfg.data
     checks = [
         _positive(o.lr, "optim.lr"),
@@ -49,7 +103,6 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
         ),
         _positive(t.max_nonfinite_updates, "trainer.max_nonfinite_updates"),
         _positive(t.final_beam_size, "trainer.final_beam_size"),
-        (t.final_alpha >= 0, f"trainer.final_alpha must be ≥ 0 (0 = off), got {t.final_alpha}"),
         (t.keep_best >= 0, f"trainer.keep_best must be ≥ 0, got {t.keep_best}"),
         (t.clip_norm >= 0, f"trainer.clip_norm must be ≥ 0 (0 = off), got {t.clip_norm}"),
         (

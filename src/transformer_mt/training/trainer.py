@@ -46,7 +46,7 @@ from transformer_mt.training.checkpoint import (
     spm_bytes_to_tensor,
     step_checkpoints,
 )
-from transformer_mt.training.config import validate_config
+from transformer_mt.training.config import final_alphas, validate_config
 from transformer_mt.training.loss import OutputLayerLoss
 from transformer_mt.training.precision import autocast, grad_scaler
 from transformer_mt.training.rng import rng_state, seed_everything, set_rng_state
@@ -581,14 +581,33 @@ class Trainer:
         return out
 
     def final_evaluation(self, checkpoint: Path) -> dict[str, Any]:
-        """Beam-search BLEU/chrF of ``checkpoint`` (best.pt, averaged.pt) on val and test."""
+        """Beam-search BLEU/chrF of ``checkpoint`` (best.pt, averaged.pt) on val and test.
+
+        With a list for ``trainer.final_alpha`` the length penalty is tuned on val: val is
+        decoded at each α, the α of the highest val BLEU (the first of ties) is kept, and only
+        that α decodes test. ``alpha_grid`` in the result maps each α to its val BLEU.
+        """
         translator = Translator.from_checkpoint(checkpoint, device=str(self.device))
-        options = SearchOptions(beam_size=self.tcfg.final_beam_size, alpha=self.tcfg.final_alpha)
-        results: dict[str, Any] = {"beam_size": options.beam_size, "alpha": options.alpha}
-        for role in ("valid", "test"):
-            src, ref = read_references(self.cfg.data, role)
-            hyps = translator.translate(src, options, batch_size=self.tcfg.valid_batch_size)
-            s = score(hyps, ref)
+        grid = final_alphas(self.tcfg.final_alpha)
+        val_src, val_ref = read_references(self.cfg.data, "valid")
+        scored = {}
+        for alpha in grid:
+            options = SearchOptions(beam_size=self.tcfg.final_beam_size, alpha=alpha)
+            hyps = translator.translate(val_src, options, batch_size=self.tcfg.valid_batch_size)
+            scored[alpha] = score(hyps, val_ref)
+        alpha = max(grid, key=lambda a: scored[a]["bleu"].score)  # max keeps the first of ties
+        results: dict[str, Any] = {"beam_size": self.tcfg.final_beam_size, "alpha": alpha}
+        if len(grid) > 1:
+            results["alpha_grid"] = {f"{a:g}": scored[a]["bleu"].score for a in grid}
+            self.log(
+                f"{checkpoint.name}: val BLEU by α "
+                + ", ".join(f"{a:g}: {scored[a]['bleu'].score:.2f}" for a in grid)
+                + f"; test decoded at α {alpha:g}"
+            )
+        options = SearchOptions(beam_size=self.tcfg.final_beam_size, alpha=alpha)
+        test_src, test_ref = read_references(self.cfg.data, "test")
+        hyps = translator.translate(test_src, options, batch_size=self.tcfg.valid_batch_size)
+        for role, s in (("valid", scored[alpha]), ("test", score(hyps, test_ref))):
             results[role] = {
                 "bleu": s["bleu"].score,
                 "chrf": s["chrf"].score,
