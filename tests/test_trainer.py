@@ -15,7 +15,6 @@ from conftest import synthetic_corpus, synthetic_overrides
 from transformer_mt.cli.common import config_dir
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.errors import ConfigError
-from transformer_mt.evaluation import score
 from transformer_mt.training.trainer import Trainer, read_references
 
 
@@ -114,31 +113,45 @@ def test_average_last_writes_the_mean_of_the_last_checkpoints_and_scores_it(
     assert result.final["averaged"]["valid"] == saved["averaged"]["valid"]
 
 
+class _Score:
+    def __init__(self, value: float) -> None:
+        self.score, self.signature = value, "length"
+
+
+def length_score(hyps: list[str], refs: list[str], *metrics: object) -> dict[str, _Score]:
+    """A stand-in for BLEU that rises with the output length (which α changes)."""
+    return {"bleu": _Score(sum(map(len, hyps)) / len(hyps)), "chrf": _Score(0.0)}
+
+
 def test_a_list_of_alphas_is_tuned_on_val_and_only_the_winner_decodes_test(
-    corpus_root: Path,
+    corpus_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Scored by output length, the α that writes the longest val output must win, and test
+    # must be decoded at it; a real BLEU is ~0 for every α this early in training.
+    monkeypatch.setattr("transformer_mt.training.trainer.score", length_score)
     grid = [0.0, 0.5, 4.0]
     cfg = make_config(
         corpus_root,
         "trainer.max_steps=12",
         "trainer.average_last=null",
         "trainer.final_eval=true",
-        "trainer.final_beam_size=3",
+        "trainer.final_beam_size=4",
         f"trainer.final_alpha=[{','.join(map(str, grid))}]",
     )
     result = Trainer(cfg, corpus_root / "run").train()
     saved = json.loads((corpus_root / "run" / "results.json").read_text())
-    assert list(saved["alpha_grid"]) == ["0", "0.5", "4"]
-    val_bleu = saved["alpha_grid"]
-    chosen = max(grid, key=lambda a: val_bleu[f"{a:g}"])
-    assert saved["alpha"] == chosen and saved["beam_size"] == 3
-    assert saved["valid"]["bleu"] == val_bleu[f"{chosen:g}"]
-    # the reported val score is that of the chosen α, decoded again here from best.pt
+    val_score = saved["alpha_grid"]
+    assert list(val_score) == ["0", "0.5", "4"]
+    assert val_score["4"] > val_score["0"]  # the penalty lengthens the output
+    chosen = max(grid, key=lambda a: val_score[f"{a:g}"])
+    assert chosen != grid[0] and saved["alpha"] == chosen and saved["beam_size"] == 4
+    assert saved["valid"]["bleu"] == val_score[f"{chosen:g}"]
+    # the reported val and test scores are those of the chosen α, decoded again from best.pt
     translator = Translator.from_checkpoint(Path(result.best_checkpoint), device="cpu")
-    src, refs = read_references(cfg.data, "valid")
-    hyps = translator.translate(src, SearchOptions(beam_size=3, alpha=chosen))
-    assert score(hyps, refs)["bleu"].score == pytest.approx(saved["valid"]["bleu"])
-    assert "test" in saved and "alpha_grid" not in saved["test"]
+    for role in ("valid", "test"):
+        src, refs = read_references(cfg.data, role)
+        hyps = translator.translate(src, SearchOptions(beam_size=4, alpha=chosen))
+        assert length_score(hyps, refs)["bleu"].score == pytest.approx(saved[role]["bleu"])
 
 
 @pytest.mark.parametrize("average_last", [1, 6])
