@@ -5,6 +5,7 @@ Unknown keys are refused earlier, by Hydra's struct mode, when the command line 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,45 +18,32 @@ from transformer_mt.training.precision import check_precision
 
 RESUME_MODES = ("auto", "never")
 
-# Keys that must hold a number (null where the key's comment allows it); checked first, so that
-# a text value is named in the error rather than failing a comparison later.
-NUMERIC_KEYS = (
-    "optim.lr",
-    "optim.warmup_steps",
-    "trainer.max_tokens",
-    "trainer.max_epochs",
-    "trainer.max_steps",
-    "trainer.update_freq",
-    "trainer.log_every",
-    "trainer.save_every_steps",
-    "trainer.validate_every_steps",
-    "trainer.patience",
-    "trainer.keep_last",
-    "trainer.keep_best",
-    "trainer.average_last",
-    "trainer.max_nonfinite_updates",
-    "trainer.final_beam_size",
-    "trainer.clip_norm",
-    "trainer.label_smoothing",
-    "model.d_model",
-    "model.n_heads",
-    "model.max_positions",
-    "data.filter.max_len",
-)
-
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_numbers(cfg: DictConfig) -> None:
-    """Each of ``NUMERIC_KEYS`` holds a number or null (whether null is allowed is checked
-    after, per key), and ``trainer.final_alpha`` a number ≥ 0 or a non-empty list of them."""
-    for key in NUMERIC_KEYS:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not _is_number(value):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-    alpha = cfg.trainer.final_alpha
+def _number(cfg: DictConfig, key: str, allow_null: bool = False) -> float | None:
+    """The value of numeric ``key``; text, a bool or a disallowed null is a ConfigError that
+    names the key (instead of failing a comparison later)."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_null:
+        return None
+    if not _is_number(value):
+        raise ConfigError(
+            f"{key} must be a number{' or null' if allow_null else ''}, got {value!r}"
+        )
+    return value
+
+
+def _positive(cfg: DictConfig, key: str, allow_null: bool = False) -> tuple[bool, str]:
+    value = _number(cfg, key, allow_null)
+    ok = value is None or value > 0
+    return ok, f"{key} must be positive{' or null' if allow_null else ''}, got {value}"
+
+
+def check_final_alpha(alpha: object) -> None:
+    """``trainer.final_alpha`` is a number ≥ 0 or a non-empty list of them."""
     alphas = list(alpha) if isinstance(alpha, (ListConfig, list)) else [alpha]
     if not alphas or not all(_is_number(a) and a >= 0 for a in alphas):
         raise ConfigError(
@@ -71,52 +59,55 @@ def final_alphas(value: float | ListConfig | list[float]) -> list[float]:
     return [float(value)]
 
 
-def _positive(value: float | None, key: str, allow_null: bool = False) -> tuple[bool, str]:
-    ok = (allow_null and value is None) or (value is not None and value > 0)
-    return ok, f"{key} must be positive{' or null' if allow_null else ''}, got {value}"
-
-
 def validate_config(cfg: DictConfig, device: torch.device) -> None:
-    """Raise ConfigError for settings that cannot train; the message names the key."""
-    check_numbers(cfg)
-    t, o, m, d = cfg.trainer, cfg.optim, cfg.model, cfg.data
+    """Raise ConfigError for settings that cannot train; the message names the key. Every
+    numeric value is read through ``_number``, which checks its type first."""
+    t, d = cfg.trainer, cfg.data
+    num = partial(_number, cfg)
+    average_last = num("trainer.average_last", allow_null=True)
+    keep_last = num("trainer.keep_last")
+    keep_best, clip_norm = num("trainer.keep_best"), num("trainer.clip_norm")
+    label_smoothing = num("trainer.label_smoothing")
+    d_model, n_heads = num("model.d_model"), num("model.n_heads")
+    max_len, max_positions = num("data.filter.max_len"), num("model.max_positions")
+    check_final_alpha(t.final_alpha)
     checks = [
-        _positive(o.lr, "optim.lr"),
-        _positive(o.warmup_steps, "optim.warmup_steps"),
-        _positive(t.max_tokens, "trainer.max_tokens"),
-        _positive(t.max_epochs, "trainer.max_epochs"),
-        _positive(t.max_steps, "trainer.max_steps", allow_null=True),
-        _positive(t.update_freq, "trainer.update_freq"),
-        _positive(t.log_every, "trainer.log_every"),
-        _positive(t.save_every_steps, "trainer.save_every_steps", allow_null=True),
-        _positive(t.validate_every_steps, "trainer.validate_every_steps", allow_null=True),
-        _positive(t.patience, "trainer.patience", allow_null=True),
-        _positive(t.keep_last, "trainer.keep_last"),
+        _positive(cfg, "optim.lr"),
+        _positive(cfg, "optim.warmup_steps"),
+        _positive(cfg, "trainer.max_tokens"),
+        _positive(cfg, "trainer.max_epochs"),
+        _positive(cfg, "trainer.max_steps", allow_null=True),
+        _positive(cfg, "trainer.update_freq"),
+        _positive(cfg, "trainer.log_every"),
+        _positive(cfg, "trainer.save_every_steps", allow_null=True),
+        _positive(cfg, "trainer.validate_every_steps", allow_null=True),
+        _positive(cfg, "trainer.patience", allow_null=True),
+        _positive(cfg, "trainer.keep_last"),
         (
-            t.average_last is None or t.average_last >= 2,
-            f"trainer.average_last must be ≥ 2 or null, got {t.average_last}",
+            average_last is None or average_last >= 2,
+            f"trainer.average_last must be ≥ 2 or null, got {average_last}",
         ),
         (
-            t.average_last is None or t.average_last <= t.keep_last,
-            f"trainer.average_last={t.average_last} needs trainer.keep_last ≥ it "
-            f"(keep_last={t.keep_last})",
+            average_last is None or average_last <= keep_last,
+            f"trainer.average_last={average_last} needs trainer.keep_last ≥ it "
+            f"(keep_last={keep_last})",
         ),
-        _positive(t.max_nonfinite_updates, "trainer.max_nonfinite_updates"),
-        _positive(t.final_beam_size, "trainer.final_beam_size"),
-        (t.keep_best >= 0, f"trainer.keep_best must be ≥ 0, got {t.keep_best}"),
-        (t.clip_norm >= 0, f"trainer.clip_norm must be ≥ 0 (0 = off), got {t.clip_norm}"),
+        _positive(cfg, "trainer.max_nonfinite_updates"),
+        _positive(cfg, "trainer.final_beam_size"),
+        (keep_best >= 0, f"trainer.keep_best must be ≥ 0, got {keep_best}"),
+        (clip_norm >= 0, f"trainer.clip_norm must be ≥ 0 (0 = off), got {clip_norm}"),
         (
-            0 <= t.label_smoothing < 1,
-            f"trainer.label_smoothing must be in [0, 1), got {t.label_smoothing}",
-        ),
-        (
-            m.d_model % m.n_heads == 0,
-            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}",
+            0 <= label_smoothing < 1,
+            f"trainer.label_smoothing must be in [0, 1), got {label_smoothing}",
         ),
         (
-            d.filter.max_len < m.max_positions,
-            f"data.filter.max_len={d.filter.max_len} must be below "
-            f"model.max_positions={m.max_positions} (room for BOS/EOS)",
+            d_model % n_heads == 0,
+            f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}",
+        ),
+        (
+            max_len < max_positions,
+            f"data.filter.max_len={max_len} must be below "
+            f"model.max_positions={max_positions} (room for BOS/EOS)",
         ),
         (d.src_lang != d.tgt_lang, f"data.src_lang and data.tgt_lang are both '{d.src_lang}'"),
     ]

@@ -589,11 +589,11 @@ class Trainer:
         """
         translator = Translator.from_checkpoint(checkpoint, device=str(self.device))
         grid = final_alphas(self.tcfg.final_alpha)
+        search = {a: SearchOptions(beam_size=self.tcfg.final_beam_size, alpha=a) for a in grid}
         val_src, val_ref = read_references(self.cfg.data, "valid")
         scored = {}
         for alpha in grid:
-            options = SearchOptions(beam_size=self.tcfg.final_beam_size, alpha=alpha)
-            hyps = translator.translate(val_src, options, batch_size=self.tcfg.valid_batch_size)
+            hyps = translator.translate(val_src, search[alpha], self.tcfg.valid_batch_size)
             scored[alpha] = score(hyps, val_ref)
         alpha = max(grid, key=lambda a: scored[a]["bleu"].score)  # max keeps the first of ties
         results: dict[str, Any] = {"beam_size": self.tcfg.final_beam_size, "alpha": alpha}
@@ -604,9 +604,8 @@ class Trainer:
                 + ", ".join(f"{a:g}: {scored[a]['bleu'].score:.2f}" for a in grid)
                 + f"; test decoded at α {alpha:g}"
             )
-        options = SearchOptions(beam_size=self.tcfg.final_beam_size, alpha=alpha)
         test_src, test_ref = read_references(self.cfg.data, "test")
-        hyps = translator.translate(test_src, options, batch_size=self.tcfg.valid_batch_size)
+        hyps = translator.translate(test_src, search[alpha], self.tcfg.valid_batch_size)
         for role, s in (("valid", scored[alpha]), ("test", score(hyps, test_ref))):
             results[role] = {
                 "bleu": s["bleu"].score,
