@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import small_transformer
 from transformer_mt.model import Dropout, MultiHeadAttention, PositionalEncoding
+from transformer_mt.model.attention import ScaledDotProductAttention
 from transformer_mt.model.dropout import keep_mask
 
 
@@ -45,6 +47,59 @@ def test_multi_head_attention_matches_torch(masking: str) -> None:
         expected, _ = ref(q, kv, kv, attn_mask=causal, need_weights=False)
         actual = ours(q, kv, causal=True)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def _attention_inputs(
+    masking: str,
+) -> tuple[list[torch.Tensor], torch.Tensor | None, bool]:
+    torch.manual_seed(0)
+    b, h, tq, tk, dk = 3, 4, 5, 7 if masking != "causal" else 5, 8
+    qkv = [torch.randn(b, h, t, dk, requires_grad=True) for t in (tq, tk, tk)]
+    lengths = torch.tensor([7, 4, 1])
+    mask = (torch.arange(tk)[None, :] < lengths[:, None])[:, None, None, :]
+    return qkv, mask if masking == "key_padding" else None, masking == "causal"
+
+
+@pytest.mark.parametrize("masking", ["none", "key_padding", "causal"])
+def test_attention_with_dropout_is_the_fused_kernel_when_nothing_is_dropped(
+    masking: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In training with dropout the CPU path is written out; with a mask that keeps every
+    weight it must equal PyTorch's kernel without dropout, in value and gradient."""
+    qkv, mask, causal = _attention_inputs(masking)
+    expected = F.scaled_dot_product_attention(*qkv, attn_mask=mask, is_causal=causal)
+    expected_grads = torch.autograd.grad(expected.square().sum(), qkv)
+    monkeypatch.setattr(
+        "transformer_mt.model.dropout.keep_mask",
+        lambda shape, p, dtype, where=None: torch.ones(shape, dtype=dtype),
+    )
+    actual = ScaledDotProductAttention(dropout=0.4).train()(*qkv, mask=mask, causal=causal)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(actual.square().sum(), qkv)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_drops_weights_without_bias_and_follows_torch_seed() -> None:
+    qkv, mask, _ = _attention_inputs("key_padding")
+    q, k, v = (t.detach() for t in qkv)
+    attn = ScaledDotProductAttention(dropout=0.5).train()
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.manual_seed(1)
+    first = attn(q, k, v, mask=mask)
+    torch.manual_seed(1)
+    assert torch.equal(attn(q, k, v, mask=mask), first)  # the mask follows torch's generator
+    assert not torch.allclose(first, exact, atol=1e-3)  # weights were dropped
+    # The third sentence has one real key: its weight 1 is kept (output 2·v) or dropped (0).
+    only_key = v[2, :, :1, :]  # (H, 1, d_k)
+    row = first[2]  # (H, Tq, d_k)
+    kept = torch.isclose(row, 2 * only_key, atol=1e-5).all(-1)
+    dropped = (row == 0).all(-1)
+    assert bool((kept | dropped).all()) and bool(kept.any()) and bool(dropped.any())
+    # Inverted dropout is unbiased: the mean over 2,000 draws approaches the exact output.
+    mean = torch.stack([attn(q, k, v, mask=mask) for _ in range(2000)]).mean(0)
+    torch.testing.assert_close(mean, exact, atol=0.12, rtol=0.0)
+    assert torch.equal(attn.eval()(q, k, v, mask=mask), exact)  # no dropout at inference
 
 
 def test_sinusoidal_encoding_matches_paper_formula() -> None:
