@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import select
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from conftest import BIN, run_cli, write_gz
+from transformer_mt.cli.common import tuned_alpha
 
 pytestmark = pytest.mark.slow
 
@@ -244,7 +247,7 @@ def test_evaluate_many_checkpoints_with_more_metrics(trained_run: Path, tmp_path
     r = run_cli("tmt-evaluate", str(trained_run), *flags)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["checkpoint", "step", "BLEU", "CHRF", "TER"]
+    assert lines[0].split() == ["checkpoint", "step", "α", "BLEU", "CHRF", "TER"]
     assert [line.split()[0] for line in lines[1 : 1 + len(steps)]] == [str(p) for p in steps]
     assert any(line.startswith("ter signature: nrefs:1") for line in lines)
     r = run_cli("tmt-evaluate", str(steps[0]), str(steps[-1]), *flags, "--json")
@@ -254,6 +257,56 @@ def test_evaluate_many_checkpoints_with_more_metrics(trained_run: Path, tmp_path
     assert all(Path(x["hypotheses"]).is_file() for x in results)
     bad = run_cli("tmt-evaluate", str(steps[0]), *flags[:4], "--metrics", "bleu,meteor")
     assert bad.returncode == 2 and "meteor" in bad.stderr
+
+
+def test_tuned_alpha_is_the_one_the_runs_results_name_for_that_file_and_step(
+    tmp_path: Path,
+) -> None:
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for name in ("checkpoint_200.pt", "checkpoint_300.pt", "averaged.pt"):
+        (ckpts / name).write_bytes(name.encode())
+    os.link(ckpts / "checkpoint_300.pt", ckpts / "best.pt")  # as CheckpointManager links it
+    assert tuned_alpha(ckpts / "best.pt", 300) is None  # no results.json yet
+    results = {
+        "best_checkpoint": "runs/elsewhere/checkpoints/best.pt",  # as written, cwd-relative
+        "step": 300,
+        "alpha": 1.4,
+        "averaged": {"checkpoint": "/abs/checkpoints/averaged.pt", "step": 300, "alpha": 3.0},
+    }
+    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+    assert tuned_alpha(ckpts / "best.pt", 300) == 1.4
+    assert tuned_alpha(ckpts / "checkpoint_300.pt", 300) == 1.4  # the same file as best.pt
+    assert tuned_alpha(ckpts / "averaged.pt", 300) == 3.0
+    assert tuned_alpha(ckpts / "checkpoint_200.pt", 200) is None  # not evaluated at the end
+    assert tuned_alpha(ckpts / "best.pt", 400) is None  # best.pt changed after results.json
+
+
+def test_evaluate_and_translate_use_the_runs_tuned_alpha_unless_given(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    best = ckpts / "best.pt"
+    shutil.copy(trained_run / "checkpoints" / "best.pt", best)
+    step = torch.load(best, weights_only=True)["step"]
+    results = {"best_checkpoint": str(best), "step": step, "alpha": 0.7}
+    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+    src, ref = tmp_path / "s.en", tmp_path / "s.de"
+    src.write_text("A man is riding a bike.\nTwo dogs play in the snow.\n")
+    ref.write_text("Ein Mann fährt Fahrrad.\nZwei Hunde spielen im Schnee.\n")
+    flags = ["--src", str(src), "--ref", str(ref), "--beam", "2", "--json"]
+    r = run_cli("tmt-evaluate", str(best), *flags)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])
+    assert result["alpha"] == 0.7 and result["hypotheses"].endswith(".s.beam2-alpha0.7.de")
+    r = run_cli("tmt-evaluate", str(best), *flags, "--alpha", "2")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["alpha"] == 2.0
+    r = run_cli("tmt-translate", str(best), stdin="A man is riding a bike.\n")
+    assert r.returncode == 0 and "α 0.7, tuned on val by the checkpoint's run" in r.stderr
+    r = run_cli("tmt-translate", str(best), "--alpha", "1", stdin="A man is riding a bike.\n")
+    assert r.returncode == 0 and "tuned on val" not in r.stderr
 
 
 def test_missing_or_corrupt_checkpoint_fails_clearly(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -65,9 +67,11 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
     search = g.add_mutually_exclusive_group()
     search.add_argument("--beam", type=int, default=5, help="beam size (default 5); 1 = greedy")
     search.add_argument("--greedy", action="store_true", help="greedy search (same as --beam 1)")
-    alpha = SearchOptions.alpha
     g.add_argument(
-        "--alpha", type=float, default=alpha, help=f"length penalty α (default {alpha:g}; 0 = off)"
+        "--alpha",
+        type=float,
+        help="length penalty α; 0 = off (default: the α the checkpoint's run tuned on val, "
+        f"from its results.json, else {SearchOptions.alpha:g})",
     )
     g.add_argument(
         "--max-len-a", type=float, default=1.5, help="output budget a·src_len + b: a (default 1.5)"
@@ -86,7 +90,7 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
 
 def parse_decoding_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv``; checks the decoding flags and puts them together in ``args.search``
-    (a SearchOptions)."""
+    (a SearchOptions; without --alpha, ``args.alpha`` stays None: see ``search_for``)."""
     args = p.parse_args(argv)
     if args.greedy:
         args.beam = 1
@@ -97,7 +101,7 @@ def parse_decoding_args(p: argparse.ArgumentParser, argv: list[str] | None) -> a
     try:
         args.search = SearchOptions(
             beam_size=args.beam,
-            alpha=args.alpha,
+            alpha=SearchOptions.alpha if args.alpha is None else args.alpha,
             max_len_a=args.max_len_a,
             max_len_b=args.max_len_b,
             min_len=args.min_len,
@@ -107,3 +111,37 @@ def parse_decoding_args(p: argparse.ArgumentParser, argv: list[str] | None) -> a
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def tuned_alpha(checkpoint: Path, step: int) -> float | None:
+    """The length penalty the final evaluation of ``checkpoint``'s run chose for it on val.
+
+    Read from ``results.json`` beside the checkpoint's folder (``<run>/checkpoints/x.pt`` ->
+    ``<run>/results.json``), whose entries for best.pt and averaged.pt name their file, step
+    and α. None when there is no such file or entry, or the entry's step is not ``step``
+    (the run went on after writing it).
+    """
+    results_file = checkpoint.parent.parent / "results.json"
+    if not results_file.is_file():
+        return None
+    try:
+        results = json.loads(results_file.read_text())
+    except (OSError, ValueError):
+        return None
+    entries = [(results.get("best_checkpoint"), results)]
+    if isinstance(results.get("averaged"), dict):
+        entries.append((results["averaged"].get("checkpoint"), results["averaged"]))
+    for recorded, entry in entries:
+        if not isinstance(recorded, str) or entry.get("step") != step or "alpha" not in entry:
+            continue
+        candidate = checkpoint.parent / Path(recorded).name
+        if candidate.is_file() and os.path.samefile(candidate, checkpoint):
+            return float(entry["alpha"])
+    return None
+
+
+def search_for(args: argparse.Namespace, checkpoint: Path, step: int) -> SearchOptions:
+    """``args.search`` for ``checkpoint`` at ``step``: without --alpha, with the α its run
+    tuned on val (``tuned_alpha``) where there is one."""
+    alpha = tuned_alpha(checkpoint, step) if args.alpha is None else None
+    return args.search if alpha is None else dataclasses.replace(args.search, alpha=alpha)

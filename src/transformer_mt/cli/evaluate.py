@@ -24,7 +24,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from transformer_mt.cli.common import decoding_parser, exit_on_user_error, parse_decoding_args
+from transformer_mt.cli.common import (
+    decoding_parser,
+    exit_on_user_error,
+    parse_decoding_args,
+    search_for,
+)
 from transformer_mt.data.corpus import read_lines
 from transformer_mt.data.dataset import fetch_raw
 from transformer_mt.decoding.translator import Translator
@@ -102,13 +107,14 @@ def evaluate_one(path: Path, args: argparse.Namespace, sources: dict[str, Any]) 
             fetch_raw(data_cfg)
             sources[key] = read_references(data_cfg, role)
         src, ref = sources[key]
-    hyps = translator.translate(src, args.search, args.batch_size, args.max_tokens)
+    search = search_for(args, path, translator.step)
+    hyps = translator.translate(src, search, args.batch_size, args.max_tokens)
     scores = score(hyps, ref, args.metrics)
-    tag = args.search.tag()
+    tag = search.tag()
     output = args.output or path.with_name(f"{path.stem}.{name}.{tag}.{data_cfg.tgt_lang}")
     atomic_write_text(output, "".join(h + "\n" for h in hyps))
     result: dict[str, Any] = {"checkpoint": str(path), "step": translator.step, "split": name}
-    result |= {"beam": args.beam, "alpha": args.alpha}
+    result |= {"beam": search.beam_size, "alpha": search.alpha}
     result |= {m: s.score for m, s in scores.items()}
     result["signatures"] = {m: s.signature for m, s in scores.items()}
     if "bleu" in scores:
@@ -121,14 +127,12 @@ def format_table(results: list[dict[str, Any]], metrics: tuple[str, ...]) -> str
     """A fixed-width table, one row per checkpoint, then the metrics' signatures."""
     names = [r["checkpoint"] for r in results]
     width = max(len("checkpoint"), *(len(n) for n in names))
-    header = f"{'checkpoint':<{width}}  {'step':>7}" + "".join(f"  {m.upper():>6}" for m in metrics)
-    lines = [header]
+    header = f"{'checkpoint':<{width}}  {'step':>7}  {'α':>5}"
+    lines = [header + "".join(f"  {m.upper():>6}" for m in metrics)]
     for r in results:
-        row = f"{r['checkpoint']:<{width}}  {r['step']!s:>7}"
+        row = f"{r['checkpoint']:<{width}}  {r['step']!s:>7}  {r['alpha']:5g}"
         lines.append(row + "".join(f"  {r[m]:6.2f}" for m in metrics))
-    lines.append(
-        f"split: {results[0]['split']}, beam {results[0]['beam']}, α {results[0]['alpha']}"
-    )
+    lines.append(f"split: {results[0]['split']}, beam {results[0]['beam']}")
     lines += [f"{m} signature: {results[0]['signatures'][m]}" for m in metrics]
     return "\n".join(lines)
 

@@ -29,7 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from transformer_mt.cli.common import decoding_parser, exit_on_user_error, parse_decoding_args
+from transformer_mt.cli.common import (
+    decoding_parser,
+    exit_on_user_error,
+    parse_decoding_args,
+    search_for,
+)
 from transformer_mt.decoding.attention_maps import check_selection, write_attention_map
 from transformer_mt.decoding.beam import Hypothesis
 from transformer_mt.decoding.translator import Translator
@@ -185,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
         ct2 = CTranslate2Translator.from_dir(args.checkpoint, device=args.device)
     else:
         translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+        search = search_for(args, args.checkpoint, translator.step)
+        if search is not args.search:
+            print(f"α {search.alpha:g}, tuned on val by the checkpoint's run", file=sys.stderr)
+        args.search = search
         if args.attention_dir is not None:
             check_selection(translator.model, args.attention_layer, args.attention_head)
     if args.input is not None and not args.input.is_file():

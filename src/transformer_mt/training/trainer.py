@@ -596,7 +596,11 @@ class Trainer:
             hyps = translator.translate(val_src, search[alpha], self.tcfg.valid_batch_size)
             scored[alpha] = score(hyps, val_ref)
         alpha = max(grid, key=lambda a: scored[a]["bleu"].score)  # max keeps the first of ties
-        results: dict[str, Any] = {"beam_size": self.tcfg.final_beam_size, "alpha": alpha}
+        results: dict[str, Any] = {
+            "step": translator.step,  # with the α, read back by tmt-evaluate/tmt-translate
+            "beam_size": self.tcfg.final_beam_size,
+            "alpha": alpha,
+        }
         if len(grid) > 1:
             results["alpha_grid"] = {f"{a:g}": scored[a]["bleu"].score for a in grid}
             self.log(
