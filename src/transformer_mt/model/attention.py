@@ -18,9 +18,9 @@ class ScaledDotProductAttention(nn.Module):
 
     Without dropout (inference, or ``dropout`` 0) this is PyTorch's fused kernel. With dropout
     on a CPU it is written out, the weights' dropout mask drawn by ``keep_mask``: the fused
-    kernel cannot drop weights on a CPU, and its fallback draws the mask with ``bernoulli_``,
-    which made attention with dropout about 1.8× slower forward and backward (a quarter of a
-    training step of the default model went to attention).
+    kernel cannot drop weights on a CPU, and its fallback draws the mask with ``bernoulli_``:
+    11.0 ms against 6.2 ms forward and backward for a (204, 4, 20, 20) weight tensor, in each of
+    the default model's 12 attention layers.
     """
 
     def __init__(self, dropout: float) -> None:
