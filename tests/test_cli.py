@@ -260,26 +260,53 @@ def test_evaluate_many_checkpoints_with_more_metrics(trained_run: Path, tmp_path
 
 
 def test_tuned_alpha_is_the_one_the_runs_results_name_for_that_file_and_step(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ckpts = tmp_path / "run" / "checkpoints"
     ckpts.mkdir(parents=True)
     for name in ("checkpoint_200.pt", "checkpoint_300.pt", "averaged.pt"):
         (ckpts / name).write_bytes(name.encode())
     os.link(ckpts / "checkpoint_300.pt", ckpts / "best.pt")  # as CheckpointManager links it
-    assert tuned_alpha(ckpts / "best.pt", 300) is None  # no results.json yet
+    shutil.copy(ckpts / "best.pt", ckpts / "copy.pt")
+    assert tuned_alpha(ckpts / "best.pt", 300, 5) is None  # no results.json yet
+    results_file = tmp_path / "run" / "results.json"
     results = {
         "best_checkpoint": "runs/elsewhere/checkpoints/best.pt",  # as written, cwd-relative
         "step": 300,
+        "beam_size": 5,
         "alpha": 1.4,
-        "averaged": {"checkpoint": "/abs/checkpoints/averaged.pt", "step": 300, "alpha": 3.0},
+        "averaged": {
+            "checkpoint": "/abs/checkpoints/averaged.pt",
+            "step": 300,
+            "beam_size": 5,
+            "alpha": 3,
+        },
     }
-    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
-    assert tuned_alpha(ckpts / "best.pt", 300) == 1.4
-    assert tuned_alpha(ckpts / "checkpoint_300.pt", 300) == 1.4  # the same file as best.pt
-    assert tuned_alpha(ckpts / "averaged.pt", 300) == 3.0
-    assert tuned_alpha(ckpts / "checkpoint_200.pt", 200) is None  # not evaluated at the end
-    assert tuned_alpha(ckpts / "best.pt", 400) is None  # best.pt changed after results.json
+    results_file.write_text(json.dumps(results))
+    assert tuned_alpha(ckpts / "best.pt", 300, 5) == 1.4
+    assert tuned_alpha(ckpts / "checkpoint_300.pt", 300, 5) == 1.4  # the same file as best.pt
+    assert tuned_alpha(ckpts / "averaged.pt", 300, 5) == 3.0
+    monkeypatch.chdir(ckpts)
+    assert tuned_alpha(Path("best.pt"), 300, 5) == 1.4  # a relative path finds the run too
+    assert tuned_alpha(ckpts / "copy.pt", 300, 5) is None  # another file, whatever its bytes
+    assert tuned_alpha(ckpts / "checkpoint_200.pt", 200, 5) is None  # not evaluated at the end
+    assert tuned_alpha(ckpts / "best.pt", 400, 5) is None  # best.pt changed after results.json
+    assert tuned_alpha(ckpts / "best.pt", None, 5) is None  # step unknown
+    assert tuned_alpha(ckpts / "best.pt", 300, 10) is None  # tuned for another beam size
+    assert tuned_alpha(ckpts / "best.pt", 300, 1) is None  # greedy has no length penalty
+    newer = results_file.stat().st_mtime_ns + 10**9
+    os.utime(ckpts / "averaged.pt", ns=(newer, newer))  # e.g. rewritten by tmt-average
+    assert tuned_alpha(ckpts / "averaged.pt", 300, 5) is None
+    for bad in ([1, 2], {**results, "alpha": None}, {**results, "alpha": "1"}):
+        results_file.write_text(json.dumps(bad))
+        assert tuned_alpha(ckpts / "best.pt", 300, 5) is None
+    for bad_alpha in ("-1", "NaN", "true"):
+        results_file.write_text(
+            json.dumps(results).replace('"alpha": 1.4', f'"alpha": {bad_alpha}')
+        )
+        assert tuned_alpha(ckpts / "best.pt", 300, 5) is None
+    results_file.write_text("{not json")
+    assert tuned_alpha(ckpts / "best.pt", 300, 5) is None
 
 
 def test_evaluate_and_translate_use_the_runs_tuned_alpha_unless_given(
@@ -290,7 +317,7 @@ def test_evaluate_and_translate_use_the_runs_tuned_alpha_unless_given(
     best = ckpts / "best.pt"
     shutil.copy(trained_run / "checkpoints" / "best.pt", best)
     step = torch.load(best, weights_only=True)["step"]
-    results = {"best_checkpoint": str(best), "step": step, "alpha": 0.7}
+    results = {"best_checkpoint": str(best), "step": step, "beam_size": 2, "alpha": 0.7}
     (tmp_path / "run" / "results.json").write_text(json.dumps(results))
     src, ref = tmp_path / "s.en", tmp_path / "s.de"
     src.write_text("A man is riding a bike.\nTwo dogs play in the snow.\n")
@@ -303,10 +330,16 @@ def test_evaluate_and_translate_use_the_runs_tuned_alpha_unless_given(
     r = run_cli("tmt-evaluate", str(best), *flags, "--alpha", "2")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["alpha"] == 2.0
-    r = run_cli("tmt-translate", str(best), stdin="A man is riding a bike.\n")
-    assert r.returncode == 0 and "α 0.7, tuned on val by the checkpoint's run" in r.stderr
-    r = run_cli("tmt-translate", str(best), "--alpha", "1", stdin="A man is riding a bike.\n")
-    assert r.returncode == 0 and "tuned on val" not in r.stderr
+    r = run_cli("tmt-evaluate", str(best), *flags, "--beam", "3")
+    assert json.loads(r.stdout.splitlines()[-1])["alpha"] == 2.2  # tuned for beam 2 only
+    line = "A man is riding a bike.\n"
+    nbest = ["--beam", "2", "--nbest", "2"]  # the n-best scores include the length penalty
+    tuned = run_cli("tmt-translate", str(best), *nbest, stdin=line)
+    assert tuned.returncode == 0 and "α 0.7, chosen by the checkpoint's run" in tuned.stderr
+    given = run_cli("tmt-translate", str(best), *nbest, "--alpha", "0.7", stdin=line)
+    assert given.returncode == 0 and "chosen by" not in given.stderr
+    other = run_cli("tmt-translate", str(best), *nbest, "--alpha", "2.2", stdin=line)
+    assert tuned.stdout == given.stdout != other.stdout
 
 
 def test_missing_or_corrupt_checkpoint_fails_clearly(tmp_path: Path) -> None:

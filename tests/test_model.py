@@ -100,6 +100,8 @@ def test_attention_dropout_drops_weights_without_bias_and_follows_torch_seed() -
     mean = torch.stack([attn(q, k, v, mask=mask) for _ in range(2000)]).mean(0)
     torch.testing.assert_close(mean, exact, atol=0.12, rtol=0.0)
     assert torch.equal(attn.eval()(q, k, v, mask=mask), exact)  # no dropout at inference
+    with pytest.raises(ValueError, match="not both"):
+        attn(q, k, v, mask=mask, causal=True)
 
 
 def test_sinusoidal_encoding_matches_paper_formula() -> None:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import synthetic_corpus, synthetic_overrides
-from transformer_mt.cli.common import config_dir
+from transformer_mt.cli.common import config_dir, tuned_alpha
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.errors import ConfigError
 from transformer_mt.training.trainer import Trainer, read_references
@@ -111,6 +111,12 @@ def test_average_last_writes_the_mean_of_the_last_checkpoints_and_scores_it(
     assert (saved["beam_size"], saved["alpha"]) == (2, 0.5)
     assert (saved["averaged"]["beam_size"], saved["averaged"]["alpha"]) == (2, 0.5)
     assert result.final["averaged"]["valid"] == saved["averaged"]["valid"]
+    # tmt-evaluate/tmt-translate find the α of both files in results.json (beam 2 only).
+    best_step = torch.load(ckpts / "best.pt", weights_only=True)["step"]
+    assert (saved["step"], saved["averaged"]["step"]) == (best_step, averaged["step"])
+    assert tuned_alpha(ckpts / "best.pt", best_step, beam_size=2) == 0.5
+    assert tuned_alpha(ckpts / "averaged.pt", averaged["step"], beam_size=2) == 0.5
+    assert tuned_alpha(ckpts / "best.pt", best_step, beam_size=5) is None
 
 
 class _Score:

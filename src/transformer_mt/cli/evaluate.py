@@ -90,8 +90,12 @@ def expand_checkpoints(paths: list[Path]) -> list[Path]:
     return out
 
 
-def evaluate_one(path: Path, args: argparse.Namespace, sources: dict[str, Any]) -> dict[str, Any]:
-    """Translate the chosen split/file with one checkpoint, score it, save the hypotheses."""
+def evaluate_one(
+    path: Path, args: argparse.Namespace, sources: dict[str, Any], named: bool = True
+) -> dict[str, Any]:
+    """Translate the chosen split/file with one checkpoint, score it, save the hypotheses.
+    A checkpoint ``named`` on the command line (not found in a run directory) without --alpha
+    is decoded at the α its run chose for it, if any (``search_for``)."""
     translator = Translator.from_checkpoint(path, device=args.device)
     data_cfg = OmegaConf.create(translator.config["data"])
     if args.src is not None:
@@ -107,7 +111,7 @@ def evaluate_one(path: Path, args: argparse.Namespace, sources: dict[str, Any]) 
             fetch_raw(data_cfg)
             sources[key] = read_references(data_cfg, role)
         src, ref = sources[key]
-    search = search_for(args, path, translator.step)
+    search = search_for(args, path, translator.step) if named else args.search
     hyps = translator.translate(src, search, args.batch_size, args.max_tokens)
     scores = score(hyps, ref, args.metrics)
     tag = search.tag()
@@ -146,9 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         raise CheckpointError(f"--output needs exactly one checkpoint, got {len(paths)}")
     sources: dict[str, Any] = {}
     results, failed = [], []
+    named = {p for p in args.checkpoints if not p.is_dir()}  # one α for a run's checkpoints
     for path in paths:
         try:
-            result = evaluate_one(path, args, sources)
+            result = evaluate_one(path, args, sources, named=path in named)
         except CheckpointError as e:  # one bad file does not lose the others' scores
             if len(paths) == 1:
                 raise

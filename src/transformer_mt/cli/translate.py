@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
         search = search_for(args, args.checkpoint, translator.step)
         if search is not args.search:
-            print(f"α {search.alpha:g}, tuned on val by the checkpoint's run", file=sys.stderr)
+            print(f"α {search.alpha:g}, chosen by the checkpoint's run", file=sys.stderr)
         args.search = search
         if args.attention_dir is not None:
             check_selection(translator.model, args.attention_layer, args.attention_head)

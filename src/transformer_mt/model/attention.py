@@ -14,7 +14,8 @@ class ScaledDotProductAttention(nn.Module):
     """softmax(Q Kᵀ / √d_k) V, with dropout on the attention weights in training.
 
     ``mask`` is boolean and broadcastable to (B, H, Tq, Tk); True means "may attend".
-    ``causal`` applies the decoder's look-ahead mask (query t sees keys ≤ t).
+    ``causal`` applies the decoder's look-ahead mask (query t sees keys ≤ t); one or the other.
+    Every query must be allowed at least one key (a row with none has no softmax).
 
     Without dropout (inference, or ``dropout`` 0) this is PyTorch's fused kernel. With dropout
     on a CPU it is written out, the weights' dropout mask drawn by ``keep_mask``: the fused
@@ -35,11 +36,13 @@ class ScaledDotProductAttention(nn.Module):
         mask: torch.Tensor | None = None,
         causal: bool = False,
     ) -> torch.Tensor:  # (B, H, Tq, d_k)
+        if mask is not None and causal:
+            raise ValueError("pass a mask or causal=True, not both")
         p = self.dropout.p if self.training else 0.0
         if p > 0.0 and Dropout.uses_keep_mask(q):
             return self._written_out(q, k, v, mask, causal)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal
         )
 
     def _written_out(
@@ -50,7 +53,7 @@ class ScaledDotProductAttention(nn.Module):
         mask: torch.Tensor | None,
         causal: bool,
     ) -> torch.Tensor:
-        """The same attention as the fused kernel, step by step, with ``Dropout``'s fast mask."""
+        """The fused kernel's attention step by step, with ``Dropout``'s fast mask."""
         # In place on the fresh product: neither step's backward needs the scores.
         scores = (q @ k.transpose(-2, -1)).mul_(q.size(-1) ** -0.5)  # (B, H, Tq, Tk)
         if mask is not None:
