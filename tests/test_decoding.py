@@ -318,3 +318,9 @@ def test_attention_maps_rows_sum_to_one_and_are_drawn(
     assert not np.allclose(one_head, weights)
     with pytest.raises(UserError, match="attention-head 4"):
         cross_attention(translator.model, [*src_ids, EOS], hyp.tokens, BOS, head=4)
+
+
+@pytest.mark.parametrize("alpha", [-0.5, math.inf, math.nan])
+def test_search_options_refuse_an_unusable_length_penalty(alpha: float) -> None:
+    with pytest.raises(ValueError, match="length penalty α must be finite and ≥ 0"):
+        SearchOptions(beam_size=5, alpha=alpha)

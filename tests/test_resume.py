@@ -164,3 +164,30 @@ def test_resuming_with_another_update_freq_finishes_the_epoch(corpus_root: Path)
     result = second.train()
     assert second.epoch == 1 and second.batches_done == 0
     assert result.steps == 3 + -(-(n_batches - 3) // 2)  # the rest, two batches an update
+
+
+def test_time_budget_stops_mid_epoch_and_counts_across_resumes(corpus_root: Path) -> None:
+    def run(max_minutes: int) -> Trainer:
+        cfg = make_config(
+            corpus_root,
+            "trainer.max_steps=null",
+            "trainer.max_epochs=100",
+            f"trainer.max_minutes={max_minutes}",
+        )
+        trainer = Trainer(cfg, corpus_root / "r")
+        trainer.clock = lambda: 60.0 * trainer.step  # a fake clock: each update takes a minute
+        trainer.train()
+        return trainer
+
+    first = run(5)
+    assert len(first.epoch_batches(1)) > 8  # so the budgets below end mid-epoch
+    assert (first.step, first.epoch, first.batches_done) == (5, 0, 5)
+    results = json.loads((corpus_root / "r" / "results.json").read_text())
+    assert results["stop_reason"].startswith("time budget: trainer.max_minutes=5 spent")
+    assert results["train_minutes"] == 5.0
+    last = load_checkpoint(corpus_root / "r" / "checkpoints" / "last.pt")
+    assert (last["step"], last["trainer"]["train_seconds"]) == (5, 300.0)
+    assert last["val_bleu"] is not None  # validated where it stopped
+    assert run(5).step == 5  # relaunched: the budget is spent, no further update
+    second = run(8)  # a larger budget continues the same epoch for the 3 minutes left
+    assert (second.step, second.epoch, second.batches_done) == (8, 0, 8)

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
-from transformer_mt.decoding.search import SearchOptions
+from transformer_mt.decoding.search import SearchOptions, check_alpha
 from transformer_mt.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -148,8 +147,11 @@ def tuned_alpha(checkpoint: Path, step: int | None, beam_size: int) -> float | N
             or entry.get("beam_size") != beam_size
             or isinstance(alpha, bool)
             or not isinstance(alpha, int | float)
-            or not 0.0 <= alpha < math.inf
         ):
+            continue
+        try:
+            check_alpha(alpha)
+        except ValueError:
             continue
         candidate = checkpoint.parent / Path(recorded).name
         if candidate.is_file() and os.path.samefile(candidate, checkpoint):

@@ -68,13 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def expand_checkpoints(paths: list[Path]) -> list[Path]:
-    """Files as given; a run directory (or its checkpoints/ folder) becomes its step
-    checkpoints plus any other .pt file there, without last.pt/best.pt duplicates."""
-    out: list[Path] = []
+def expand_checkpoints(paths: list[Path]) -> list[tuple[Path, bool]]:
+    """``(checkpoint, named)`` pairs: files as given (named: True); a run directory (or its
+    checkpoints/ folder) becomes its step checkpoints plus any other .pt file there, without
+    last.pt/best.pt duplicates (named: False)."""
+    out: list[tuple[Path, bool]] = []
     for path in paths:
         if not path.is_dir():
-            out.append(path)
+            out.append((path, True))
             continue
         directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         steps = step_checkpoints(directory)
@@ -86,7 +87,7 @@ def expand_checkpoints(paths: list[Path]) -> list[Path]:
         ]
         if not steps and not others:
             raise CheckpointError(f"no checkpoints (*.pt) in {directory}")
-        out += steps + others
+        out += [(p, False) for p in steps + others]
     return out
 
 
@@ -150,10 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         raise CheckpointError(f"--output needs exactly one checkpoint, got {len(paths)}")
     sources: dict[str, Any] = {}
     results, failed = [], []
-    named = {p for p in args.checkpoints if not p.is_dir()}  # one α for a run's checkpoints
-    for path in paths:
+    for path, named in paths:  # a run directory's checkpoints all get one α
         try:
-            result = evaluate_one(path, args, sources, named=path in named)
+            result = evaluate_one(path, args, sources, named=named)
         except CheckpointError as e:  # one bad file does not lose the others' scores
             if len(paths) == 1:
                 raise

@@ -3,12 +3,19 @@ length limits and n-gram blocking."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
 
 from transformer_mt.model import Transformer
+
+
+def check_alpha(alpha: float) -> None:
+    """Raise ValueError unless ``alpha`` is a usable GNMT length penalty: finite and ≥ 0."""
+    if not 0.0 <= alpha < math.inf:  # NaN fails too
+        raise ValueError(f"length penalty α must be finite and ≥ 0 (0 = off), got {alpha}")
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,7 @@ class SearchOptions:
                 f"max length a·src+b needs a, b ≥ 0 and not both 0 (a={self.max_len_a}, "
                 f"b={self.max_len_b})"
             )
-        if self.alpha < 0:
-            raise ValueError(f"length penalty α must be ≥ 0 (0 = off), got {self.alpha}")
+        check_alpha(self.alpha)
         if self.min_len < 0 or self.no_repeat_ngram < 0:
             raise ValueError("min length and no-repeat n-gram size must be ≥ 0")
 

@@ -5,6 +5,7 @@ Unknown keys are refused earlier, by Hydra's struct mode, when the command line 
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -43,11 +44,11 @@ def _positive(cfg: DictConfig, key: str, allow_null: bool = False) -> tuple[bool
 
 
 def check_final_alpha(alpha: object) -> None:
-    """``trainer.final_alpha`` is a number ≥ 0 or a non-empty list of them."""
+    """``trainer.final_alpha`` is a finite number ≥ 0 or a non-empty list of them."""
     alphas = list(alpha) if isinstance(alpha, (ListConfig, list)) else [alpha]
-    if not alphas or not all(_is_number(a) and a >= 0 for a in alphas):
+    if not alphas or not all(_is_number(a) and 0 <= a < math.inf for a in alphas):
         raise ConfigError(
-            "trainer.final_alpha must be a number ≥ 0 (0 = off) or a non-empty list of them "
+            "trainer.final_alpha must be a finite number ≥ 0 (0 = off) or a non-empty list of them "
             f"(tuned on val), got {alpha}"
         )
 
@@ -77,6 +78,7 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
         _positive(cfg, "trainer.max_tokens"),
         _positive(cfg, "trainer.max_epochs"),
         _positive(cfg, "trainer.max_steps", allow_null=True),
+        _positive(cfg, "trainer.max_minutes", allow_null=True),
         _positive(cfg, "trainer.update_freq"),
         _positive(cfg, "trainer.log_every"),
         _positive(cfg, "trainer.save_every_steps", allow_null=True),

@@ -5,7 +5,9 @@ accumulation across micro-batches and data-parallel ranks), normalised by their 
 tokens, so it equals one big batch. Validation (loss, perplexity, greedy BLEU) runs every
 ``validate_every_steps`` updates or at every epoch end; checkpoints are written every
 ``save_every_steps`` updates, at every epoch end and when training stops, and hold all the
-state needed to continue bitwise identically (see :meth:`Trainer.training_state`).
+state needed to continue bitwise identically (see :meth:`Trainer.training_state`). Training
+stops at ``max_epochs``, ``max_steps``, early stopping (``patience``) or once ``max_minutes``
+of training time are spent, whichever comes first.
 Progress goes to a tqdm bar and to TensorBoard in ``<run dir>/tensorboard``.
 """
 
@@ -17,6 +19,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +171,11 @@ class Trainer:
         self.validated = (-1, 0.0)  # (step, val BLEU) of the latest validation
         self.saved_step = -1
         self.last_grad_norm = 0.0
+        # Training time (the loop: updates, validation, checkpoints), summed over resumes.
+        self.clock: Callable[[], float] = time.monotonic  # tests substitute a fake clock
+        self.seconds_before = 0.0  # training time of earlier launches of this run
+        self.clock_start: float | None = None  # clock() when this launch's loop began
+        self.time_up = False  # trainer.max_minutes spent (decided by rank 0)
         if resume is not None:
             self.load_training_state(*resume)
 
@@ -228,6 +236,7 @@ class Trainer:
         self.nonfinite_total = int(t["nonfinite_total"])
         self.stop_reason = str(t["stop_reason"])
         self.validated = (int(t["validated_step"]), float(t["validated_bleu"]))
+        self.seconds_before = float(t.get("train_seconds", 0.0))  # absent before max_minutes
         self.ckpts.scores = {str(k): float(v) for k, v in t["checkpoint_scores"].items()}
         self.saved_step = self.step
         rngs = state["rng"]
@@ -264,6 +273,7 @@ class Trainer:
                 "validated_step": self.validated[0],
                 "validated_bleu": self.validated[1],
                 "checkpoint_scores": dict(self.ckpts.scores),
+                "train_seconds": self.training_seconds(),
             },
         }
         if self.scaler is not None:
@@ -426,12 +436,28 @@ class Trainer:
         self.saved_step = self.step
 
     # -- the loop -----------------------------------------------------------------------------
+    def training_seconds(self) -> float:
+        """Training time of this run so far, earlier launches included."""
+        if self.clock_start is None:
+            return self.seconds_before
+        return self.seconds_before + self.clock() - self.clock_start
+
+    def check_time(self) -> None:
+        """Set ``time_up`` once ``trainer.max_minutes`` of training time are spent. Rank 0's
+        clock decides, so all ranks stop after the same update."""
+        max_minutes = self.tcfg.max_minutes
+        if max_minutes is None or self.time_up:
+            return
+        up = self.training_seconds() >= 60.0 * max_minutes
+        self.time_up = bool(dist.broadcast_object(up, self.dist))
+
     def done(self) -> bool:
-        """max_epochs or max_steps reached, or early stopping triggered."""
+        """max_epochs, max_steps or max_minutes reached, or early stopping triggered."""
         max_steps = self.tcfg.max_steps
         return (
             self.epoch >= self.tcfg.max_epochs
             or (max_steps is not None and self.step >= max_steps)
+            or self.time_up
             or bool(self.stop_reason)
         )
 
@@ -454,8 +480,11 @@ class Trainer:
         ]
 
     def train(self) -> TrainResult:
-        """Train until ``max_epochs``/``max_steps``/early stopping, then evaluate best.pt."""
+        """Train until ``max_epochs``/``max_steps``/``max_minutes``/early stopping, then
+        average and evaluate (see :meth:`finish`)."""
         per_update = self.dist.world_size * self.tcfg.update_freq
+        self.clock_start = self.clock()
+        self.check_time()  # a relaunch of a run whose time is already spent trains no further
         while not self.done():
             batches = self.epoch_batches(self.epoch + 1)
             # Regroup what is left of the epoch: a resumed run may use another update_freq
@@ -490,15 +519,31 @@ class Trainer:
                 self.epoch += 1
                 self.batches_done = 0
                 self.checkpoint(validate=self.tcfg.validate_every_steps is None)
+                self.check_time()
         if self.saved_step != self.step or self.validated[0] != self.step:
             self.checkpoint(validate=True)
-        if self.stop_reason:
-            self.log(self.stop_reason)
+        if self.stop_message():
+            self.log(self.stop_message())
         return self.finish()
 
+    def stop_message(self) -> str:
+        """Why training stopped before max_epochs/max_steps ("" when it did not)."""
+        if self.stop_reason:
+            return self.stop_reason
+        if self.time_up:
+            where = f"{self.batches_done} batches into epoch {self.epoch + 1}"
+            return (
+                f"time budget: trainer.max_minutes={self.tcfg.max_minutes} spent "
+                f"({self.training_seconds() / 60:.1f} min of training) at step {self.step}, "
+                + (where if self.batches_done else f"after epoch {self.epoch}")
+            )
+        return ""
+
     def after_update(self, window: _Window, bar: tqdm) -> None:
-        """Log every ``log_every`` updates; validate/save on their step intervals."""
+        """Log every ``log_every`` updates; validate/save on their step intervals, and when
+        training stops."""
         t = self.tcfg
+        self.check_time()
         if self.step % t.log_every == 0 and self.writer is not None:
             loss, tps = window.flush()
             lr = self.scheduler.get_last_lr()[0]
@@ -540,7 +585,8 @@ class Trainer:
                 "best_val_bleu_greedy": self.best_bleu,
                 "steps": self.step,
                 "epochs": self.epoch,
-                "stop_reason": self.stop_reason,
+                "stop_reason": self.stop_message(),
+                "train_minutes": round(self.training_seconds() / 60, 2),
                 "nonfinite_updates": self.nonfinite_total,
                 **final,
             }
