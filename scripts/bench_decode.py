@@ -2,6 +2,8 @@
 checkpoint and print, from one run, sentences/s and target tokens/s for greedy and beam 5
 with the key/value cache, beam 5 without it, and greedy / beam 5 through CTranslate2, with
 ratios to this project's cached beam 5, BLEU, and the CTranslate2 greedy agreement rate.
+Beam search uses ``--alpha``, else the length penalty the checkpoint's run tuned on val, as
+``tmt-evaluate`` does, else the default α.
 
     python scripts/bench_decode.py --checkpoint runs/multi30k_en-de/default/checkpoints/best.pt
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from transformer_mt.cli.common import tuned_alpha
 from transformer_mt.data.dataset import fetch_raw
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.evaluation import score
@@ -35,6 +38,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="only the first N sentences (a quick run)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument(
+        "--alpha",
+        type=float,
+        help="length penalty of beam 5 (default: the one the checkpoint's run tuned on val, "
+        f"else {SearchOptions.alpha:g})",
+    )
     p.add_argument("--json", action="store_true", help="end with one JSON object")
     return p.parse_args()
 
@@ -59,7 +68,13 @@ def main() -> None:
     src, ref = read_references(data_cfg, "valid" if args.split == "val" else "test")
     if args.limit:
         src, ref = src[: args.limit], ref[: args.limit]
-    greedy, beam5 = SearchOptions(beam_size=1), SearchOptions(beam_size=5)
+    alpha, alpha_source = args.alpha, "--alpha"
+    if alpha is None:  # as tmt-evaluate decodes the checkpoint
+        alpha = tuned_alpha(args.checkpoint, ours.step, beam_size=5)
+        alpha_source = "tuned on val by the checkpoint's run"
+    if alpha is None:
+        alpha, alpha_source = SearchOptions.alpha, "the default"
+    greedy, beam5 = SearchOptions(beam_size=1), SearchOptions(beam_size=5, alpha=alpha)
     tok = ours.tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +103,7 @@ def main() -> None:
 
     base = results["beam 5, cached"]["sentences_per_s"]
     print(f"\n{len(src)} sentences of {args.split}, {args.threads} threads, {args.checkpoint}")
+    print(f"beam 5 at length penalty α {beam5.alpha:g} ({alpha_source})")
     print(f"{'mode':<22} {'sent/s':>8} {'tok/s':>9} {'× beam5':>8} {'BLEU':>6}")
     for name, r in results.items():
         ratio = r["sentences_per_s"] / base
@@ -101,6 +117,7 @@ def main() -> None:
     if args.json:
         summary = {k: {m: v for m, v in r.items() if m != "hyps"} for k, r in results.items()}
         summary["ct2_greedy_agreement"] = agreement  # type: ignore[assignment]
+        summary["beam_alpha"] = beam5.alpha  # type: ignore[assignment]
         print(json.dumps(summary))
 
 

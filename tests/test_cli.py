@@ -16,6 +16,7 @@ import torch
 
 from conftest import BIN, run_cli, write_gz
 from transformer_mt.cli.common import tuned_alpha
+from transformer_mt.cli.evaluate import expand_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -307,6 +308,26 @@ def test_tuned_alpha_is_the_one_the_runs_results_name_for_that_file_and_step(
         assert tuned_alpha(ckpts / "best.pt", 300, 5) is None
     results_file.write_text("{not json")
     assert tuned_alpha(ckpts / "best.pt", 300, 5) is None
+
+
+def test_a_run_directory_expands_to_its_checkpoints_and_named_files_stay_named(
+    tmp_path: Path,
+) -> None:
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for name in ("checkpoint_0000020.pt", "checkpoint_0000010.pt", "averaged.pt"):
+        (ckpts / name).write_bytes(name.encode())
+    os.link(ckpts / "checkpoint_0000020.pt", ckpts / "best.pt")  # duplicates: left out
+    os.link(ckpts / "checkpoint_0000020.pt", ckpts / "last.pt")
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"x")
+    assert expand_checkpoints([tmp_path / "run", other, ckpts / "best.pt"]) == [
+        (ckpts / "checkpoint_0000010.pt", False),
+        (ckpts / "checkpoint_0000020.pt", False),
+        (ckpts / "averaged.pt", False),
+        (other, True),
+        (ckpts / "best.pt", True),
+    ]
 
 
 def test_evaluate_and_translate_use_the_runs_tuned_alpha_unless_given(

@@ -191,3 +191,27 @@ def test_time_budget_stops_mid_epoch_and_counts_across_resumes(corpus_root: Path
     assert run(5).step == 5  # relaunched: the budget is spent, no further update
     second = run(8)  # a larger budget continues the same epoch for the 3 minutes left
     assert (second.step, second.epoch, second.batches_done) == (8, 0, 8)
+
+
+def test_time_budget_spent_at_an_epoch_end(corpus_root: Path) -> None:
+    n = len(Trainer(make_config(corpus_root), corpus_root / "probe").epoch_batches(1))
+
+    def run(max_epochs: int) -> tuple[Trainer, dict]:
+        cfg = make_config(
+            corpus_root,
+            "trainer.max_steps=null",
+            f"trainer.max_epochs={max_epochs}",
+            f"trainer.max_minutes={n}",
+        )
+        trainer = Trainer(cfg, corpus_root / f"r{max_epochs}")
+        trainer.clock = lambda: 60.0 * trainer.step  # each update takes a minute
+        trainer.train()
+        return trainer, json.loads((corpus_root / f"r{max_epochs}" / "results.json").read_text())
+
+    trainer, results = run(max_epochs=3)
+    assert (trainer.step, trainer.epoch, trainer.batches_done) == (n, 1, 0)
+    assert results["stop_reason"].endswith(f"at step {n}, after epoch 1")
+    last = load_checkpoint(corpus_root / "r3" / "checkpoints" / "last.pt")
+    assert (last["epoch"], last["trainer"]["train_seconds"]) == (1, 60.0 * n)
+    trainer, results = run(max_epochs=1)  # the last epoch ends with the budget: no time stop
+    assert trainer.epoch == 1 and results["stop_reason"] == ""

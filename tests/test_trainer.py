@@ -184,6 +184,7 @@ def test_bad_precision_fails_before_training(corpus_root: Path) -> None:
         ("trainer.final_alpha=-1", "trainer.final_alpha"),
         ("trainer.final_alpha=[1.0,-1]", "trainer.final_alpha"),
         ("trainer.final_alpha=inf", "trainer.final_alpha"),
+        ("trainer.final_alpha=[1.0,nan]", "trainer.final_alpha"),
         ("trainer.final_alpha=[]", "trainer.final_alpha"),
         ("trainer.final_alpha=abc", "trainer.final_alpha"),
         ("trainer.clip_norm=abc", "trainer.clip_norm"),

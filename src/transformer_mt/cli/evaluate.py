@@ -146,16 +146,16 @@ def format_table(results: list[dict[str, Any]], metrics: tuple[str, ...]) -> str
 def main(argv: list[str] | None = None) -> None:
     """Evaluate every checkpoint given, print the table (or JSON lines)."""
     args = parse_args(argv)
-    paths = expand_checkpoints(args.checkpoints)
-    if args.output is not None and len(paths) > 1:
-        raise CheckpointError(f"--output needs exactly one checkpoint, got {len(paths)}")
+    entries = expand_checkpoints(args.checkpoints)
+    if args.output is not None and len(entries) > 1:
+        raise CheckpointError(f"--output needs exactly one checkpoint, got {len(entries)}")
     sources: dict[str, Any] = {}
     results, failed = [], []
-    for path, named in paths:  # a run directory's checkpoints all get one α
+    for path, named in entries:  # a run directory's checkpoints all get one α
         try:
             result = evaluate_one(path, args, sources, named=named)
         except CheckpointError as e:  # one bad file does not lose the others' scores
-            if len(paths) == 1:
+            if len(entries) == 1:
                 raise
             print(f"error: {e}", file=sys.stderr, flush=True)
             failed.append(path)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in results:
             print(f"hypotheses: {r['hypotheses']}")
     if failed:
-        raise CheckpointError(f"{len(failed)} of {len(paths)} checkpoints could not be read")
+        raise CheckpointError(f"{len(failed)} of {len(entries)} checkpoints could not be read")
 
 
 if __name__ == "__main__":

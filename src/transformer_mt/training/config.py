@@ -48,8 +48,8 @@ def check_final_alpha(alpha: object) -> None:
     alphas = list(alpha) if isinstance(alpha, (ListConfig, list)) else [alpha]
     if not alphas or not all(_is_number(a) and 0 <= a < math.inf for a in alphas):
         raise ConfigError(
-            "trainer.final_alpha must be a finite number ≥ 0 (0 = off) or a non-empty list of them "
-            f"(tuned on val), got {alpha}"
+            "trainer.final_alpha must be a finite number ≥ 0 (0 = off) or a non-empty list of "
+            f"them (tuned on val), got {alpha}"
         )
 
 

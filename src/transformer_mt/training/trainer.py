@@ -443,23 +443,25 @@ class Trainer:
         return self.seconds_before + self.clock() - self.clock_start
 
     def check_time(self) -> None:
-        """Set ``time_up`` once ``trainer.max_minutes`` of training time are spent. Rank 0's
-        clock decides, so all ranks stop after the same update."""
+        """Set ``time_up`` once ``trainer.max_minutes`` of training time are spent (not when
+        training stops anyway). Rank 0's clock decides, so all ranks stop after the same
+        update."""
         max_minutes = self.tcfg.max_minutes
-        if max_minutes is None or self.time_up:
+        if max_minutes is None or self.done():
             return
         up = self.training_seconds() >= 60.0 * max_minutes
         self.time_up = bool(dist.broadcast_object(up, self.dist))
 
+    def finished(self) -> bool:
+        """max_epochs or max_steps reached."""
+        max_steps = self.tcfg.max_steps
+        return self.epoch >= self.tcfg.max_epochs or (
+            max_steps is not None and self.step >= max_steps
+        )
+
     def done(self) -> bool:
         """max_epochs, max_steps or max_minutes reached, or early stopping triggered."""
-        max_steps = self.tcfg.max_steps
-        return (
-            self.epoch >= self.tcfg.max_epochs
-            or (max_steps is not None and self.step >= max_steps)
-            or self.time_up
-            or bool(self.stop_reason)
-        )
+        return self.finished() or self.time_up or bool(self.stop_reason)
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The shuffled token-budget batches (example indices) of ``epoch`` (1-based)."""
@@ -518,32 +520,34 @@ class Trainer:
             if self.batches_done >= len(batches):
                 self.epoch += 1
                 self.batches_done = 0
+                self.check_time()  # before the save, which then records the time as spent
                 self.checkpoint(validate=self.tcfg.validate_every_steps is None)
-                self.check_time()
         if self.saved_step != self.step or self.validated[0] != self.step:
             self.checkpoint(validate=True)
+        self.seconds_before, self.clock_start = self.training_seconds(), None  # the loop's end
         if self.stop_message():
             self.log(self.stop_message())
         return self.finish()
 
     def stop_message(self) -> str:
         """Why training stopped before max_epochs/max_steps ("" when it did not)."""
-        if self.stop_reason:
-            return self.stop_reason
-        if self.time_up:
+        reasons = [self.stop_reason] if self.stop_reason else []
+        if self.time_up and not self.finished():  # its validation may also end the patience
             where = f"{self.batches_done} batches into epoch {self.epoch + 1}"
-            return (
+            reasons.insert(
+                0,
                 f"time budget: trainer.max_minutes={self.tcfg.max_minutes} spent "
                 f"({self.training_seconds() / 60:.1f} min of training) at step {self.step}, "
-                + (where if self.batches_done else f"after epoch {self.epoch}")
+                + (where if self.batches_done else f"after epoch {self.epoch}"),
             )
-        return ""
+        return "; ".join(reasons)
 
     def after_update(self, window: _Window, bar: tqdm) -> None:
         """Log every ``log_every`` updates; validate/save on their step intervals, and when
         training stops."""
         t = self.tcfg
-        self.check_time()
+        if not self.dist.enabled or self.step % t.log_every == 0:  # a collective when distributed
+            self.check_time()
         if self.step % t.log_every == 0 and self.writer is not None:
             loss, tps = window.flush()
             lr = self.scheduler.get_last_lr()[0]
