@@ -15,6 +15,7 @@ from conftest import synthetic_corpus, synthetic_overrides
 from transformer_mt.cli.common import config_dir, tuned_alpha
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.errors import ConfigError
+from transformer_mt.training.config import validate_config
 from transformer_mt.training.trainer import Trainer, read_references
 
 
@@ -202,3 +203,18 @@ def test_bad_values_fail_before_any_work_naming_the_key(
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         Trainer(make_config(corpus_root, override), corpus_root / "run")
     assert not (corpus_root / "prepared").exists()
+
+
+def test_every_shipped_recipe_composes_and_passes_the_config_checks() -> None:
+    recipes = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+    assert recipes  # at least multi30k_best
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        default = compose("train")
+        for recipe in recipes:
+            cfg = compose("train", overrides=[f"experiment={recipe}"])
+            validate_config(cfg, torch.device("cpu"))
+            assert cfg != default
+        best = compose("train", overrides=["experiment=multi30k_best"])
+    # multi30k_best overrides the default model's dropout with the 0.3 it was measured with
+    assert (default.model.dropout, best.model.dropout) == (0.2, 0.3)
+    assert best.trainer.max_minutes == 170 and default.trainer.max_minutes is None
