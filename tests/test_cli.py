@@ -17,6 +17,7 @@ import torch
 from conftest import BIN, run_cli, write_gz
 from transformer_mt.cli.common import tuned_alpha
 from transformer_mt.cli.evaluate import expand_checkpoints
+from transformer_mt.training.checkpoint import checkpoint_step
 
 pytestmark = pytest.mark.slow
 
@@ -251,6 +252,8 @@ def test_evaluate_many_checkpoints_with_more_metrics(trained_run: Path, tmp_path
     assert lines[0].split() == ["checkpoint", "step", "α", "BLEU", "CHRF", "TER"]
     assert [line.split()[0] for line in lines[1 : 1 + len(steps)]] == [str(p) for p in steps]
     assert any(line.startswith("ter signature: nrefs:1") for line in lines)
+    greedy = run_cli("tmt-evaluate", str(steps[0]), *flags[:4], "--greedy").stdout.splitlines()
+    assert greedy[1].split()[1:3] == [str(checkpoint_step(steps[0])), "–"]  # no α for greedy
     r = run_cli("tmt-evaluate", str(steps[0]), str(steps[-1]), *flags, "--json")
     results = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["checkpoint"] for x in results] == [str(steps[0]), str(steps[-1])]

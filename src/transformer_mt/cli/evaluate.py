@@ -135,7 +135,8 @@ def format_table(results: list[dict[str, Any]], metrics: tuple[str, ...]) -> str
     header = f"{'checkpoint':<{width}}  {'step':>7}  {'α':>5}"
     lines = [header + "".join(f"  {m.upper():>6}" for m in metrics)]
     for r in results:
-        row = f"{r['checkpoint']:<{width}}  {r['step']!s:>7}  {r['alpha']:5g}"
+        alpha = f"{r['alpha']:5g}" if r["beam"] > 1 else f"{'–':>5}"  # greedy: no penalty
+        row = f"{r['checkpoint']:<{width}}  {r['step']!s:>7}  {alpha}"
         lines.append(row + "".join(f"  {r[m]:6.2f}" for m in metrics))
     lines.append(f"split: {results[0]['split']}, beam {results[0]['beam']}")
     lines += [f"{m} signature: {results[0]['signatures'][m]}" for m in metrics]
