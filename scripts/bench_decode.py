@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from transformer_mt.cli.common import tuned_alpha
+from transformer_mt.cli.common import search_for
 from transformer_mt.data.dataset import fetch_raw
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.evaluation import score
@@ -68,13 +68,16 @@ def main() -> None:
     src, ref = read_references(data_cfg, "valid" if args.split == "val" else "test")
     if args.limit:
         src, ref = src[: args.limit], ref[: args.limit]
-    alpha, alpha_source = args.alpha, "--alpha"
-    if alpha is None:  # as tmt-evaluate decodes the checkpoint
-        alpha = tuned_alpha(args.checkpoint, ours.step, beam_size=5)
+    given = SearchOptions.alpha if args.alpha is None else args.alpha
+    args.search = SearchOptions(beam_size=5, alpha=given)
+    beam5 = search_for(args, args.checkpoint, ours.step)  # the α tmt-evaluate would use
+    if args.alpha is not None:
+        alpha_source = "--alpha"
+    elif beam5 is args.search:
+        alpha_source = "the default"
+    else:
         alpha_source = "tuned on val by the checkpoint's run"
-    if alpha is None:
-        alpha, alpha_source = SearchOptions.alpha, "the default"
-    greedy, beam5 = SearchOptions(beam_size=1), SearchOptions(beam_size=5, alpha=alpha)
+    greedy = SearchOptions(beam_size=1)
     tok = ours.tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
-from transformer_mt.decoding.search import SearchOptions, check_alpha
+from transformer_mt.decoding.search import SearchOptions, is_length_penalty
 from transformer_mt.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -145,13 +145,8 @@ def tuned_alpha(checkpoint: Path, step: int | None, beam_size: int) -> float | N
             not isinstance(recorded, str)
             or entry.get("step") != step
             or entry.get("beam_size") != beam_size
-            or isinstance(alpha, bool)
-            or not isinstance(alpha, int | float)
+            or not is_length_penalty(alpha)
         ):
-            continue
-        try:
-            check_alpha(alpha)
-        except ValueError:
             continue
         candidate = checkpoint.parent / Path(recorded).name
         if candidate.is_file() and os.path.samefile(candidate, checkpoint):

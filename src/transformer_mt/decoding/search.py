@@ -12,10 +12,11 @@ import torch
 from transformer_mt.model import Transformer
 
 
-def check_alpha(alpha: float) -> None:
-    """Raise ValueError unless ``alpha`` is a usable GNMT length penalty: finite and ≥ 0."""
-    if not 0.0 <= alpha < math.inf:  # NaN fails too
-        raise ValueError(f"length penalty α must be finite and ≥ 0 (0 = off), got {alpha}")
+def is_length_penalty(alpha: object) -> bool:
+    """Whether ``alpha`` is a usable GNMT length penalty: a number (not a bool), finite, ≥ 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        return False
+    return 0.0 <= alpha < math.inf  # NaN fails too
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class SearchOptions:
                 f"max length a·src+b needs a, b ≥ 0 and not both 0 (a={self.max_len_a}, "
                 f"b={self.max_len_b})"
             )
-        check_alpha(self.alpha)
+        if not is_length_penalty(self.alpha):
+            raise ValueError(f"length penalty α must be finite and ≥ 0 (0 = off), got {self.alpha}")
         if self.min_len < 0 or self.no_repeat_ngram < 0:
             raise ValueError("min length and no-repeat n-gram size must be ≥ 0")
 

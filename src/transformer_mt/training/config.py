@@ -5,7 +5,6 @@ Unknown keys are refused earlier, by Hydra's struct mode, when the command line 
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from transformer_mt.data.corpus import corpus_file
 from transformer_mt.data.dataset import split_names
+from transformer_mt.decoding.search import is_length_penalty
 from transformer_mt.errors import ConfigError
 from transformer_mt.training.precision import check_precision
 
@@ -46,7 +46,7 @@ def _positive(cfg: DictConfig, key: str, allow_null: bool = False) -> tuple[bool
 def check_final_alpha(alpha: object) -> None:
     """``trainer.final_alpha`` is a finite number ≥ 0 or a non-empty list of them."""
     alphas = list(alpha) if isinstance(alpha, (ListConfig, list)) else [alpha]
-    if not alphas or not all(_is_number(a) and 0 <= a < math.inf for a in alphas):
+    if not alphas or not all(is_length_penalty(a) for a in alphas):
         raise ConfigError(
             "trainer.final_alpha must be a finite number ≥ 0 (0 = off) or a non-empty list of "
             f"them (tuned on val), got {alpha}"

@@ -525,8 +525,8 @@ class Trainer:
         if self.saved_step != self.step or self.validated[0] != self.step:
             self.checkpoint(validate=True)
         self.seconds_before, self.clock_start = self.training_seconds(), None  # the loop's end
-        if self.stop_message():
-            self.log(self.stop_message())
+        if message := self.stop_message():
+            self.log(message)
         return self.finish()
 
     def stop_message(self) -> str:
