@@ -12,7 +12,7 @@ from torch import nn
 from conftest import small_transformer
 from transformer_mt.model import Dropout, MultiHeadAttention, PositionalEncoding
 from transformer_mt.model.attention import ScaledDotProductAttention
-from transformer_mt.model.dropout import keep_mask
+from transformer_mt.model.dropout import keep_mask, positive
 
 
 def copy_into_reference(ours: MultiHeadAttention, ref: nn.MultiheadAttention) -> None:
@@ -47,6 +47,31 @@ def test_multi_head_attention_matches_torch(masking: str) -> None:
         expected, _ = ref(q, kv, kv, attn_mask=causal, need_weights=False)
         actual = ours(q, kv, causal=True)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    # Gradients too: Q, K and V (self-attention) or K and V (cross) are one stacked product.
+    upstream = torch.randn_like(expected)
+    actual.backward(upstream)
+    expected.backward(upstream)
+    ours_in = torch.cat([ours.q_proj.weight.grad, ours.k_proj.weight.grad, ours.v_proj.weight.grad])
+    torch.testing.assert_close(ours_in, ref.in_proj_weight.grad, atol=1e-5, rtol=1e-5)
+    ours_bias = torch.cat([ours.q_proj.bias.grad, ours.k_proj.bias.grad, ours.v_proj.bias.grad])
+    torch.testing.assert_close(ours_bias, ref.in_proj_bias.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_without_bias_stacks_the_projections_of_one_input() -> None:
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 2, dropout=0.0, bias=False).eval()
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+
+    def separate(query: torch.Tensor, kv: torch.Tensor, causal: bool) -> torch.Tensor:
+        q, k, v = (
+            mha._split_heads(x @ proj.weight.t())
+            for x, proj in ((query, mha.q_proj), (kv, mha.k_proj), (kv, mha.v_proj))
+        )
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return mha.out_proj(out.transpose(1, 2).reshape(query.shape))
+
+    torch.testing.assert_close(mha(x, x, causal=True), separate(x, x, True))
+    torch.testing.assert_close(mha(x, memory), separate(x, memory, False))
 
 
 def _attention_inputs(
@@ -203,6 +228,13 @@ def test_keep_mask_honours_p_and_zeroes_where_asked() -> None:
     assert mask.dtype == torch.bfloat16
     assert not mask[~where].any()  # zero wherever ``where`` is False ...
     assert abs((mask[where] == 0).float().mean().item() - 0.3) < 0.005  # ... dropout elsewhere
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_positive_is_greater_than_zero(dtype: torch.dtype) -> None:
+    x = torch.tensor([[1.0, -1.0, 0.0, -0.0], [math.nan, math.inf, -math.inf, 1e-30]], dtype=dtype)
+    for view in (x, x.t()):  # contiguous and not
+        assert torch.equal(positive(view), view > 0)
 
 
 def test_dropout_after_relu_is_relu_then_dropout_in_value_and_gradient() -> None:

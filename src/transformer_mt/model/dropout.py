@@ -19,18 +19,29 @@ def keep_mask(
     Each element compares one 16-bit draw from NumPy's SFC64 generator with round(p·2¹⁶), so p
     is honoured to within 2⁻¹⁷. Four draws come from each 64-bit output, with no float
     conversion: about 5× faster than float32 uniforms and many times faster than torch's CPU
-    ``bernoulli_``. SFC64 is seeded by one draw from torch's generator, so ``torch.manual_seed``
-    and the torch RNG state saved in checkpoints govern the masks as they govern ``nn.Dropout``.
+    ``bernoulli_``. The comparison runs in NumPy and the 0/1 bytes reach ``dtype`` as uint8: on
+    a CPU torch's comparisons to bool and its bool-to-float conversion are each several times
+    slower (2.5 and 3.8 ms against 0.4 and 0.4 ms for a 4.2M-element FFN activation). SFC64 is
+    seeded by one draw from torch's generator, so ``torch.manual_seed`` and the torch RNG state
+    saved in checkpoints govern the masks as they govern ``nn.Dropout``.
     """
     seed = int(torch.randint(0, 2**62, (1,)))
     n = math.prod(shape)
     raw = np.random.SFC64(seed).random_raw((n + 3) // 4)  # (⌈n/4⌉,) uint64
-    draws = torch.from_numpy(raw.view(np.int16)[:n]).view(shape)  # uniform on [-2¹⁵, 2¹⁵)
+    draws = raw.view(np.int16)[:n].reshape(shape)  # uniform on [-2¹⁵, 2¹⁵)
     threshold = round(p * 65536) - 32768  # P(draw < threshold) = round(p·2¹⁶) / 2¹⁶
-    keep = draws >= threshold
+    keep = np.greater_equal(draws, threshold)
     if where is not None:
-        keep &= where
-    return keep.to(dtype).mul_(1.0 / (1.0 - p))
+        keep &= where.numpy()
+    return torch.from_numpy(keep.view(np.uint8)).to(dtype).mul_(1.0 / (1.0 - p))
+
+
+def positive(x: torch.Tensor) -> torch.Tensor:
+    """x > 0 as a bool tensor, computed by NumPy where it can read x (fp32/fp64 on a CPU):
+    several times faster than torch's CPU comparison (see ``keep_mask``)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return x > 0
+    return torch.from_numpy(np.greater(x.detach().numpy(), 0))
 
 
 class Dropout(nn.Module):
@@ -60,7 +71,7 @@ class Dropout(nn.Module):
         one multiply too, where ReLU and dropout would each make a pass over x's gradient."""
         if not (self.training and self.p > 0.0 and self.uses_keep_mask(x)):
             return self(torch.relu(x))
-        return x * keep_mask(x.shape, self.p, x.dtype, where=x > 0)
+        return x * keep_mask(x.shape, self.p, x.dtype, where=positive(x))
 
     @staticmethod
     def uses_keep_mask(x: torch.Tensor) -> bool:
