@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 ARGS   ?=
 
 .PHONY: setup data prepare train evaluate bench bench-decode test lint clean
-CKPT   ?= runs/multi30k_en-de/default/checkpoints/best.pt
+CKPT   ?= runs/multi30k_en-de/default/checkpoints/final.pt
 
 setup: $(STAMP)
 
@@ -28,13 +28,13 @@ prepare: data  ## tokenizer + encoded arrays (ARGS= Hydra overrides)
 train: prepare  ## the default recipe: Multi30k en->de (ARGS= Hydra overrides)
 	$(BIN)/tmt-train $(ARGS)
 
-evaluate: setup  ## [CKPT=path/to/best.pt] [ARGS="--split test"]
+evaluate: setup  ## [CKPT=path/to/final.pt] [ARGS="--split test"]
 	$(BIN)/tmt-evaluate $(CKPT) $(ARGS)
 
 bench: data  ## training throughput: ours vs a plain nn.Transformer loop (ARGS=--json)
 	$(BIN)/python scripts/bench_train.py $(ARGS)
 
-bench-decode: setup  ## decoding speed on test_2016_flickr of CKPT (default: make train's best.pt)
+bench-decode: setup  ## decoding speed on test_2016_flickr of CKPT (default: make train's final.pt)
 	$(BIN)/python scripts/bench_decode.py --checkpoint $(CKPT) $(ARGS)
 
 test: setup

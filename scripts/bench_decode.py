@@ -5,7 +5,7 @@ ratios to this project's cached beam 5, BLEU, and the CTranslate2 greedy agreeme
 Beam search uses ``--alpha``, else the length penalty the checkpoint's run tuned on val, as
 ``tmt-evaluate`` does, else the default α.
 
-    python scripts/bench_decode.py --checkpoint runs/multi30k_en-de/default/checkpoints/best.pt
+    python scripts/bench_decode.py --checkpoint runs/multi30k_en-de/default/checkpoints/final.pt
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import torch
 from omegaconf import OmegaConf
 
 from transformer_mt.cli.common import search_for
+from transformer_mt.data.corpus import read_references
 from transformer_mt.data.dataset import fetch_raw
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.evaluation import score
 from transformer_mt.export.ctranslate2 import CTranslate2Translator, export_ctranslate2
-from transformer_mt.training.trainer import read_references
 
-DEFAULT_CHECKPOINT = Path("runs/multi30k_en-de/default/checkpoints/best.pt")
+DEFAULT_CHECKPOINT = Path("runs/multi30k_en-de/default/checkpoints/final.pt")
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,9 +85,12 @@ def main() -> None:
             export_ctranslate2(args.checkpoint, Path(tmp) / "ct2"), intra_threads=args.threads
         )
         runs: list[tuple[str, Callable[[], list[str]]]] = [
-            ("greedy, cached", lambda: ours.translate(src, greedy, args.batch_size)),
-            ("beam 5, cached", lambda: ours.translate(src, beam5, args.batch_size)),
-            ("beam 5, no cache", lambda: uncached.translate(src, beam5, args.batch_size)),
+            ("greedy, cached", lambda: ours.translate(src, greedy, batch_size=args.batch_size)),
+            ("beam 5, cached", lambda: ours.translate(src, beam5, batch_size=args.batch_size)),
+            (
+                "beam 5, no cache",
+                lambda: uncached.translate(src, beam5, batch_size=args.batch_size),
+            ),
             ("greedy, CTranslate2", lambda: ct2.translate(src, greedy, args.batch_size)),
             ("beam 5, CTranslate2", lambda: ct2.translate(src, beam5, args.batch_size)),
         ]

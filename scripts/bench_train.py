@@ -17,10 +17,8 @@ import argparse
 import json
 import math
 import resource
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +28,7 @@ from torch import nn
 from transformer_mt.cli.common import config_dir, register_resolvers
 from transformer_mt.data.batching import Batch, collate, token_batches
 from transformer_mt.training.precision import autocast
-from transformer_mt.training.trainer import Trainer
+from transformer_mt.training.setup import build_training
 
 
 def parse_args() -> argparse.Namespace:
@@ -139,9 +137,8 @@ def main() -> None:
                 *args.overrides,
             ],
         )
-    run_dir = tempfile.TemporaryDirectory()  # the Trainer's TensorBoard writer lives here
-    trainer = Trainer(cfg, Path(run_dir.name))
-    tok, split = trainer.tokenizer, trainer.train_split
+    setup = build_training(cfg)  # the real update step, without a run directory
+    tok, split = setup.tokenizer, setup.train_split
     rng = np.random.default_rng(cfg.seed)
     batches = token_batches(split.src_lengths, split.tgt_lengths, cfg.trainer.max_tokens, rng)
     batches = batches[: args.warmup + args.steps]
@@ -149,7 +146,7 @@ def main() -> None:
     def make(idx: np.ndarray) -> Batch:
         return collate(split, idx, tok.pad_id, tok.bos_id, tok.eos_id)
 
-    # (b) the plain loop around torch.nn.Transformer; (a), ours, is Trainer.train_step.
+    # (b) the plain loop around torch.nn.Transformer; (a), ours, is the trainer's UpdateStep.
     m = cfg.model
     torch.manual_seed(cfg.seed)
     ref = Reference(
@@ -178,7 +175,7 @@ def main() -> None:
         float(loss.detach())  # the usual per-step loss read-out
 
     def ours_step(b: Batch) -> None:
-        trainer.train_step([(b, 1.0)])
+        setup.update([(b, 1.0)])
 
     step_s, data_s, tokens = timed_side_by_side(
         batches, make, {"ours": ours_step, "reference": ref_step}, args.warmup
@@ -194,7 +191,7 @@ def main() -> None:
         + len(i) * (int(split.tgt_lengths[i].max()) + 1)
         for i in timed
     )
-    n_params = trainer.model.num_parameters()[0]  # tied: the output projection counted once
+    n_params = setup.model.num_parameters()[0]  # tied: the output projection counted once
     peak = matmul_peak(torch.bfloat16 if args.precision == "bf16" else torch.float32)
     ours_tps, ref_tps = tokens / ours_s, tokens / ref_s
     result = {
@@ -230,9 +227,6 @@ def main() -> None:
     print(f"peak RSS {result['peak_rss_mib']:,.0f} MiB")
     if args.json:
         print(json.dumps(result))
-    if trainer.writer is not None:
-        trainer.writer.close()
-    run_dir.cleanup()
 
 
 if __name__ == "__main__":

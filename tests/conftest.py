@@ -96,20 +96,22 @@ def synthetic_overrides(root: Path) -> list[str]:
     ]
 
 
+# The ``model`` config section of small_transformer (build_model's keyword arguments).
+SMALL_MODEL_CONFIG: dict[str, object] = dict(
+    d_model=32,
+    n_heads=4,
+    n_encoder_layers=2,
+    n_decoder_layers=2,
+    d_ff=64,
+    dropout=0.0,
+    norm_first=True,
+    max_positions=64,
+)
+
+
 def small_transformer(**overrides: object) -> Transformer:
     """A seeded, dropout-free 2+2-layer Transformer (d_model 32, vocab 50, pad 0) in eval mode."""
     torch.manual_seed(0)
-    args: dict[str, object] = dict(
-        vocab_size=50,
-        d_model=32,
-        n_heads=4,
-        n_encoder_layers=2,
-        n_decoder_layers=2,
-        d_ff=64,
-        dropout=0.0,
-        norm_first=True,
-        max_positions=64,
-        pad_id=0,
-    )
+    args: dict[str, object] = dict(vocab_size=50, pad_id=0, **SMALL_MODEL_CONFIG)
     args.update(overrides)
     return Transformer(**args).eval()  # type: ignore[arg-type]

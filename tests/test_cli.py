@@ -8,6 +8,7 @@ import os
 import select
 import shutil
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,9 @@ import pytest
 import torch
 
 from conftest import BIN, run_cli, write_gz
-from transformer_mt.cli.common import tuned_alpha
 from transformer_mt.cli.evaluate import expand_checkpoints
-from transformer_mt.training.checkpoint import checkpoint_step
+from transformer_mt.formats.checkpoint import checkpoint_step
+from transformer_mt.formats.results import CheckpointResult, RunResults, Score, tuned_alpha
 
 pytestmark = pytest.mark.slow
 
@@ -263,6 +264,15 @@ def test_evaluate_many_checkpoints_with_more_metrics(trained_run: Path, tmp_path
     assert bad.returncode == 2 and "meteor" in bad.stderr
 
 
+def run_results(alphas: dict[str, float], step: int = 300, beam_size: int = 5) -> dict:
+    """A results.json (as a dict) whose final evaluation chose ``alphas[name]`` for each file."""
+    evaluated = {
+        name: CheckpointResult(step, beam_size, alpha, Score(30.0, 60.0, "nrefs:1"))
+        for name, alpha in alphas.items()
+    }
+    return asdict(RunResults(steps=step, final=next(iter(alphas)), checkpoints=evaluated))
+
+
 def test_tuned_alpha_is_the_one_the_runs_results_name_for_that_file_and_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -274,18 +284,7 @@ def test_tuned_alpha_is_the_one_the_runs_results_name_for_that_file_and_step(
     shutil.copy(ckpts / "best.pt", ckpts / "copy.pt")
     assert tuned_alpha(ckpts / "best.pt", 300, 5) is None  # no results.json yet
     results_file = tmp_path / "run" / "results.json"
-    results = {
-        "best_checkpoint": "runs/elsewhere/checkpoints/best.pt",  # as written, cwd-relative
-        "step": 300,
-        "beam_size": 5,
-        "alpha": 1.4,
-        "averaged": {
-            "checkpoint": "/abs/checkpoints/averaged.pt",
-            "step": 300,
-            "beam_size": 5,
-            "alpha": 3,
-        },
-    }
+    results = run_results({"best.pt": 1.4, "averaged.pt": 3})
     results_file.write_text(json.dumps(results))
     assert tuned_alpha(ckpts / "best.pt", 300, 5) == 1.4
     assert tuned_alpha(ckpts / "checkpoint_300.pt", 300, 5) == 1.4  # the same file as best.pt
@@ -301,14 +300,13 @@ def test_tuned_alpha_is_the_one_the_runs_results_name_for_that_file_and_step(
     newer = results_file.stat().st_mtime_ns + 10**9
     os.utime(ckpts / "averaged.pt", ns=(newer, newer))  # e.g. rewritten by tmt-average
     assert tuned_alpha(ckpts / "averaged.pt", 300, 5) is None
-    for bad in ([1, 2], {**results, "alpha": None}, {**results, "alpha": "1"}):
+    best_entry = results["checkpoints"]["best.pt"]
+    for bad_alpha in (None, "1", -1, float("nan"), True):
+        bad = {**results, "checkpoints": {"best.pt": {**best_entry, "alpha": bad_alpha}}}
         results_file.write_text(json.dumps(bad))
         assert tuned_alpha(ckpts / "best.pt", 300, 5) is None
-    for bad_alpha in ("-1", "NaN", "true"):
-        results_file.write_text(
-            json.dumps(results).replace('"alpha": 1.4', f'"alpha": {bad_alpha}')
-        )
-        assert tuned_alpha(ckpts / "best.pt", 300, 5) is None
+    results_file.write_text(json.dumps([1, 2]))
+    assert tuned_alpha(ckpts / "best.pt", 300, 5) is None
     results_file.write_text("{not json")
     assert tuned_alpha(ckpts / "best.pt", 300, 5) is None
 
@@ -341,7 +339,7 @@ def test_evaluate_and_translate_use_the_runs_tuned_alpha_unless_given(
     best = ckpts / "best.pt"
     shutil.copy(trained_run / "checkpoints" / "best.pt", best)
     step = torch.load(best, weights_only=True)["step"]
-    results = {"best_checkpoint": str(best), "step": step, "beam_size": 2, "alpha": 0.7}
+    results = run_results({"best.pt": 0.7}, step=step, beam_size=2)
     (tmp_path / "run" / "results.json").write_text(json.dumps(results))
     src, ref = tmp_path / "s.en", tmp_path / "s.de"
     src.write_text("A man is riding a bike.\nTwo dogs play in the snow.\n")
@@ -364,6 +362,34 @@ def test_evaluate_and_translate_use_the_runs_tuned_alpha_unless_given(
     assert given.returncode == 0 and "chosen by" not in given.stderr
     other = run_cli("tmt-translate", str(best), *nbest, "--alpha", "2.2", stdin=line)
     assert tuned.stdout == given.stdout != other.stdout
+
+
+def test_evaluate_tunes_alpha_on_val_with_a_grid(trained_run: Path, tmp_path: Path) -> None:
+    best = trained_run / "checkpoints" / "best.pt"
+    common = ["--beam", "2", "--batch-size", "128", "--json"]
+    r = run_cli(
+        "tmt-evaluate", str(best), "--split", "test", "--alpha-grid", "0,2", *common,
+        "--output", str(tmp_path / "test.de"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])
+    grid = result["alpha_grid"]
+    assert list(grid) == ["0", "2"] and result["split"] == "test_2016_flickr"
+    assert result["alpha"] == (2.0 if grid["2"] > grid["0"] else 0.0)  # the first of ties
+    val = run_cli(
+        "tmt-evaluate", str(best), "--split", "val", "--alpha", f"{result['alpha']:g}", *common,
+        "--output", str(tmp_path / "val.de"),
+    )  # fmt: skip
+    assert val.returncode == 0, val.stderr
+    assert json.loads(val.stdout.splitlines()[-1])["bleu"] == grid[f"{result['alpha']:g}"]
+    for bad, message in (
+        (["--alpha-grid", "1,x"], "'x' is not a number"),
+        (["--alpha-grid", "1,-2"], "finite and ≥ 0"),
+        (["--alpha-grid", "1", "--alpha", "1"], "exclude each other"),
+        (["--alpha-grid", "1", "--greedy"], "needs beam search"),
+    ):
+        r = run_cli("tmt-evaluate", str(best), *bad)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
 def test_missing_or_corrupt_checkpoint_fails_clearly(tmp_path: Path) -> None:

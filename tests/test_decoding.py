@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import WORDS, small_transformer
+from conftest import SMALL_MODEL_CONFIG, WORDS, small_transformer
 from transformer_mt.data.batching import pad
 from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_mt.decoding import (
@@ -25,6 +26,8 @@ from transformer_mt.decoding import (
 from transformer_mt.decoding.attention_maps import cross_attention, write_attention_map
 from transformer_mt.decoding.search import UncachedDecoder, block_repeated_ngrams
 from transformer_mt.errors import UserError
+from transformer_mt.formats.checkpoint import save_checkpoint, spm_bytes_to_tensor
+from transformer_mt.formats.results import CheckpointResult, RunResults, Score
 from transformer_mt.model import Transformer
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -324,3 +327,53 @@ def test_attention_maps_rows_sum_to_one_and_are_drawn(
 def test_search_options_refuse_an_unusable_length_penalty(alpha: float) -> None:
     with pytest.raises(ValueError, match="length penalty α must be finite and ≥ 0"):
         SearchOptions(beam_size=5, alpha=alpha)
+
+
+def test_translate_takes_search_settings_as_keywords(translator: Translator) -> None:
+    lines = ["a dog runs on the street", "the red ball", ""]
+    by_keywords = translator.translate(lines, beam_size=3, alpha=0.5, max_len_a=1.0)
+    options = SearchOptions(beam_size=3, alpha=0.5, max_len_a=1.0)
+    assert by_keywords == translator.translate(lines, options)
+    assert translator.translate(lines) == translator.translate(lines, SearchOptions())
+    assert translator.translate(lines, beam_size=1) == translator.translate(
+        lines, SearchOptions(beam_size=1)
+    )
+    nbest = translator.translate(lines, beam_size=3, nbest=3)
+    ids = translator.translate_ids(lines, beam_size=3, nbest=3)
+    assert [len(n) for n in nbest] == [3, 3, 1]  # an empty input has one empty translation
+    assert nbest[0] == translator.tokenizer.decode([h.tokens for h in ids[0]])
+    assert [n[0] for n in nbest] == translator.translate(lines, beam_size=3)
+    with pytest.raises(TypeError, match="not both"):
+        translator.translate(lines, options, beam_size=3)
+    with pytest.raises(ValueError, match="nbest"):
+        translator.translate(lines, beam_size=2, nbest=3)
+
+
+def test_a_checkpoint_is_decoded_at_the_alpha_its_run_chose(
+    translator: Translator, tmp_path: Path
+) -> None:
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    path = ckpts / "averaged.pt"
+    state = {
+        "model": translator.model.state_dict(),
+        "config": {"model": {**SMALL_MODEL_CONFIG, "max_positions": 20}, "data": {}},
+        "spm_model": spm_bytes_to_tensor(translator.tokenizer.model_bytes),
+        "step": 42,
+        "epoch": 1,
+    }
+    save_checkpoint(path, state)
+    os.link(path, ckpts / "final.pt")
+    loaded = Translator.from_checkpoint(ckpts / "final.pt")
+    assert loaded.search_options(beam_size=4).alpha == SearchOptions.alpha  # no results.json
+    chosen = CheckpointResult(42, 4, 0.25, Score(1.0, 2.0, "s"))
+    RunResults(steps=42, final="averaged.pt", checkpoints={"averaged.pt": chosen}).write(
+        tmp_path / "run"
+    )
+    assert loaded.search_options(beam_size=4).alpha == 0.25
+    assert loaded.search_options(beam_size=4, alpha=1.0).alpha == 1.0  # given wins
+    assert loaded.search_options(beam_size=5).alpha == SearchOptions.alpha  # chosen for beam 4
+    lines = ["a dog runs", "the red ball on the street"]
+    assert loaded.translate(lines, beam_size=4) == translator.translate(
+        lines, beam_size=4, alpha=0.25
+    )

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import run_cli, synthetic_corpus, synthetic_overrides
 from transformer_mt.cli.common import config_dir
-from transformer_mt.training.checkpoint import load_checkpoint
+from transformer_mt.formats.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

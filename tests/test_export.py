@@ -16,13 +16,12 @@ from transformer_mt.data.batching import pad
 from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.errors import UserError
+from transformer_mt.formats.checkpoint import save_checkpoint, spm_bytes_to_tensor
 from transformer_mt.model import Transformer
-from transformer_mt.training.checkpoint import save_checkpoint, spm_bytes_to_tensor
 
 pytest.importorskip("ctranslate2")
 
 from transformer_mt.cli import export as export_cli
-from transformer_mt.export import ctranslate2 as ct2_export
 from transformer_mt.export.ctranslate2 import (
     CTranslate2Translator,
     export_ctranslate2,
@@ -220,7 +219,7 @@ def test_failed_export_leaves_nothing(
     def fail(new: Path, target: Path) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(ct2_export, "_replace_dir", fail)
+    monkeypatch.setattr("transformer_mt.formats.atomic._replace_dir", fail)
     with pytest.raises(OSError, match="disk full"):
         export_ctranslate2(exported.checkpoint, tmp_path / "ct2")
     assert list(tmp_path.iterdir()) == []

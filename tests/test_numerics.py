@@ -14,8 +14,10 @@ from test_trainer import make_config
 from transformer_mt.data.batching import Batch, collate
 from transformer_mt.decoding import Translator
 from transformer_mt.errors import ConfigError, TrainingDivergedError
-from transformer_mt.training.checkpoint import load_checkpoint, step_checkpoints
+from transformer_mt.formats.checkpoint import load_checkpoint, step_checkpoints
 from transformer_mt.training.loss import label_smoothed_nll_loss
+from transformer_mt.training.setup import TrainingSetup, build_training
+from transformer_mt.training.step import Outcome
 from transformer_mt.training.trainer import Trainer
 
 
@@ -25,23 +27,23 @@ def corpus_root(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def batch_of(trainer: Trainer, indices: range) -> Batch:
-    tok = trainer.tokenizer
-    return collate(trainer.train_split, np.array(indices), tok.pad_id, tok.bos_id, tok.eos_id)
+def batch_of(setup: TrainingSetup, indices: range) -> Batch:
+    tok = setup.tokenizer
+    return collate(setup.train_split, np.array(indices), tok.pad_id, tok.bos_id, tok.eos_id)
 
 
 def test_accumulating_two_halves_equals_one_big_batch(corpus_root: Path) -> None:
-    def trainer(name: str) -> Trainer:
-        return Trainer(make_config(corpus_root, "model.dropout=0"), corpus_root / name)
-
-    big, accumulated = trainer("big"), trainer("acc")
+    # The update step alone, without a run directory.
+    big = build_training(make_config(corpus_root, "model.dropout=0"))
+    accumulated = build_training(make_config(corpus_root, "model.dropout=0"))
     before = {k: v.clone() for k, v in big.model.state_dict().items()}
-    loss_big, tokens_big = big.train_step([(batch_of(big, range(0, 24)), 1.0)])
+    one = big.update([(batch_of(big, range(0, 24)), 1.0)])
     halves = [(batch_of(accumulated, range(0, 9)), 1.0), (batch_of(accumulated, range(9, 24)), 1.0)]
-    loss_acc, tokens_acc = accumulated.train_step(halves)
+    two = accumulated.update(halves)
 
-    assert tokens_big == tokens_acc
-    assert torch.allclose(loss_big, loss_acc, rtol=1e-5)
+    assert one.outcome is two.outcome is Outcome.APPLIED
+    assert one.tokens == two.tokens
+    assert torch.allclose(one.loss, two.loss, rtol=1e-5)
     assert not all(torch.equal(v, before[k]) for k, v in big.model.state_dict().items())
     # The gradients (clipped, then used by Adam) are those of the one big batch.
     for (name, p), q in zip(
@@ -56,35 +58,35 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(
 ) -> None:
     cfg = make_config(corpus_root, "trainer.max_nonfinite_updates=3")
     trainer = Trainer(cfg, corpus_root / "r")
-    batch = batch_of(trainer, range(0, 8))
-    assert trainer.train_step([(batch, 1.0)]) is not None
+    batch = batch_of(trainer.setup, range(0, 8))
+    assert trainer.train_step([(batch, 1.0)]).outcome is Outcome.APPLIED
     good = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    lr = trainer.scheduler.get_last_lr()
+    lr = trainer.update.scheduler.get_last_lr()
 
     forward = trainer.model.forward
     monkeypatch.setattr(trainer.model, "forward", lambda *a, **k: forward(*a, **k) * float("nan"))
-    assert trainer.train_step([(batch, 1.0)]) is None
-    assert trainer.train_step([(batch, 1.0)]) is None
+    assert trainer.train_step([(batch, 1.0)]).outcome is Outcome.NONFINITE
+    assert trainer.train_step([(batch, 1.0)]).outcome is Outcome.NONFINITE
     assert "non-finite" in capsys.readouterr().err
     state = trainer.model.state_dict()
     assert all(torch.equal(state[k], good[k]) for k in good)  # weights untouched
-    assert (trainer.step, trainer.nonfinite_total) == (1, 2)
-    assert trainer.scheduler.get_last_lr() == lr  # the schedule did not advance
+    assert (trainer.state.step, trainer.state.nonfinite_total) == (1, 2)
+    assert trainer.update.scheduler.get_last_lr() == lr  # the schedule did not advance
     with pytest.raises(TrainingDivergedError, match="3 consecutive non-finite"):
         trainer.train_step([(batch, 1.0)])
 
     monkeypatch.setattr(trainer.model, "forward", forward)
     trainer.nonfinite_run = 0
-    assert trainer.train_step([(batch, 1.0)]) is not None  # a good update resets the run
+    assert trainer.train_step([(batch, 1.0)]).outcome is Outcome.APPLIED  # resets the run
 
 
 def test_precision_settings(corpus_root: Path) -> None:
     with pytest.raises(ConfigError, match=r"trainer\.precision=fp16 needs a CUDA device"):
-        Trainer(make_config(corpus_root, "trainer.precision=fp16"), corpus_root / "r")
-    trainer = Trainer(make_config(corpus_root, "trainer.precision=bf16"), corpus_root / "bf16")
-    loss, _ = trainer.train_step([(batch_of(trainer, range(0, 8)), 1.0)])
+        build_training(make_config(corpus_root, "trainer.precision=fp16"))
+    setup = build_training(make_config(corpus_root, "trainer.precision=bf16"))
+    loss = setup.update([(batch_of(setup, range(0, 8)), 1.0)]).loss
     assert torch.isfinite(loss) and loss.dtype == torch.float32
-    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast only
+    assert all(p.dtype == torch.float32 for p in setup.model.parameters())  # autocast only
 
 
 def test_compiled_training_step_matches_eager(
@@ -94,16 +96,12 @@ def test_compiled_training_step_matches_eager(
     # minutes on 2 cores: the graph capture of our model is what is tested here.
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
 
-    def first_update(name: str, *overrides: str) -> dict[str, torch.Tensor]:
-        trainer = Trainer(
-            make_config(corpus_root, "model.dropout=0", *overrides), corpus_root / name
-        )
-        trainer.train_step([(batch_of(trainer, range(0, 16)), 1.0)])
-        return {
-            n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None
-        }
+    def first_update(*overrides: str) -> dict[str, torch.Tensor]:
+        setup = build_training(make_config(corpus_root, "model.dropout=0", *overrides))
+        setup.update([(batch_of(setup, range(0, 16)), 1.0)])
+        return {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.grad is not None}
 
-    eager, compiled = first_update("eager"), first_update("compiled", "trainer.compile=true")
+    eager, compiled = first_update(), first_update("trainer.compile=true")
     assert eager.keys() == compiled.keys()
     for name, grad in eager.items():
         torch.testing.assert_close(compiled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -156,21 +154,21 @@ def test_average_of_two_checkpoints_is_their_mean_and_translates(corpus_root: Pa
 
 def test_train_step_loss_equals_the_loss_of_the_full_padded_logits(corpus_root: Path) -> None:
     # The step projects only the real target positions; the loss must be that of all of them.
-    trainer = Trainer(make_config(corpus_root, "model.dropout=0"), corpus_root / "r")
-    batch = batch_of(trainer, range(0, 16))
-    assert (batch.tgt_out == trainer.tokenizer.pad_id).any()  # the batch has padding
+    cfg = make_config(corpus_root, "model.dropout=0")
+    setup = build_training(cfg)
+    batch = batch_of(setup, range(0, 16))
+    assert (batch.tgt_out == setup.tokenizer.pad_id).any()  # the batch has padding
     with torch.no_grad():
         full, _ = label_smoothed_nll_loss(
-            trainer.model(batch.src, batch.tgt_in),
+            setup.model(batch.src, batch.tgt_in),
             batch.tgt_out,
-            trainer.tcfg.label_smoothing,
-            trainer.tokenizer.pad_id,
+            cfg.trainer.label_smoothing,
+            setup.tokenizer.pad_id,
         )
-    result = trainer.train_step([(batch, 1.0)])
-    assert result is not None
-    loss, tokens = result
-    assert tokens == batch.n_tgt_tokens
-    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-4)
+    result = setup.update([(batch, 1.0)])
+    assert result.outcome is Outcome.APPLIED
+    assert result.tokens == batch.n_tgt_tokens
+    torch.testing.assert_close(result.loss, full, rtol=1e-5, atol=1e-4)
 
 
 def test_resume_uses_the_fused_optimizer_whatever_the_checkpoint_says(corpus_root: Path) -> None:
@@ -184,5 +182,6 @@ def test_resume_uses_the_fused_optimizer_whatever_the_checkpoint_says(corpus_roo
     resumed = Trainer(
         make_config(corpus_root, "trainer.max_steps=8", f"trainer.resume={old}"), corpus_root / "b"
     )
-    assert resumed.step == 4
-    assert all(g["fused"] is True and not g["foreach"] for g in resumed.optimizer.param_groups)
+    assert resumed.state.step == 4
+    groups = resumed.update.optimizer.param_groups
+    assert all(g["fused"] is True and not g["foreach"] for g in groups)

@@ -14,7 +14,7 @@ import torch
 from conftest import BIN, synthetic_corpus, synthetic_overrides
 from test_trainer import make_config
 from transformer_mt.errors import CheckpointError, ConfigError
-from transformer_mt.training.checkpoint import load_checkpoint, step_checkpoints
+from transformer_mt.formats.checkpoint import load_checkpoint, step_checkpoints
 from transformer_mt.training.trainer import Trainer
 
 
@@ -89,7 +89,7 @@ def test_truncated_checkpoint_is_named_and_resume_uses_the_previous_one(
     trainer = Trainer(
         make_config(corpus_root, "trainer.max_steps=20", *overrides), corpus_root / "r"
     )
-    assert trainer.step == 10
+    assert trainer.state.step == 10
     err = capsys.readouterr().err
     assert newest.name in err and "skipping" in err
     assert newest.with_name(newest.name + ".corrupt").exists()  # kept, not deleted
@@ -113,7 +113,7 @@ def test_keeps_the_last_k_and_the_best_k(corpus_root: Path) -> None:
     kept = step_checkpoints(ckpt_dir)
     scores = {p.name: load_checkpoint(p)["val_bleu"] for p in kept}
     best = load_checkpoint(ckpt_dir / "best.pt")
-    assert best["val_bleu"] == trainer.best_bleu == max(scores.values())
+    assert best["val_bleu"] == trainer.state.best_val_bleu == max(scores.values())
     assert [p.name for p in kept[-2:]] == ["checkpoint_0000025.pt", "checkpoint_0000030.pt"]
     assert len(kept) <= 3
     assert load_checkpoint(ckpt_dir / "last.pt")["step"] == 30
@@ -148,21 +148,21 @@ def test_resume_settings_are_checked(corpus_root: Path) -> None:
     # An explicit path continues that checkpoint in a new run directory.
     last = corpus_root / "r" / "checkpoints" / "last.pt"
     trainer = Trainer(make_config(corpus_root, f"trainer.resume={last}"), corpus_root / "s")
-    assert trainer.step == 2
+    assert trainer.state.step == 2
 
 
 def test_resuming_with_another_update_freq_finishes_the_epoch(corpus_root: Path) -> None:
     first = Trainer(make_config(corpus_root, "trainer.max_steps=3"), corpus_root / "r")
     first.train()
     n_batches = len(first.epoch_batches(1))
-    assert first.batches_done == 3 < n_batches
+    assert first.state.batches_done == 3 < n_batches
     cfg = make_config(
         corpus_root, "trainer.max_steps=null", "trainer.max_epochs=1", "trainer.update_freq=2"
     )
     second = Trainer(cfg, corpus_root / "r")
-    assert second.step == 3
+    assert second.state.step == 3
     result = second.train()
-    assert second.epoch == 1 and second.batches_done == 0
+    assert second.state.epoch == 1 and second.state.batches_done == 0
     assert result.steps == 3 + -(-(n_batches - 3) // 2)  # the rest, two batches an update
 
 
@@ -175,22 +175,24 @@ def test_time_budget_stops_mid_epoch_and_counts_across_resumes(corpus_root: Path
             f"trainer.max_minutes={max_minutes}",
         )
         trainer = Trainer(cfg, corpus_root / "r")
-        trainer.clock = lambda: 60.0 * trainer.step  # a fake clock: each update takes a minute
+        trainer.clock = lambda: (
+            60.0 * trainer.state.step
+        )  # a fake clock: each update takes a minute
         trainer.train()
         return trainer
 
     first = run(5)
     assert len(first.epoch_batches(1)) > 8  # so the budgets below end mid-epoch
-    assert (first.step, first.epoch, first.batches_done) == (5, 0, 5)
+    assert (first.state.step, first.state.epoch, first.state.batches_done) == (5, 0, 5)
     results = json.loads((corpus_root / "r" / "results.json").read_text())
     assert results["stop_reason"].startswith("time budget: trainer.max_minutes=5 spent")
     assert results["train_minutes"] == 5.0
     last = load_checkpoint(corpus_root / "r" / "checkpoints" / "last.pt")
     assert (last["step"], last["trainer"]["train_seconds"]) == (5, 300.0)
     assert last["val_bleu"] is not None  # validated where it stopped
-    assert run(5).step == 5  # relaunched: the budget is spent, no further update
+    assert run(5).state.step == 5  # relaunched: the budget is spent, no further update
     second = run(8)  # a larger budget continues the same epoch for the 3 minutes left
-    assert (second.step, second.epoch, second.batches_done) == (8, 0, 8)
+    assert (second.state.step, second.state.epoch, second.state.batches_done) == (8, 0, 8)
 
 
 def test_time_budget_spent_at_an_epoch_end(corpus_root: Path) -> None:
@@ -204,14 +206,14 @@ def test_time_budget_spent_at_an_epoch_end(corpus_root: Path) -> None:
             f"trainer.max_minutes={n}",
         )
         trainer = Trainer(cfg, corpus_root / f"r{max_epochs}")
-        trainer.clock = lambda: 60.0 * trainer.step  # each update takes a minute
+        trainer.clock = lambda: 60.0 * trainer.state.step  # each update takes a minute
         trainer.train()
         return trainer, json.loads((corpus_root / f"r{max_epochs}" / "results.json").read_text())
 
     trainer, results = run(max_epochs=3)
-    assert (trainer.step, trainer.epoch, trainer.batches_done) == (n, 1, 0)
+    assert (trainer.state.step, trainer.state.epoch, trainer.state.batches_done) == (n, 1, 0)
     assert results["stop_reason"].endswith(f"at step {n}, after epoch 1")
     last = load_checkpoint(corpus_root / "r3" / "checkpoints" / "last.pt")
     assert (last["epoch"], last["trainer"]["train_seconds"]) == (1, 60.0 * n)
     trainer, results = run(max_epochs=1)  # the last epoch ends with the budget: no time stop
-    assert trainer.epoch == 1 and results["stop_reason"] == ""
+    assert trainer.state.epoch == 1 and results["stop_reason"] == ""

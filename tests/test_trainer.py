@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,11 +12,14 @@ from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import synthetic_corpus, synthetic_overrides
-from transformer_mt.cli.common import config_dir, tuned_alpha
+from transformer_mt.cli.common import config_dir
+from transformer_mt.cli.train import report
+from transformer_mt.data.corpus import read_references
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.errors import ConfigError
+from transformer_mt.formats.results import RunResults, tuned_alpha
 from transformer_mt.training.config import validate_config
-from transformer_mt.training.trainer import Trainer, read_references
+from transformer_mt.training.trainer import Trainer
 
 
 def make_config(root: Path, *overrides: str) -> DictConfig:
@@ -57,7 +60,7 @@ def test_stops_at_max_epochs_and_writes_usable_checkpoints(corpus_root: Path) ->
     )
     trainer = Trainer(cfg, corpus_root / "run")
     result = trainer.train()
-    assert trainer.epoch == 2
+    assert trainer.state.epoch == 2
     last = torch.load(corpus_root / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and last["step"] == result.steps
     assert set(last) >= {"model", "optimizer", "scheduler", "config", "spm_model", "val_bleu"}
@@ -78,8 +81,10 @@ def test_stops_at_max_epochs_and_writes_usable_checkpoints(corpus_root: Path) ->
     assert b"**src** " in examples and b"**hyp** " in examples
     hparams = EventAccumulator(str(corpus_root / "run" / "tensorboard" / "hparams")).Reload()
     assert "hparam/best_val_bleu_greedy" in hparams.Tags()["scalars"]
-    saved = json.loads((corpus_root / "run" / "results.json").read_text())
-    assert saved["steps"] == result.steps and saved["best_val_bleu_greedy"] == result.best_val_bleu
+    saved = RunResults.read(corpus_root / "run")
+    assert saved.steps == result.steps and saved.best_val_bleu_greedy == result.best_val_bleu
+    assert saved.final is None and result.final_checkpoint is None  # trainer.final_eval=false
+    assert not (corpus_root / "run" / "checkpoints" / "final.pt").exists()
 
 
 def test_average_last_writes_the_mean_of_the_last_checkpoints_and_scores_it(
@@ -106,18 +111,30 @@ def test_average_last_writes_the_mean_of_the_last_checkpoints_and_scores_it(
         a["encoder.layers.0.feed_forward.linear1.weight"],
         b["encoder.layers.0.feed_forward.linear1.weight"],
     )
-    saved = json.loads((corpus_root / "run" / "results.json").read_text())
-    assert saved["averaged"]["checkpoint"] == str(ckpts / "averaged.pt")
-    assert set(saved["averaged"]) >= {"valid", "test"} and "bleu" in saved["averaged"]["test"]
-    assert (saved["beam_size"], saved["alpha"]) == (2, 0.5)
-    assert (saved["averaged"]["beam_size"], saved["averaged"]["alpha"]) == (2, 0.5)
-    assert result.final["averaged"]["valid"] == saved["averaged"]["valid"]
-    # tmt-evaluate/tmt-translate find the α of both files in results.json (beam 2 only).
+    saved = RunResults.read(corpus_root / "run")
+    assert saved == result.results
+    assert list(saved.checkpoints) == ["best.pt", "averaged.pt"]
+    for r in saved.checkpoints.values():
+        assert (r.beam_size, r.alpha, r.alpha_grid) == (2, 0.5, {})
+        assert list(r.test) == ["test_2016_flickr"] and r.valid.signature.startswith("nrefs:1")
+    # final.pt links the one with the higher val BLEU (the first of ties)
+    val = {name: r.valid.bleu for name, r in saved.checkpoints.items()}
+    assert saved.final == max(val, key=lambda name: val[name])
+    assert result.final_checkpoint == ckpts / "final.pt"
+    assert os.path.samefile(ckpts / "final.pt", ckpts / saved.final)
+    # tmt-evaluate/tmt-translate find the α of each file in results.json (beam 2 only).
     best_step = torch.load(ckpts / "best.pt", weights_only=True)["step"]
-    assert (saved["step"], saved["averaged"]["step"]) == (best_step, averaged["step"])
+    assert saved.checkpoints["best.pt"].step == best_step
+    assert saved.checkpoints["averaged.pt"].step == averaged["step"]
     assert tuned_alpha(ckpts / "best.pt", best_step, beam_size=2) == 0.5
     assert tuned_alpha(ckpts / "averaged.pt", averaged["step"], beam_size=2) == 0.5
+    final_step = saved.checkpoints[saved.final].step
+    assert tuned_alpha(ckpts / "final.pt", final_step, beam_size=2) == 0.5
     assert tuned_alpha(ckpts / "best.pt", best_step, beam_size=5) is None
+    printed = report(result)  # what tmt-train prints at the end
+    assert f"final checkpoint: {ckpts / 'final.pt'} -> {saved.final} (chosen on val" in printed
+    assert "best.pt: val BLEU" in printed and "averaged.pt: val BLEU" in printed
+    assert "test_2016_flickr (beam 2, α 0.5): BLEU" in printed
 
 
 class _Score:
@@ -135,7 +152,7 @@ def test_a_list_of_alphas_is_tuned_on_val_and_only_the_winner_decodes_test(
 ) -> None:
     # Scored by output length, the α that writes the longest val output must win, and test
     # must be decoded at it; a real BLEU is ~0 for every α this early in training.
-    monkeypatch.setattr("transformer_mt.training.trainer.score", length_score)
+    monkeypatch.setattr("transformer_mt.evaluation.final.score", length_score)
     grid = [0.0, 0.5, 4.0]
     cfg = make_config(
         corpus_root,
@@ -146,19 +163,20 @@ def test_a_list_of_alphas_is_tuned_on_val_and_only_the_winner_decodes_test(
         f"trainer.final_alpha=[{','.join(map(str, grid))}]",
     )
     result = Trainer(cfg, corpus_root / "run").train()
-    saved = json.loads((corpus_root / "run" / "results.json").read_text())
-    val_score = saved["alpha_grid"]
+    saved = RunResults.read(corpus_root / "run").checkpoints["best.pt"]
+    val_score = saved.alpha_grid
     assert list(val_score) == ["0", "0.5", "4"]
     assert val_score["4"] > val_score["0"]  # the penalty lengthens the output
     chosen = max(grid, key=lambda a: val_score[f"{a:g}"])
-    assert chosen != grid[0] and saved["alpha"] == chosen and saved["beam_size"] == 4
-    assert saved["valid"]["bleu"] == val_score[f"{chosen:g}"]
+    assert chosen != grid[0] and saved.alpha == chosen and saved.beam_size == 4
+    assert saved.valid.bleu == val_score[f"{chosen:g}"]
+    scores = {"valid": saved.valid.bleu, "test": saved.test["test_2016_flickr"].bleu}
     # the reported val and test scores are those of the chosen α, decoded again from best.pt
     translator = Translator.from_checkpoint(Path(result.best_checkpoint), device="cpu")
     for role in ("valid", "test"):
         src, refs = read_references(cfg.data, role)
         hyps = translator.translate(src, SearchOptions(beam_size=4, alpha=chosen))
-        assert length_score(hyps, refs)["bleu"].score == pytest.approx(saved[role]["bleu"])
+        assert length_score(hyps, refs)["bleu"].score == pytest.approx(scores[role])
 
 
 @pytest.mark.parametrize("average_last", [1, 6])

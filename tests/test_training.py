@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transformer_mt.training.checkpoint import (
-    CheckpointError,
+from transformer_mt.errors import CheckpointError
+from transformer_mt.formats.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     spm_bytes_to_tensor,

@@ -21,3 +21,7 @@ class CheckpointError(UserError):
 
 class TrainingDivergedError(UserError):
     """Too many consecutive non-finite updates; the message names the last good checkpoint."""
+
+
+class ResultsError(UserError):
+    """A run's results.json is unreadable or not in the expected shape; the message names it."""

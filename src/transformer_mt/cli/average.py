@@ -13,8 +13,8 @@ import torch
 
 from transformer_mt.cli.common import exit_on_user_error
 from transformer_mt.errors import UserError
+from transformer_mt.formats.checkpoint import save_checkpoint
 from transformer_mt.training.averaging import average_checkpoints, last_checkpoints
-from transformer_mt.training.checkpoint import save_checkpoint
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

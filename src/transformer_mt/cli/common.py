@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -15,8 +14,9 @@ from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
-from transformer_mt.decoding.search import SearchOptions, is_length_penalty
+from transformer_mt.decoding.search import SearchOptions
 from transformer_mt.errors import UserError
+from transformer_mt.formats.results import tuned_alpha
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -113,50 +113,9 @@ def parse_decoding_args(p: argparse.ArgumentParser, argv: list[str] | None) -> a
     return args
 
 
-def tuned_alpha(checkpoint: Path, step: int | None, beam_size: int) -> float | None:
-    """The length penalty the final evaluation of ``checkpoint``'s run chose for it, or None.
-
-    Read from ``results.json`` beside the checkpoint's folder (``<run>/checkpoints/x.pt`` ->
-    ``<run>/results.json``), whose entries for best.pt and averaged.pt name their file, step,
-    beam size and α. An entry applies to ``checkpoint`` when it names the same file (a hard
-    link such as best.pt counts), at the same step and beam size, and results.json is not
-    older than the file (so a checkpoint rewritten later, e.g. by tmt-average, or a run
-    retrained in the same folder, gets none). None for greedy search, which has no length
-    penalty, and for anything unreadable or unexpected in results.json.
-    """
-    if beam_size == 1 or step is None:
-        return None
-    checkpoint = Path(os.path.abspath(checkpoint))
-    results_file = checkpoint.parent.parent / "results.json"
-    try:
-        if results_file.stat().st_mtime_ns < checkpoint.stat().st_mtime_ns:
-            return None
-        results = json.loads(results_file.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(results, dict):
-        return None
-    entries = [(results.get("best_checkpoint"), results)]
-    if isinstance(results.get("averaged"), dict):
-        entries.append((results["averaged"].get("checkpoint"), results["averaged"]))
-    for recorded, entry in entries:
-        alpha = entry.get("alpha")
-        if (
-            not isinstance(recorded, str)
-            or entry.get("step") != step
-            or entry.get("beam_size") != beam_size
-            or not is_length_penalty(alpha)
-        ):
-            continue
-        candidate = checkpoint.parent / Path(recorded).name
-        if candidate.is_file() and os.path.samefile(candidate, checkpoint):
-            return float(alpha)
-    return None
-
-
 def search_for(args: argparse.Namespace, checkpoint: Path, step: int | None) -> SearchOptions:
     """``args.search`` for ``checkpoint`` at ``step``: without --alpha, with the α its run
-    chose (``tuned_alpha``) where there is one."""
+    chose on val (:func:`~transformer_mt.formats.results.tuned_alpha`) where there is one."""
     if args.alpha is not None:
         return args.search
     alpha = tuned_alpha(checkpoint, step, args.search.beam_size)

@@ -5,12 +5,18 @@ sacreBLEU (BLEU, chrF, TER).
     tmt-evaluate runs/multi30k_en-de/default --split val        # every checkpoint of a run
     tmt-evaluate a.pt b.pt averaged.pt --metrics bleu,chrf,ter
     tmt-evaluate best.pt --src my.en --ref my.de
+    tmt-evaluate final.pt --split test --alpha-grid 0.6,1,1.4,1.8,2.2,3   # α tuned on val
 
 Prints a table (one row per checkpoint) and the sacreBLEU signatures, or with --json one
 JSON object per checkpoint and line. Each checkpoint's hypotheses are saved next to it as
 ``<checkpoint stem>.<split>.<search>.<tgt lang>``, where <search> is ``beam<N>`` plus any
 non-default setting (``beam5-alpha1``), or to --output for one checkpoint. An unreadable
 checkpoint among several is reported and skipped (exit status 1 at the end).
+
+The length penalty α: --alpha sets it; --alpha-grid decodes the checkpoint's val split at
+each α of the grid and scores the chosen split at the val-best one (as tmt-train's final
+evaluation does); without either, a checkpoint named on the command line is decoded at the
+α its run chose on val (from its results.json), else at the default.
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ from transformer_mt.cli.common import (
     parse_decoding_args,
     search_for,
 )
-from transformer_mt.data.corpus import read_lines
+from transformer_mt.data.corpus import read_lines, read_references
 from transformer_mt.data.dataset import fetch_raw
+from transformer_mt.decoding.search import is_length_penalty
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.errors import CheckpointError, CorpusError
-from transformer_mt.evaluation import METRICS, score
-from transformer_mt.training.checkpoint import atomic_write_text, checkpoint_step, step_checkpoints
-from transformer_mt.training.trainer import read_references
+from transformer_mt.evaluation.final import EvalSet, decode_and_score, tune_alpha
+from transformer_mt.evaluation.metrics import METRICS
+from transformer_mt.formats.atomic import atomic_write_text
+from transformer_mt.formats.checkpoint import checkpoint_step, step_checkpoints
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--metrics", default="bleu,chrf", help=f"comma-separated, of {', '.join(METRICS)}"
     )
+    p.add_argument(
+        "--alpha-grid",
+        help="comma-separated α values: tune the length penalty on val, score at the best",
+    )
     p.add_argument("--output", type=Path, help="hypotheses file (one checkpoint only)")
     p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
     args = parse_decoding_args(p, argv)
@@ -65,7 +77,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.metrics if m not in METRICS]
     if unknown or not args.metrics:
         p.error(f"--metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
+    if args.alpha_grid is not None:
+        args.alpha_grid = parse_alpha_grid(p, args.alpha_grid)
+        if args.alpha is not None:
+            p.error("--alpha and --alpha-grid exclude each other")
+        if args.beam == 1:
+            p.error("--alpha-grid needs beam search (greedy search has no length penalty)")
     return args
+
+
+def parse_alpha_grid(p: argparse.ArgumentParser, text: str) -> list[float]:
+    """``"0.6,1,1.4"`` -> [0.6, 1.0, 1.4]; each a finite α ≥ 0."""
+    grid = []
+    for item in text.split(","):
+        try:
+            alpha = float(item)
+        except ValueError:
+            p.error(f"--alpha-grid: '{item.strip()}' is not a number")
+        if not is_length_penalty(alpha):
+            p.error(f"--alpha-grid: α must be finite and ≥ 0, got {item.strip()}")
+        grid.append(alpha)
+    return grid
 
 
 def expand_checkpoints(paths: list[Path]) -> list[tuple[Path, bool]]:
@@ -91,40 +123,62 @@ def expand_checkpoints(paths: list[Path]) -> list[tuple[Path, bool]]:
     return out
 
 
+def split_set(data_cfg: Any, role: str, sources: dict[str, Any]) -> EvalSet:
+    """Split ``role`` ("valid"/"test") of the corpus a checkpoint was trained on (fetched if
+    needed), read once per corpus and split."""
+    name = data_cfg.valid_split if role == "valid" else data_cfg.test_split
+    key = f"{data_cfg.raw_dir}:{data_cfg.src_lang}-{data_cfg.tgt_lang}:{name}"
+    if key not in sources:
+        fetch_raw(data_cfg)
+        sources[key] = EvalSet(name, *read_references(data_cfg, role))
+    return sources[key]
+
+
 def evaluate_one(
     path: Path, args: argparse.Namespace, sources: dict[str, Any], named: bool = True
 ) -> dict[str, Any]:
     """Translate the chosen split/file with one checkpoint, score it, save the hypotheses.
-    A checkpoint ``named`` on the command line (not found in a run directory) without --alpha
-    is decoded at the α its run chose for it, if any (``search_for``)."""
+    The α: --alpha, else tuned on val with --alpha-grid, else for a checkpoint ``named`` on
+    the command line (not found in a run directory) the one its run chose, if any."""
     translator = Translator.from_checkpoint(path, device=args.device)
     data_cfg = OmegaConf.create(translator.config["data"])
     if args.src is not None:
-        name = args.src.stem
-        src, ref = sources.setdefault("file", (read_lines(args.src), read_lines(args.ref)))
-        if len(src) != len(ref):
-            raise CorpusError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}")
+        if "file" not in sources:
+            src, ref = read_lines(args.src), read_lines(args.ref)
+            if len(src) != len(ref):
+                raise CorpusError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}")
+            sources["file"] = EvalSet(args.src.stem, src, ref)
+        target = sources["file"]
     else:
-        role = "valid" if args.split == "val" else "test"
-        name = data_cfg.valid_split if role == "valid" else data_cfg.test_split
-        key = f"{data_cfg.raw_dir}:{data_cfg.src_lang}-{data_cfg.tgt_lang}:{name}"
-        if key not in sources:
-            fetch_raw(data_cfg)
-            sources[key] = read_references(data_cfg, role)
-        src, ref = sources[key]
-    search = search_for(args, path, translator.step) if named else args.search
-    hyps = translator.translate(src, search, args.batch_size, args.max_tokens)
-    scores = score(hyps, ref, args.metrics)
-    tag = search.tag()
-    output = args.output or path.with_name(f"{path.stem}.{name}.{tag}.{data_cfg.tgt_lang}")
-    atomic_write_text(output, "".join(h + "\n" for h in hyps))
-    result: dict[str, Any] = {"checkpoint": str(path), "step": translator.step, "split": name}
-    result |= {"beam": search.beam_size, "alpha": search.alpha}
-    result |= {m: s.score for m, s in scores.items()}
-    result["signatures"] = {m: s.signature for m, s in scores.items()}
-    if "bleu" in scores:
-        result["signature"] = scores["bleu"].signature
-    result |= {"n_sentences": len(hyps), "hypotheses": str(output)}
+        target = split_set(data_cfg, "valid" if args.split == "val" else "test", sources)
+    result: dict[str, Any] = {"checkpoint": str(path), "step": translator.step}
+    batching = {"batch_size": args.batch_size, "max_tokens": args.max_tokens}
+    if args.alpha_grid is not None:
+        valid = split_set(data_cfg, "valid", sources)
+        chosen, grid = tune_alpha(
+            translator, valid, args.search, args.alpha_grid, metrics=args.metrics, **batching
+        )
+        result["alpha_grid"] = {f"{a:g}": bleu for a, bleu in grid.items()}
+        if target is valid:
+            decoded = chosen
+        else:
+            decoded = decode_and_score(
+                translator, target, chosen.options, metrics=args.metrics, **batching
+            )
+    else:
+        search = search_for(args, path, translator.step) if named else args.search
+        decoded = decode_and_score(translator, target, search, metrics=args.metrics, **batching)
+    search = decoded.options
+    output = args.output or path.with_name(
+        f"{path.stem}.{target.name}.{search.tag()}.{data_cfg.tgt_lang}"
+    )
+    atomic_write_text(output, "".join(h + "\n" for h in decoded.hypotheses))
+    result |= {"split": target.name, "beam": search.beam_size, "alpha": search.alpha}
+    result |= {m: s.score for m, s in decoded.scores.items() if m in args.metrics}
+    result["signatures"] = {m: s.signature for m, s in decoded.scores.items() if m in args.metrics}
+    if "bleu" in decoded.scores:
+        result["signature"] = decoded.scores["bleu"].signature
+    result |= {"n_sentences": len(decoded.hypotheses), "hypotheses": str(output)}
     return result
 
 
@@ -139,6 +193,10 @@ def format_table(results: list[dict[str, Any]], metrics: tuple[str, ...]) -> str
         row = f"{r['checkpoint']:<{width}}  {r['step']!s:>7}  {alpha}"
         lines.append(row + "".join(f"  {r[m]:6.2f}" for m in metrics))
     lines.append(f"split: {results[0]['split']}, beam {results[0]['beam']}")
+    for r in results:
+        if "alpha_grid" in r:
+            grid = ", ".join(f"{a}: {b:.2f}" for a, b in r["alpha_grid"].items())
+            lines.append(f"{r['checkpoint']}: val BLEU by α {grid}")
     lines += [f"{m} signature: {results[0]['signatures'][m]}" for m in metrics]
     return "\n".join(lines)
 

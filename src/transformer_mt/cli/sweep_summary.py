@@ -7,14 +7,14 @@ vary between the runs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from transformer_mt.training.checkpoint import atomic_write_text
+from transformer_mt.formats.atomic import atomic_write_text
+from transformer_mt.formats.results import RESULTS_FILE, RunResults
 
 COLUMNS = (
     "run",
@@ -40,21 +40,24 @@ def varying(overrides: list[list[str]]) -> list[str]:
 
 
 def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
-    """The rows of the summary table of ``sweep_dir``, best greedy val BLEU first."""
-    runs = sorted(sweep_dir.glob("*/results.json"))
+    """The rows of the summary table of ``sweep_dir``, best greedy val BLEU first; the beam
+    columns are those of each run's final.pt."""
+    runs = sorted(sweep_dir.glob(f"*/{RESULTS_FILE}"))
     swept = varying([run_overrides(results.parent) for results in runs])
     rows = []
     for results, overrides in zip(runs, swept, strict=True):
-        r = json.loads(results.read_text(encoding="utf-8"))
+        r = RunResults.read(results.parent)
+        final = r.final_result
+        tests = list(final.test.values()) if final else []
         rows.append(
             {
                 "run": results.parent.name,
                 "overrides": overrides,
-                "best_val_bleu_greedy": r.get("best_val_bleu_greedy"),
-                "val_bleu_beam": r.get("valid", {}).get("bleu"),
-                "test_bleu_beam": r.get("test", {}).get("bleu"),
-                "steps": r.get("steps"),
-                "stopped": r.get("stop_reason") or "completed",
+                "best_val_bleu_greedy": r.best_val_bleu_greedy,
+                "val_bleu_beam": final.valid.bleu if final else None,
+                "test_bleu_beam": tests[0].bleu if tests else None,
+                "steps": r.steps,
+                "stopped": r.stop_reason or "completed",
             }
         )
     rows.sort(key=lambda row: -(row["best_val_bleu_greedy"] or -1.0))

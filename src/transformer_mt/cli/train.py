@@ -7,7 +7,6 @@ torchrun --nproc_per_node=2 -m transformer_mt.cli.train ...     # data-parallel
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,8 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from transformer_mt.cli.common import config_dir, exit_on_user_error, register_resolvers
 from transformer_mt.errors import UserError
-from transformer_mt.training.checkpoint import atomic_write_text
+from transformer_mt.formats.atomic import atomic_write_text
+from transformer_mt.formats.results import RunResults
 from transformer_mt.training.distributed import env_rank, shutdown_distributed
+from transformer_mt.training.finish import TrainResult
 from transformer_mt.training.trainer import Trainer
 
 register_resolvers()
@@ -28,7 +29,8 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 @exit_on_user_error
 def train(cfg: DictConfig) -> float:
-    """Train with ``cfg``; prints the best checkpoint and its val/test scores. Returns val BLEU."""
+    """Train with ``cfg``; prints the checkpoint to use and its val/test scores. Returns the
+    best greedy val BLEU (the sweep objective)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -42,26 +44,37 @@ def train(cfg: DictConfig) -> float:
         # In a sweep one failed run (a diverging lr, say) must not stop the others: record
         # it for the sweep summary and go on.
         print(f"error: {e}", file=sys.stderr, flush=True)
-        failure = {"stop_reason": f"failed: {e}", "best_val_bleu_greedy": None}
-        atomic_write_text(run_dir / "results.json", json.dumps(failure, indent=2) + "\n")
+        RunResults(stop_reason=f"failed: {e}").write(run_dir)
         return float("nan")
     finally:
         shutdown_distributed()
     if env_rank() == 0:
-        print(f"best checkpoint: {result.best_checkpoint}")
-        print(f"best greedy val BLEU during training: {result.best_val_bleu:.2f}")
-        averaged = result.final.get("averaged", {})
-        for name, final in (("best", result.final), ("averaged", averaged)):
-            for role in ("valid", "test"):
-                if role in final:
-                    r, search = final[role], f"beam {final['beam_size']}, α {final['alpha']:g}"
-                    if "alpha_grid" in final:
-                        search += " tuned on val"
-                    print(
-                        f"{name} {role} ({search}): BLEU {r['bleu']:.2f} "
-                        f"chrF {r['chrf']:.2f}  [{r['signature']}]"
-                    )
+        print(report(result))
     return result.best_val_bleu
+
+
+def report(result: TrainResult) -> str:
+    """The end-of-run summary: every evaluated checkpoint's val BLEU, then the checkpoint to
+    use (final.pt, chosen on val) with its val and test scores."""
+    lines = [f"best greedy val BLEU during training: {result.best_val_bleu:.2f}"]
+    evaluated = result.results.checkpoints
+    for name, r in evaluated.items():
+        tuned = " tuned on val" if r.alpha_grid else ""
+        lines.append(
+            f"{name}: val BLEU {r.valid.bleu:.2f} (beam {r.beam_size}, α {r.alpha:g}{tuned})"
+        )
+    final = result.results.final_result
+    if result.final_checkpoint is None or final is None:
+        lines.append(f"best checkpoint: {result.best_checkpoint} (trainer.final_eval=false)")
+        return "\n".join(lines)
+    lines.append(
+        f"final checkpoint: {result.final_checkpoint} -> {result.results.final} "
+        f"(chosen on val; use this one)"
+    )
+    search = f"beam {final.beam_size}, α {final.alpha:g}"
+    for name, s in [("val", final.valid), *final.test.items()]:
+        lines.append(f"  {name} ({search}): BLEU {s.bleu:.2f} chrF {s.chrf:.2f}  [{s.signature}]")
+    return "\n".join(lines)
 
 
 def main() -> None:

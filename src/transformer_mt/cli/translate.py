@@ -39,7 +39,7 @@ from transformer_mt.decoding.attention_maps import check_selection, write_attent
 from transformer_mt.decoding.beam import Hypothesis
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.export.ctranslate2 import CTranslate2Translator
-from transformer_mt.training.checkpoint import atomic_write_bytes
+from transformer_mt.formats.atomic import atomic_write_bytes
 
 CHUNK_LINES = 2000
 
@@ -161,7 +161,13 @@ def translate_stream(
             )
 
         stripped = [line.strip() for line in lines]
-        hyps = translator.translate_ids(stripped, options, args.batch_size, args.max_tokens, warn)
+        hyps = translator.translate_ids(
+            stripped,
+            options,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+            on_truncate=warn,
+        )
         out.write(format_hypotheses(translator, hyps, first, options.nbest).encode("utf-8"))
         out.flush()
         if args.attention_dir is not None:

@@ -9,11 +9,19 @@ import urllib.request
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from transformer_mt.errors import CorpusError
-from transformer_mt.training.checkpoint import atomic_write_bytes
+from transformer_mt.formats.atomic import atomic_write_bytes
 
-__all__ = ["CorpusError", "corpus_file", "fetch_corpus", "read_lines", "read_parallel"]
+__all__ = [
+    "CorpusError",
+    "corpus_file",
+    "fetch_corpus",
+    "read_lines",
+    "read_parallel",
+    "read_references",
+]
 
 
 def corpus_file(raw_dir: str | Path, split: str, lang: str) -> Path:
@@ -93,3 +101,13 @@ def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str]
             f"line counts differ: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}"
         )
     return src, tgt
+
+
+def read_references(data_cfg: Any, role: str) -> tuple[list[str], list[str]]:
+    """Raw source sentences and references of split ``role`` ("valid" or "test") of the
+    corpus a ``data`` config section names; CorpusError if their line counts differ."""
+    split = {"valid": data_cfg.valid_split, "test": data_cfg.test_split}[role]
+    return read_parallel(
+        corpus_file(data_cfg.raw_dir, split, data_cfg.src_lang),
+        corpus_file(data_cfg.raw_dir, split, data_cfg.tgt_lang),
+    )

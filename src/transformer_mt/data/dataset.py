@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transformer_mt.data.corpus import corpus_file, fetch_corpus, read_parallel
 from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
+from transformer_mt.formats.atomic import atomic_directory
 
 FORMAT_VERSION = 1
 
@@ -184,11 +183,8 @@ def prepare_data(data_cfg: DictConfig, force: bool = False) -> PreparedData:
         )
     )
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     sizes: dict[str, int] = {}
-    tmp.chmod(0o755)
-    try:
+    with atomic_directory(directory) as tmp:
         (tmp / "spm.model").write_bytes(tokenizer.model_bytes)
         for role, (src, tgt) in texts.items():
             split = split_names(data_cfg)[role]
@@ -216,11 +212,5 @@ def prepare_data(data_cfg: DictConfig, force: bool = False) -> PreparedData:
             "vocab_size": tokenizer.vocab_size,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     print(f"prepared {sizes} in {directory}", flush=True)
     return PreparedData(directory, tokenizer, meta)

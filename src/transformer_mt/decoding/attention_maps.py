@@ -19,8 +19,8 @@ from matplotlib.figure import Figure
 
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.errors import UserError
+from transformer_mt.formats.atomic import atomic_write_bytes
 from transformer_mt.model import Transformer
-from transformer_mt.training.checkpoint import atomic_write_bytes
 
 
 def check_selection(model: Transformer, layer: int, head: int | None) -> None:

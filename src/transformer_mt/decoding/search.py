@@ -29,7 +29,7 @@ class SearchOptions:
     from appearing twice in a hypothesis. ``alpha`` is the GNMT length penalty (0 = rank by
     raw log-probability). ``beam_size`` 1 is greedy search. The default α, 2.2, was tuned on
     Multi30k val, where this project's models write short beam outputs; test_2016_flickr's
-    references are shorter, and there it does not help (README, "Length penalty").
+    references are shorter, and there it does not help (docs/experiments.md, "Length penalty").
     """
 
     beam_size: int = 5

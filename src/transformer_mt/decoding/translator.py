@@ -1,7 +1,14 @@
-"""Translate raw sentences with a trained checkpoint: the Python API behind the shell tools."""
+"""Translate raw sentences with a trained checkpoint: the Python API behind the shell tools.
+
+>>> from transformer_mt import Translator
+>>> t = Translator.from_checkpoint("runs/multi30k_en-de/default/checkpoints/final.pt")
+>>> t.translate(["A man is riding a bike."])                # beam 5, the α its run chose
+>>> t.translate(["A dog runs."], beam_size=5, alpha=1.0, nbest=3)   # 3 strings per input
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,31 +20,21 @@ from transformer_mt.data.batching import pad
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.beam import Hypothesis, beam_search
 from transformer_mt.decoding.greedy import greedy_search
-from transformer_mt.decoding.search import BEAM, SearchOptions, UncachedDecoder
-from transformer_mt.errors import CheckpointError, ConfigError
-from transformer_mt.model import Transformer
-from transformer_mt.training.checkpoint import load_checkpoint, spm_tensor_to_bytes
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' requested but CUDA is not available")
-    return torch.device(device)
-
-
-def build_model(model_cfg: dict[str, Any], vocab_size: int, pad_id: int) -> Transformer:
-    """A Transformer from the ``model`` config section (each key is a constructor argument)."""
-    return Transformer(vocab_size=vocab_size, pad_id=pad_id, **model_cfg)
+from transformer_mt.decoding.search import SearchOptions, UncachedDecoder
+from transformer_mt.device import resolve_device
+from transformer_mt.errors import CheckpointError
+from transformer_mt.formats.checkpoint import load_checkpoint, spm_tensor_to_bytes
+from transformer_mt.formats.results import tuned_alpha
+from transformer_mt.model import Transformer, build_model
 
 
 class Translator:
     """A model and its tokenizer, ready to translate lists of raw sentences.
 
-    >>> t = Translator.from_checkpoint("runs/.../checkpoints/best.pt")
-    >>> t.translate(["A man is riding a bike."], SearchOptions(beam_size=5))
+    Search settings are keyword arguments of :meth:`translate` (or one ``SearchOptions``
+    given as ``options``). Without ``alpha``, a checkpoint loaded from a run directory is
+    decoded at the length penalty its run chose on val for it (as ``tmt-translate`` does),
+    else at ``SearchOptions.alpha``.
     """
 
     def __init__(
@@ -48,6 +45,7 @@ class Translator:
         config: dict[str, Any] | None = None,
         step: int | None = None,
         use_cache: bool = True,
+        checkpoint: Path | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
@@ -55,6 +53,7 @@ class Translator:
         self.config = config or {}
         self.step = step  # the training update the weights come from, when known
         self.use_cache = use_cache  # False: re-decode the whole prefix each step (benchmarks)
+        self.checkpoint = checkpoint  # the file it was loaded from, for the tuned α
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Translator:
@@ -67,17 +66,49 @@ class Translator:
             model.load_state_dict(state["model"])
         except (KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"{path}: inconsistent checkpoint: {e}") from e
-        return cls(model, tokenizer, dev, state["config"], int(state["step"]))
+        return cls(
+            model, tokenizer, dev, state["config"], int(state["step"]), checkpoint=Path(path)
+        )
+
+    def search_options(
+        self,
+        beam_size: int | None = None,
+        alpha: float | None = None,
+        nbest: int | None = None,
+        max_len_a: float | None = None,
+        max_len_b: int | None = None,
+        min_len: int | None = None,
+        no_repeat_ngram: int | None = None,
+    ) -> SearchOptions:
+        """A SearchOptions from keyword arguments (None: SearchOptions' default); without
+        ``alpha``, the α this checkpoint's run chose on val at this beam size, if any."""
+        given = {
+            "beam_size": beam_size,
+            "nbest": nbest,
+            "max_len_a": max_len_a,
+            "max_len_b": max_len_b,
+            "min_len": min_len,
+            "no_repeat_ngram": no_repeat_ngram,
+        }
+        options = SearchOptions(**{k: v for k, v in given.items() if v is not None})
+        if alpha is None and self.checkpoint is not None:
+            alpha = tuned_alpha(self.checkpoint, self.step, options.beam_size)
+        return options if alpha is None else dataclasses.replace(options, alpha=alpha)
 
     def translate_ids(
         self,
         sentences: list[str],
-        options: SearchOptions = BEAM,
+        options: SearchOptions | None = None,
+        *,
         batch_size: int = 64,
         max_tokens: int | None = None,
         on_truncate: Callable[[int, int], None] | None = None,
+        **search: Any,
     ) -> list[list[Hypothesis]]:
         """n-best hypotheses (as ids) for each sentence, in input order.
+
+        The search is ``options``, or the keyword arguments of :meth:`search_options`
+        (``beam_size``, ``alpha``, ``nbest``, ``max_len_a``, ...); not both.
 
         Inputs are sorted by length into batches of at most ``batch_size`` sentences and
         ``max_tokens`` source tokens (padding included); results do not depend on either.
@@ -85,6 +116,7 @@ class Translator:
         positions is truncated to fit, and ``on_truncate(index, n_subwords)`` is called
         (by default a warning on stderr).
         """
+        options = self._options(options, search)
         tok = self.tokenizer
         ids = encode_to_fit(tok, sentences, self.model.max_positions, on_truncate)
         results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in sentences]
@@ -103,13 +135,30 @@ class Translator:
     def translate(
         self,
         sentences: list[str],
-        options: SearchOptions = BEAM,
+        options: SearchOptions | None = None,
+        *,
         batch_size: int = 64,
         max_tokens: int | None = None,
-    ) -> list[str]:
-        """Detokenized best translations, one per input sentence, in input order."""
-        best = self.translate_ids(sentences, options, batch_size, max_tokens)
-        return self.tokenizer.decode([h[0].tokens for h in best])
+        **search: Any,
+    ) -> list[str] | list[list[str]]:
+        """Detokenized translations in input order: one string per sentence, or with
+        ``nbest`` > 1 a list of that many, best first. Search settings as in
+        :meth:`translate_ids`."""
+        options = self._options(options, search)
+        hyps = self.translate_ids(sentences, options, batch_size=batch_size, max_tokens=max_tokens)
+        if options.nbest == 1:
+            return self.tokenizer.decode([h[0].tokens for h in hyps])
+        flat = self.tokenizer.decode([h.tokens for n_best in hyps for h in n_best])
+        out, start = [], 0
+        for n_best in hyps:
+            out.append(flat[start : start + len(n_best)])
+            start += len(n_best)
+        return out
+
+    def _options(self, options: SearchOptions | None, search: dict[str, Any]) -> SearchOptions:
+        if options is not None and search:
+            raise TypeError(f"pass either options= or search keywords, not both ({list(search)})")
+        return options if options is not None else self.search_options(**search)
 
 
 def length_batches(

@@ -12,9 +12,6 @@ as a learned position table (CTranslate2's built-in sinusoids use another layout
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ from transformer_mt.decoding.beam import length_penalty
 from transformer_mt.decoding.search import BEAM, SearchOptions, output_budget
 from transformer_mt.decoding.translator import Translator, encode_to_fit
 from transformer_mt.errors import UserError
+from transformer_mt.formats.atomic import atomic_directory
 from transformer_mt.model import Transformer
 from transformer_mt.model.attention import MultiHeadAttention
 from transformer_mt.model.layers import EncoderLayer, FeedForward
@@ -173,21 +171,10 @@ def export_ctranslate2(
     spec.optimize(quantization=quantization)
     metadata = _metadata(translator, checkpoint, quantization)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(
-        tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.", suffix=".tmp")
-    )
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700
+    with atomic_directory(output_dir) as tmp:
         spec.save(str(tmp))
         (tmp / SPM_FILE).write_bytes(translator.tokenizer.model_bytes)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-        _replace_dir(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 
@@ -205,24 +192,6 @@ def _check_output_dir(output_dir: Path, force: bool) -> None:
             f"{output_dir} is not a tmt-export directory (no {METADATA_FILE}); "
             "--force only replaces an earlier export"
         )
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` is removed only once ``new`` is
-    in place (it is restored if the rename fails)."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-    os.replace(target, old / "dir")
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / "dir", target)
-        raise
-    finally:
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _metadata(translator: Translator, checkpoint: Path, quantization: str | None) -> dict:

@@ -4,7 +4,13 @@ from transformer_mt.model.attention import MultiHeadAttention, ScaledDotProductA
 from transformer_mt.model.dropout import Dropout
 from transformer_mt.model.embedding import PositionalEncoding, TransformerEmbedding
 from transformer_mt.model.layers import DecoderLayer, EncoderLayer, FeedForward
-from transformer_mt.model.transformer import Decoder, Encoder, Transformer, padding_mask
+from transformer_mt.model.transformer import (
+    Decoder,
+    Encoder,
+    Transformer,
+    build_model,
+    padding_mask,
+)
 
 __all__ = [
     "Decoder",
@@ -18,5 +24,6 @@ __all__ = [
     "ScaledDotProductAttention",
     "Transformer",
     "TransformerEmbedding",
+    "build_model",
     "padding_mask",
 ]

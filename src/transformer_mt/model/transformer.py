@@ -178,3 +178,8 @@ class Transformer(nn.Module):
         """(total, trainable) parameter counts; tied weights are counted once."""
         params = list(self.parameters())
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def build_model(model_cfg: dict[str, Any], vocab_size: int, pad_id: int) -> Transformer:
+    """A Transformer from the ``model`` config section (each key is a constructor argument)."""
+    return Transformer(vocab_size=vocab_size, pad_id=pad_id, **model_cfg)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from transformer_mt.errors import CheckpointError
-from transformer_mt.training.checkpoint import load_checkpoint, step_checkpoints
+from transformer_mt.formats.checkpoint import load_checkpoint, step_checkpoints
 
 
 def last_checkpoints(run: Path, n: int) -> list[Path]:

@@ -1,0 +1,126 @@
+"""Builds what a training run needs from its config, one ``_setup_*`` step per object:
+device and process group, data, model, optimizer, schedule, scaler and the update step.
+
+Tests and benchmarks call :func:`build_training` with a model of their own, or use the
+steps one by one; nothing here needs a run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from transformer_mt.data.corpus import read_references
+from transformer_mt.data.dataset import EncodedSplit, PreparedData, prepare_data
+from transformer_mt.data.tokenizer import Tokenizer
+from transformer_mt.device import resolve_device
+from transformer_mt.evaluation.final import EvalSet
+from transformer_mt.model import Transformer, build_model
+from transformer_mt.training import distributed as dist
+from transformer_mt.training.config import validate_config
+from transformer_mt.training.loss import OutputLayerLoss
+from transformer_mt.training.precision import grad_scaler
+from transformer_mt.training.rng import seed_everything
+from transformer_mt.training.schedule import inverse_sqrt_schedule
+from transformer_mt.training.step import UpdateStep
+
+
+@dataclass
+class TrainingSetup:
+    """The objects of one run: its config, data, model and update rule."""
+
+    cfg: DictConfig
+    config: dict[str, Any]  # the resolved config as plain containers (saved in checkpoints)
+    dist: dist.DistContext
+    device: torch.device
+    data: PreparedData
+    train_split: EncodedSplit
+    valid_split: EncodedSplit
+    valid: EvalSet  # raw val sentences for BLEU (the first trainer.valid_max_sentences)
+    model: Transformer
+    update: UpdateStep
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The run's SentencePiece tokenizer."""
+        return self.data.tokenizer
+
+
+def build_training(cfg: DictConfig, model: Transformer | None = None) -> TrainingSetup:
+    """Every object of a run from ``cfg``, in order (the seed is set before the model is
+    initialised); ``model`` replaces the one the config describes."""
+    ctx, device = _setup_device(cfg)
+    data = _setup_data(cfg, ctx)
+    config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    model = (model or _setup_model(config["model"], data.tokenizer)).to(device)
+    optimizer = _setup_optimizer(cfg.optim, model, device)
+    update = UpdateStep(
+        model,
+        optimizer,
+        inverse_sqrt_schedule(optimizer, cfg.optim.warmup_steps),
+        OutputLayerLoss(cfg.trainer.label_smoothing, data.tokenizer.pad_id),
+        device,
+        precision=cfg.trainer.precision,
+        clip_norm=cfg.trainer.clip_norm,
+        scaler=grad_scaler(device, cfg.trainer.precision),
+        ctx=ctx,
+        compile=cfg.trainer.compile,
+    )
+    return TrainingSetup(
+        cfg=cfg,
+        config=config,
+        dist=ctx,
+        device=device,
+        data=data,
+        train_split=data.split("train"),
+        valid_split=data.split("valid"),
+        valid=_setup_valid_set(cfg),
+        model=model,
+        update=update,
+    )
+
+
+def _setup_device(cfg: DictConfig) -> tuple[dist.DistContext, torch.device]:
+    """Check the config, join the process group, set threads and seeds."""
+    device = resolve_device(cfg.trainer.device)
+    validate_config(cfg, device)
+    ctx, device = dist.init_distributed(device)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    seed_everything(cfg.seed + ctx.rank)  # each rank its own dropout stream
+    return ctx, device
+
+
+def _setup_data(cfg: DictConfig, ctx: dist.DistContext) -> PreparedData:
+    """The prepared corpus: rank 0 builds the cache, the other ranks then read it."""
+    data = prepare_data(cfg.data) if ctx.is_main else None
+    dist.barrier(ctx)
+    return data if data is not None else prepare_data(cfg.data)
+
+
+def _setup_valid_set(cfg: DictConfig) -> EvalSet:
+    src, ref = read_references(cfg.data, "valid")
+    n = cfg.trainer.valid_max_sentences or len(src)
+    return EvalSet(cfg.data.valid_split, src[:n], ref[:n])
+
+
+def _setup_model(model_cfg: dict[str, Any], tokenizer: Tokenizer) -> Transformer:
+    return build_model(model_cfg, tokenizer.vocab_size, tokenizer.pad_id)
+
+
+def _setup_optimizer(
+    ocfg: DictConfig, model: Transformer, device: torch.device
+) -> torch.optim.Optimizer:
+    return torch.optim.Adam(
+        model.parameters(),
+        lr=ocfg.lr,
+        betas=tuple(ocfg.betas),
+        eps=ocfg.eps,
+        weight_decay=ocfg.weight_decay,
+        # One fused kernel over all parameters: on a 2-core CPU an update of the small model
+        # takes several times less time than the foreach or per-tensor versions.
+        fused=device.type in ("cpu", "cuda"),
+    )

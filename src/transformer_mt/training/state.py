@@ -1,0 +1,125 @@
+"""The training state: the counters of a run, and the one place that saves and restores it
+together with the weights, optimizer, schedule, scaler and RNGs.
+
+A checkpoint written during training holds, besides the file format's keys (see
+:mod:`transformer_mt.formats.checkpoint`), ``optimizer``, ``scheduler``, ``scaler`` (fp16),
+``rng`` (one state per rank) and ``trainer`` (:class:`TrainState` without step and epoch,
+which are top-level keys of every checkpoint).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from transformer_mt.errors import CheckpointError, ConfigError
+from transformer_mt.formats.checkpoint import spm_bytes_to_tensor
+from transformer_mt.training import distributed as dist
+from transformer_mt.training.rng import rng_state, set_rng_state
+from transformer_mt.training.step import UpdateStep
+
+
+@dataclass
+class TrainState:
+    """Where a run stands. Everything here is saved in its checkpoints."""
+
+    step: int = 0  # applied updates
+    epoch: int = 0  # completed epochs
+    batches_done: int = 0  # batches of epoch ``epoch + 1`` already consumed
+    best_val_bleu: float = -1.0
+    best_step: int = -1
+    bad_validations: int = 0  # validations since the best one (early stopping)
+    nonfinite_total: int = 0  # skipped updates
+    stop_reason: str = ""  # early stopping's message once it triggers
+    validated_step: int = -1  # the step and val BLEU of the latest validation
+    validated_bleu: float = 0.0
+    train_seconds: float = 0.0  # training time of the run's earlier launches
+    checkpoint_scores: dict[str, float] = field(default_factory=dict)  # file name -> val BLEU
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint's ``trainer`` section (step and epoch are top-level keys)."""
+        d = asdict(self)
+        del d["step"], d["epoch"]
+        return d
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> TrainState:
+        """The counters of a training checkpoint (keys missing in older files keep their
+        defaults)."""
+        saved = state["trainer"]
+        values: dict[str, Any] = {"step": int(state["step"]), "epoch": int(state["epoch"])}
+        for f in fields(cls):
+            if f.name in saved:
+                default = getattr(cls(), f.name)
+                values[f.name] = type(default)(saved[f.name])
+        values["checkpoint_scores"] = {
+            str(k): float(v) for k, v in values.get("checkpoint_scores", {}).items()
+        }
+        return cls(**values)
+
+
+def training_checkpoint(
+    update: UpdateStep,
+    state: TrainState,
+    config: dict[str, Any],
+    spm_model: bytes,
+    val_bleu: float | None,
+) -> dict[str, Any]:
+    """Everything needed to translate with the run and to continue it identically (a
+    collective when distributed: the RNG states of all ranks are gathered)."""
+    rngs = dist.all_gather_object(rng_state(), update.dist)
+    checkpoint = {
+        "model": update.model.state_dict(),
+        "optimizer": update.optimizer.state_dict(),
+        "scheduler": update.scheduler.state_dict(),
+        "step": state.step,
+        "epoch": state.epoch,
+        "val_bleu": val_bleu,
+        "config": config,
+        "spm_model": spm_bytes_to_tensor(spm_model),
+        "rng": rngs,
+        "trainer": state.to_dict(),
+    }
+    if update.scaler is not None:
+        checkpoint["scaler"] = update.scaler.state_dict()
+    return checkpoint
+
+
+def restore_training(
+    update: UpdateStep, path: Path, checkpoint: dict[str, Any], config: dict[str, Any]
+) -> TrainState:
+    """Load weights, optimizer, schedule, scaler and this rank's RNGs from a training
+    checkpoint into ``update``; returns its counters. The ``model`` and ``data`` sections of
+    its config must equal ``config``'s."""
+    if "trainer" not in checkpoint or "optimizer" not in checkpoint:
+        raise CheckpointError(f"{path} holds no training state (an averaged checkpoint?)")
+    for section in ("model", "data"):
+        if checkpoint["config"][section] != config[section]:
+            raise ConfigError(
+                f"cannot resume from {path}: its {section} config differs from this "
+                f"run's ({section}.* must match; trainer.resume=never starts afresh)"
+            )
+    update.model.load_state_dict(checkpoint["model"])
+    optimizer = update.optimizer
+    kernel = {k: optimizer.defaults[k] for k in ("foreach", "fused")}
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:  # the saved flags would override ours
+        group.update(kernel)
+    update.scheduler.load_state_dict(checkpoint["scheduler"])
+    if update.scaler is not None and "scaler" in checkpoint:
+        update.scaler.load_state_dict(checkpoint["scaler"])
+    rngs, ctx = checkpoint["rng"], update.dist
+    if len(rngs) == ctx.world_size:
+        set_rng_state(rngs[ctx.rank])
+    else:
+        print(
+            f"warning: {path} was written by {len(rngs)} process(es), this job has "
+            f"{ctx.world_size}; dropout streams are reseeded",
+            file=sys.stderr,
+        )
+    return TrainState.from_checkpoint(checkpoint)
+
+
+__all__ = ["TrainState", "restore_training", "training_checkpoint"]

@@ -1,0 +1,113 @@
+"""The training code path against fixed points: a run of the tiny model must give weights
+bitwise equal to (a) those the code gave before the trainer was split into modules, on
+the CPU kind that expectation was recorded on, and (b) a plain training loop written here
+from the building blocks (model, loss, Adam, schedule, batches), on any CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from conftest import synthetic_corpus
+from test_trainer import make_config
+from transformer_mt.data.batching import collate, token_batches
+from transformer_mt.data.dataset import prepare_data
+from transformer_mt.model import build_model
+from transformer_mt.training.loss import OutputLayerLoss
+from transformer_mt.training.rng import seed_everything
+from transformer_mt.training.schedule import inverse_sqrt_schedule
+from transformer_mt.training.trainer import Trainer, epoch_rng
+
+STEPS = 40
+# sha256 of the weights after STEPS updates (see weights_digest), computed with the code
+# before the split (commit e747c30, Trainer in one file) with torch 2.13.0 and one thread,
+# per torch.backends.cpu.get_cpu_capability(): floating-point kernels differ between ISAs.
+RECORDED = {
+    "AVX512": "dcc1d11d37839fa0f206fe7a59bf0e05e00a864a09bbf07c1e97a1126aa5b594",
+}
+RECORDED_SPM = "f29560f5c5c34adf3464f11bb92b1eecd4a521dd12ecdcd459b85fc1ffe91d0e"
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(root: Path) -> DictConfig:
+    synthetic_corpus(root / "raw", n_train=200)
+    return make_config(
+        root,
+        f"trainer.max_steps={STEPS}",
+        "trainer.validate_every_steps=20",
+        "trainer.num_threads=1",
+        "trainer.average_last=null",
+    )
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(weights[name].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def plain_loop(cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """The algorithm the trainer implements, without the trainer: seed, data, model, then
+    Adam updates on token-budget batches with the loss normalised by target tokens."""
+    torch.set_num_threads(1)
+    seed_everything(cfg.seed)
+    data = prepare_data(cfg.data)
+    tok, split = data.tokenizer, data.split("train")
+    model = build_model(dict(cfg.model), tok.vocab_size, tok.pad_id)
+    o = cfg.optim
+    optimizer = torch.optim.Adam(
+        model.parameters(), o.lr, tuple(o.betas), o.eps, o.weight_decay, fused=True
+    )
+    schedule = inverse_sqrt_schedule(optimizer, o.warmup_steps)
+    criterion = OutputLayerLoss(cfg.trainer.label_smoothing, tok.pad_id)
+    step, epoch = 0, 0
+    while step < STEPS:
+        epoch += 1
+        rng = epoch_rng(cfg.seed, epoch)
+        for idx in token_batches(split.src_lengths, split.tgt_lengths, cfg.trainer.max_tokens, rng):
+            b = collate(split, idx, tok.pad_id, tok.bos_id, tok.eos_id)
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            hidden = model(b.src, b.tgt_in, b.tgt_positions, project=False)
+            loss, _ = criterion(hidden, model.output_projection.weight, b.real_targets())
+            (loss * (1.0 / b.n_tgt_tokens * 1.0)).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.clip_norm)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step == STEPS:
+                break
+    return model.state_dict()
+
+
+def test_training_matches_the_plain_loop_and_the_recorded_weights(
+    tmp_path: Path, one_thread: None
+) -> None:
+    cfg = config(tmp_path)
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.train().steps == STEPS
+    ours = trainer.model.state_dict()
+
+    plain = plain_loop(cfg)
+    assert ours.keys() == plain.keys()
+    assert [k for k in ours if not torch.equal(ours[k], plain[k])] == []
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in RECORDED and hashlib.sha256(trainer.tokenizer.model_bytes).hexdigest() == (
+        RECORDED_SPM
+    ):
+        assert weights_digest(ours) == RECORDED[capability]

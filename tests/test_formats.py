@@ -1,0 +1,96 @@
+"""The file formats at the bottom of the package: atomic writes and results.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from transformer_mt.errors import ResultsError
+from transformer_mt.formats.atomic import atomic_directory, atomic_link, atomic_write_text
+from transformer_mt.formats.results import CheckpointResult, RunResults, Score
+
+
+def test_atomic_directory_replaces_the_target_only_when_complete(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first"
+
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("half-written")
+        raise RuntimeError("interrupted")
+    assert (target / "a.txt").read_text() == "first"  # the old directory is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left behind
+
+    with atomic_directory(target) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_write_and_link(tmp_path: Path) -> None:
+    atomic_write_text(tmp_path / "sub" / "x.txt", "ü\n")
+    assert (tmp_path / "sub" / "x.txt").read_bytes() == "ü\n".encode()
+    with pytest.raises(ZeroDivisionError):
+        atomic_write_text(tmp_path / "sub" / "x.txt", str(1 / 0))
+    assert (tmp_path / "sub" / "x.txt").read_text() == "ü\n"
+    atomic_link(tmp_path / "sub" / "x.txt", tmp_path / "sub" / "y.txt")
+    assert os.path.samefile(tmp_path / "sub" / "x.txt", tmp_path / "sub" / "y.txt")
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["x.txt", "y.txt"]
+
+
+def sample() -> RunResults:
+    best = CheckpointResult(
+        step=120,
+        beam_size=5,
+        alpha=1.4,
+        valid=Score(38.1, 63.0, "nrefs:1|bleu"),
+        test={"test_2016_flickr": Score(37.0, 62.5, "nrefs:1|bleu")},
+        alpha_grid={"0.6": 37.5, "1.4": 38.1},
+    )
+    averaged = CheckpointResult(step=150, beam_size=5, alpha=3.0, valid=Score(38.9, 63.4, "s"))
+    return RunResults(
+        steps=150,
+        epochs=3,
+        train_minutes=1.5,
+        best_val_bleu_greedy=36.2,
+        final="averaged.pt",
+        checkpoints={"best.pt": best, "averaged.pt": averaged},
+    )
+
+
+def test_results_round_trip_and_answer_which_alpha_a_checkpoint_got(tmp_path: Path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for name in ("best.pt", "averaged.pt"):
+        (ckpts / name).write_text(name)
+    os.link(ckpts / "averaged.pt", ckpts / "final.pt")
+    results = sample()
+    assert results.write(tmp_path) == tmp_path / "results.json"
+    read = RunResults.read(tmp_path)
+    assert read == results
+    assert read.final_result is read.checkpoints["averaged.pt"]
+    assert read.alpha_for(ckpts / "final.pt", 150, 5) == 3.0  # final.pt is averaged.pt
+    assert read.alpha_for(ckpts / "best.pt", 120, 5) == 1.4
+    assert read.alpha_for(ckpts / "best.pt", 150, 5) is None  # another step
+    assert read.alpha_for(ckpts / "best.pt", 120, 4) is None  # another beam size
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[]",
+        '{"steps": 1}',
+        json.dumps({**json.loads(json.dumps(sample().__dict__, default=vars)), "steps": "x"}),
+    ],
+)
+def test_a_malformed_results_file_is_an_error_naming_it(tmp_path: Path, content: str) -> None:
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(ResultsError, match=str(tmp_path / "results.json")):
+        RunResults.read(tmp_path)
+    with pytest.raises(ResultsError, match="cannot read"):
+        RunResults.read(tmp_path / "missing")
