@@ -18,7 +18,9 @@ from transformer_mt.data.corpus import read_references
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.errors import ConfigError
 from transformer_mt.formats.results import RunResults, tuned_alpha
+from transformer_mt.model import Transformer
 from transformer_mt.training.config import validate_config
+from transformer_mt.training.setup import build_training
 from transformer_mt.training.trainer import Trainer
 
 
@@ -236,3 +238,22 @@ def test_every_shipped_recipe_composes_and_passes_the_config_checks() -> None:
     # multi30k_best overrides the default model's dropout with the 0.3 it was measured with
     assert (default.model.dropout, best.model.dropout) == (0.2, 0.3)
     assert best.trainer.max_minutes == 170 and default.trainer.max_minutes is None
+
+
+def test_the_factory_takes_a_model_of_the_tests_own(corpus_root: Path) -> None:
+    cfg = make_config(corpus_root, "trainer.max_steps=3")
+    probe = build_training(cfg)
+    tok = probe.tokenizer
+    model = Transformer(
+        vocab_size=tok.vocab_size, pad_id=tok.pad_id, d_model=16, n_heads=2,
+        n_encoder_layers=1, n_decoder_layers=1, d_ff=32, max_positions=256,
+    )  # fmt: skip
+    setup = build_training(cfg, model=model)
+    assert setup.model is model and setup.update.model is model
+    assert setup.update.optimizer.param_groups[0]["params"][0] is next(model.parameters())
+    trainer = Trainer(cfg, corpus_root / "run", setup=setup)
+    before = next(model.parameters()).detach().clone()
+    assert trainer.train().steps == 3
+    assert not torch.equal(before, next(model.parameters()))
+    saved = torch.load(corpus_root / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["model"]["encoder.layers.0.feed_forward.linear1.weight"].shape == (32, 16)

@@ -51,7 +51,8 @@ class TrainingSetup:
 
 def build_training(cfg: DictConfig, model: Transformer | None = None) -> TrainingSetup:
     """Every object of a run from ``cfg``, in order (the seed is set before the model is
-    initialised); ``model`` replaces the one the config describes."""
+    initialised); ``model`` replaces the one the config describes (tests: checkpoints still
+    record the config's ``model`` section)."""
     ctx, device = _setup_device(cfg)
     data = _setup_data(cfg, ctx)
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
