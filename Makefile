@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup data prepare train evaluate bench bench-decode test lint clean
+.PHONY: setup data prepare train evaluate bench bench-decode bench-prepare test lint clean
 CKPT   ?= runs/multi30k_en-de/default/checkpoints/final.pt
 
 setup: $(STAMP)
@@ -37,6 +37,9 @@ bench: data  ## training throughput: ours vs a plain nn.Transformer loop (ARGS=-
 bench-decode: setup  ## decoding speed on test_2016_flickr of CKPT (default: make train's final.pt)
 	$(BIN)/python scripts/bench_decode.py --checkpoint $(CKPT) $(ARGS)
 
+bench-prepare: data  ## preparation speed and memory at 100k/1M/4M pairs vs bare SentencePiece (ARGS=--json)
+	$(BIN)/python scripts/bench_prepare.py $(ARGS)
+
 test: setup
 	$(BIN)/python -m pytest $(ARGS)
 
@@ -45,5 +48,5 @@ lint: setup
 	$(BIN)/ruff format --check src tests scripts
 
 clean:
-	rm -rf $(VENV) data/prepared .pytest_cache .ruff_cache
+	rm -rf $(VENV) data/prepared data/bench_prepare .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -22,8 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from transformer_mt.cli.common import search_for
-from transformer_mt.data.corpus import read_references
-from transformer_mt.data.dataset import fetch_raw
+from transformer_mt.data.corpus import fetch_raw, read_references
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.evaluation import score
 from transformer_mt.export.ctranslate2 import CTranslate2Translator, export_ctranslate2
@@ -65,7 +64,7 @@ def main() -> None:
     uncached = Translator(ours.model, ours.tokenizer, ours.device, ours.config, use_cache=False)
     data_cfg = OmegaConf.create(ours.config["data"])
     fetch_raw(data_cfg)
-    src, ref = read_references(data_cfg, "valid" if args.split == "val" else "test")
+    _, src, ref = read_references(data_cfg, "valid" if args.split == "val" else "test")[0]
     if args.limit:
         src, ref = src[: args.limit], ref[: args.limit]
     given = SearchOptions.alpha if args.alpha is None else args.alpha

@@ -5,7 +5,8 @@ the two alternate batch by batch, so both see the same state of the machine.
 Prints target tokens/s of each, their ratio, peak RSS, achieved model FLOP/s
 (6 · N · tokens/s, N = parameters including the output projection) and its ratio to a
 matrix-multiply peak measured in the same run for the precision used (MFU), the padding
-fraction of the batches and the fraction of time spent building batches (data wait).
+fraction of the batches and the fraction of time the loop waits for batches, which are
+built in a background thread as in training (data wait).
 With --json the last line is one JSON object. Timings are printed, never asserted.
 
     python scripts/bench_train.py [--steps 30] [--warmup 5] [--precision fp32|bf16] [--json]
@@ -27,6 +28,7 @@ from torch import nn
 
 from transformer_mt.cli.common import config_dir, register_resolvers
 from transformer_mt.data.batching import Batch, collate, token_batches
+from transformer_mt.data.loader import Prefetcher
 from transformer_mt.training.precision import autocast
 from transformer_mt.training.setup import build_training
 
@@ -98,27 +100,26 @@ def timed_side_by_side(
     warmup: int,
 ) -> tuple[dict[str, float], float, int]:
     """Every step function on every batch, in turn: (seconds stepping per function, seconds
-    building batches, target tokens) over the timed batches.
+    waiting for batches, target tokens) over the timed batches.
 
-    The functions alternate batch by batch, so a slower or faster stretch of the machine
-    (other tenants, frequency changes) falls on all of them alike.
+    Batches are built ahead in a background thread, as in training (the wait is what the
+    loop still spends on data). The functions alternate batch by batch, so a slower or
+    faster stretch of the machine (other tenants, frequency changes) falls on all of them
+    alike.
     """
-    for idx in batches[:warmup]:
-        batch = make(idx)
-        for step in steps.values():
-            step(batch)
     step_s = dict.fromkeys(steps, 0.0)
-    data_s, tokens = 0.0, 0
-    for idx in batches[warmup:]:
-        t0 = time.perf_counter()
-        batch = make(idx)
-        data_s += time.perf_counter() - t0
-        tokens += batch.n_tgt_tokens
-        for name, step in steps.items():
-            t1 = time.perf_counter()
-            step(batch)
-            step_s[name] += time.perf_counter() - t1
-    return step_s, data_s, tokens
+    tokens = 0
+    with Prefetcher(make, batches) as ahead:
+        for i, batch in enumerate(ahead):
+            for name, step in steps.items():
+                t1 = time.perf_counter()
+                step(batch)
+                if i >= warmup:
+                    step_s[name] += time.perf_counter() - t1
+            tokens += batch.n_tgt_tokens if i >= warmup else 0
+            if i == warmup - 1:  # count the waits from the first timed batch on
+                ahead.wait_seconds = 0.0
+        return step_s, ahead.wait_seconds, tokens
 
 
 def main() -> None:

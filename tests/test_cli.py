@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, run_cli, write_gz
+from conftest import BIN, run_cli, synthetic_corpus, write_gz
 from transformer_mt.cli.evaluate import expand_checkpoints
 from transformer_mt.formats.checkpoint import checkpoint_step
 from transformer_mt.formats.results import CheckpointResult, RunResults, Score, tuned_alpha
@@ -250,11 +250,11 @@ def test_evaluate_many_checkpoints_with_more_metrics(trained_run: Path, tmp_path
     r = run_cli("tmt-evaluate", str(trained_run), *flags)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["checkpoint", "step", "α", "BLEU", "CHRF", "TER"]
+    assert lines[0].split() == ["checkpoint", "set", "step", "α", "BLEU", "CHRF", "TER"]
     assert [line.split()[0] for line in lines[1 : 1 + len(steps)]] == [str(p) for p in steps]
     assert any(line.startswith("ter signature: nrefs:1") for line in lines)
     greedy = run_cli("tmt-evaluate", str(steps[0]), *flags[:4], "--greedy").stdout.splitlines()
-    assert greedy[1].split()[1:3] == [str(checkpoint_step(steps[0])), "–"]  # no α for greedy
+    assert greedy[1].split()[1:4] == ["s", str(checkpoint_step(steps[0])), "–"]  # no α: greedy
     r = run_cli("tmt-evaluate", str(steps[0]), str(steps[-1]), *flags, "--json")
     results = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["checkpoint"] for x in results] == [str(steps[0]), str(steps[-1])]
@@ -430,4 +430,55 @@ def test_bad_corpus_exits_non_zero_naming_the_file(tmp_path: Path, defect: str) 
     assert r.returncode != 0
     assert bad in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
-    assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())
+    prepared = tmp_path / "prepared"  # nothing written but the preparation's lock file
+    assert not prepared.exists() or all(p.suffix == ".lock" for p in prepared.iterdir())
+
+
+def test_corpora_by_path_plain_and_gzip_through_the_console_scripts(tmp_path: Path) -> None:
+    synthetic_corpus(tmp_path / "raw", n_train=300)
+    corpora = tmp_path / "corpora"
+    corpora.mkdir()
+    for lang in ("en", "xx"):
+        with gzip.open(tmp_path / "raw" / f"train.{lang}.gz", "rt") as f:
+            lines = f.read().splitlines(keepends=True)
+        (corpora / f"first.{lang}").write_text("".join(lines[:180]))  # plain text
+        write_gz(corpora / f"second.{lang}.gz", "".join(lines[180:]).encode())  # gzip
+        shutil.copy(tmp_path / "raw" / f"val.{lang}.gz", corpora / f"dev.{lang}.gz")
+        shutil.copy(tmp_path / "raw" / f"test_2016_flickr.{lang}.gz", corpora / f"t1.{lang}.gz")
+        with gzip.open(tmp_path / "raw" / f"val.{lang}.gz", "rt") as f:
+            (corpora / f"t2.{lang}").write_text(f.read())
+    data = [
+        "data=text",
+        "data.src_lang=en",
+        "data.tgt_lang=xx",
+        f"data.train=[{corpora / 'first'},{corpora / 'second'}]",
+        f"data.valid={corpora / 'dev'}",
+        f"data.test=[{corpora / 't1'},{corpora / 't2'}]",
+        f"data.prepared_dir={tmp_path / 'prepared'}",
+        "data.tokenizer.vocab_size=60",
+    ]
+    prep = run_cli("tmt-prepare", *data, f"hydra.run.dir={tmp_path / 'h'}")
+    assert prep.returncode == 0, prep.stderr
+    assert "dropped 0 of 300 training pairs" in prep.stdout  # both corpora, concatenated
+    run_dir = tmp_path / "run"
+    train = run_cli(
+        "tmt-train", *data, "model=tiny", "trainer.max_steps=20", "trainer.max_tokens=256",
+        "trainer.average_last=null", "trainer.final_beam_size=2", "trainer.final_alpha=1.0",
+        "trainer.device=cpu", f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert "using prepared data" in train.stdout
+    results = RunResults.read(run_dir)
+    assert results.final == "best.pt" and list(results.checkpoints["best.pt"].test) == ["t1", "t2"]
+    assert "  t1 (beam 2, α 1): BLEU" in train.stdout and "  t2 (beam 2, α 1): BLEU" in train.stdout
+    r = run_cli(
+        "tmt-evaluate", str(run_dir / "checkpoints" / "final.pt"), "--split", "test", "--beam", "2",
+        "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["split"] for row in rows] == ["t1", "t2"] and rows[0]["alpha"] == 1.0
+    t2 = rows[1]
+    assert t2["n_sentences"] == 20 and Path(t2["hypotheses"]).name == "final.t2.beam2-alpha1.xx"
+    missing = run_cli("tmt-prepare", *data[:-1], "data.valid=/no/such/dev")
+    assert missing.returncode == 1 and "/no/such/dev.en" in missing.stderr

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from conftest import synthetic_corpus, write_gz
-from transformer_mt.data.batching import collate, iterate_batches, token_batches
+from transformer_mt.data.batching import collate, iterate_batches, pad, token_batches
 from transformer_mt.data.corpus import CorpusError, fetch_corpus, read_lines, read_parallel
-from transformer_mt.data.dataset import prepare_data
+from transformer_mt.data.loader import Prefetcher
+from transformer_mt.data.prepare import prepare_data
 from transformer_mt.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -21,16 +23,23 @@ def data_config(raw: Path, prepared: Path, **overrides: object) -> OmegaConf:
             "corpus": "synthetic",
             "src_lang": "en",
             "tgt_lang": "xx",
-            "raw_dir": str(raw),
+            "train": [str(raw / "train")],
+            "valid": str(raw / "val"),
+            "test": [str(raw / "test_2016_flickr")],
+            "raw_dir": None,
             "shared_dir": None,
             "url": None,
             "prepared_dir": str(prepared),
-            "train_split": "train",
-            "valid_split": "val",
-            "test_split": "test_2016_flickr",
+            "num_workers": None,
             "max_train_pairs": None,
-            "filter": {"min_len": 1, "max_len": 100, "max_ratio": 3.0},
-            "tokenizer": {"vocab_size": 60, "model_type": "unigram", "character_coverage": 1.0},
+            "filter": {"min_len": 1, "max_len": 100, "max_ratio": 3.0, "dedup": False},
+            "tokenizer": {
+                "vocab_size": 60,
+                "model_type": "unigram",
+                "character_coverage": 1.0,
+                "sample_sentences": 1_000_000,
+                "seed": 1,
+            },
         }
     )
     for key, value in overrides.items():
@@ -93,9 +102,10 @@ def test_prepare_caches_and_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     changed = prepare_data(data_config(raw, prepared, **{"filter.max_len": 4}))
     out = capsys.readouterr().out
-    assert "rebuilding" in out and "dropped" in out
-    assert changed.meta["sizes"]["train_dropped"] > 0
-    assert len(changed.split("train")) == 300 - changed.meta["sizes"]["train_dropped"]
+    assert "dropped" in out  # other settings: another cache, the first one kept
+    assert changed.directory != first.directory and (first.directory / "meta.json").is_file()
+    assert changed.meta["train_filtered"] > 0
+    assert len(changed.split("train")) == 300 - changed.meta["train_filtered"]
     assert changed.split("train").src_lengths.max() <= 4
 
     write_gz(raw / "val.xx.gz", b"ANDERS\n" * 20)  # corpus changed -> rebuild
@@ -157,3 +167,72 @@ def test_evaluation_batches_truncate_long_sentences(tmp_path: Path) -> None:
     assert sum(b.src.size(0) for b in batches) == len(split)
     for b in batches:
         assert b.src.size(1) <= 4 and b.tgt_in.size(1) <= 4  # 3 subwords + EOS/BOS
+
+
+def reference_token_batches(
+    src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The per-example loop that token_batches replaced (kept to check it gives the same)."""
+    n = len(src_lengths)
+    src_len, tgt_len = np.asarray(src_lengths) + 1, np.asarray(tgt_lengths) + 1
+    order = np.lexsort((rng.random(n), src_len, tgt_len))
+    batches, start, longest = [], 0, 0
+    for pos in range(n):
+        i = order[pos]
+        longest_with_i = max(longest, src_len[i], tgt_len[i])
+        if pos > start and longest_with_i * (pos - start + 1) > max_tokens:
+            batches.append(order[start:pos])
+            start, longest_with_i = pos, max(src_len[i], tgt_len[i])
+        longest = longest_with_i
+    if start < n:
+        batches.append(order[start:n])
+    rng.shuffle(batches)
+    return batches
+
+
+@pytest.mark.parametrize("max_tokens", [7, 64, 300, 4096])
+def test_vectorised_batching_gives_the_reference_batches(max_tokens: int) -> None:
+    rng = np.random.default_rng(max_tokens)
+    src_len, tgt_len = rng.integers(0, 60, 5000), rng.integers(0, 60, 5000)
+    src_len[:3] = 500  # longer than the smaller budgets on their own
+    ours = token_batches(src_len, tgt_len, max_tokens, np.random.default_rng(3))
+    reference = reference_token_batches(src_len, tgt_len, max_tokens, np.random.default_rng(3))
+    assert len(ours) == len(reference)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, reference, strict=True))
+
+
+def test_vectorised_collate_gives_the_reference_tensors(tmp_path: Path) -> None:
+    raw, prepared = tmp_path / "raw", tmp_path / "prepared"
+    synthetic_corpus(raw, n_train=120)
+    split = prepare_data(data_config(raw, prepared)).split("train")
+    indices = np.random.default_rng(0).permutation(len(split))[:37]
+    for max_len in (None, 3):
+        batch = collate(split, indices, PAD_ID, BOS_ID, EOS_ID, max_len)
+        srcs, tgt_ins, tgt_outs = [], [], []  # the per-sentence construction it replaced
+        for i in indices:
+            s, t = (x[:max_len].tolist() for x in split.pair(int(i)))
+            srcs.append([*s, EOS_ID])
+            tgt_ins.append([BOS_ID, *t])
+            tgt_outs.append([*t, EOS_ID])
+        assert torch.equal(batch.src, pad(srcs, PAD_ID))
+        assert torch.equal(batch.tgt_in, pad(tgt_ins, PAD_ID))
+        assert torch.equal(batch.tgt_out, pad(tgt_outs, PAD_ID))
+        positions = (pad(tgt_outs, PAD_ID).reshape(-1) != PAD_ID).nonzero().squeeze(1)
+        assert torch.equal(batch.tgt_positions, positions)
+        assert batch.src.dtype == batch.tgt_positions.dtype == torch.long
+
+
+def test_the_prefetcher_keeps_order_counts_waiting_and_passes_errors_on() -> None:
+    with Prefetcher(lambda x: x * x, range(10), depth=3) as ahead:
+        assert list(ahead) == [x * x for x in range(10)]
+        assert ahead.wait_seconds >= 0.0
+
+    def fail_at_5(x: int) -> int:
+        if x == 5:
+            raise ValueError("bad batch 5")
+        return x
+
+    with Prefetcher(fail_at_5, range(10)) as ahead:
+        assert [next(ahead) for _ in range(5)] == [0, 1, 2, 3, 4]
+        with pytest.raises(ValueError, match="bad batch 5"):
+            next(ahead)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from conftest import synthetic_corpus
 from test_trainer import make_config
 from transformer_mt.data.batching import collate, token_batches
-from transformer_mt.data.dataset import prepare_data
+from transformer_mt.data.prepare import prepare_data
 from transformer_mt.model import build_model
 from transformer_mt.training.loss import OutputLayerLoss
 from transformer_mt.training.rng import seed_everything

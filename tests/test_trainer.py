@@ -176,7 +176,7 @@ def test_a_list_of_alphas_is_tuned_on_val_and_only_the_winner_decodes_test(
     # the reported val and test scores are those of the chosen α, decoded again from best.pt
     translator = Translator.from_checkpoint(Path(result.best_checkpoint), device="cpu")
     for role in ("valid", "test"):
-        src, refs = read_references(cfg.data, role)
+        _, src, refs = read_references(cfg.data, role)[0]
         hyps = translator.translate(src, SearchOptions(beam_size=4, alpha=chosen))
         assert length_score(hyps, refs)["bleu"].score == pytest.approx(scores[role])
 

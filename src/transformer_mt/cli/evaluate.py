@@ -1,7 +1,7 @@
 """tmt-evaluate: translate a test set with one or more checkpoints and score them with
 sacreBLEU (BLEU, chrF, TER).
 
-    tmt-evaluate runs/.../checkpoints/best.pt --split test --beam 5 --json
+    tmt-evaluate runs/.../checkpoints/final.pt --split test --beam 5 --json   # every test set
     tmt-evaluate runs/multi30k_en-de/default --split val        # every checkpoint of a run
     tmt-evaluate a.pt b.pt averaged.pt --metrics bleu,chrf,ter
     tmt-evaluate best.pt --src my.en --ref my.de
@@ -36,12 +36,11 @@ from transformer_mt.cli.common import (
     parse_decoding_args,
     search_for,
 )
-from transformer_mt.data.corpus import read_lines, read_references
-from transformer_mt.data.dataset import fetch_raw
+from transformer_mt.data.corpus import corpora, fetch_raw, read_lines
 from transformer_mt.decoding.search import is_length_penalty
 from transformer_mt.decoding.translator import Translator
-from transformer_mt.errors import CheckpointError, CorpusError
-from transformer_mt.evaluation.final import EvalSet, decode_and_score, tune_alpha
+from transformer_mt.errors import CheckpointError, CorpusError, UserError
+from transformer_mt.evaluation.final import Decoded, EvalSet, decode_and_score, tune_alpha
 from transformer_mt.evaluation.metrics import METRICS
 from transformer_mt.formats.atomic import atomic_write_text
 from transformer_mt.formats.checkpoint import checkpoint_step, step_checkpoints
@@ -123,23 +122,26 @@ def expand_checkpoints(paths: list[Path]) -> list[tuple[Path, bool]]:
     return out
 
 
-def split_set(data_cfg: Any, role: str, sources: dict[str, Any]) -> EvalSet:
-    """Split ``role`` ("valid"/"test") of the corpus a checkpoint was trained on (fetched if
-    needed), read once per corpus and split."""
-    name = data_cfg.valid_split if role == "valid" else data_cfg.test_split
-    key = f"{data_cfg.raw_dir}:{data_cfg.src_lang}-{data_cfg.tgt_lang}:{name}"
-    if key not in sources:
-        fetch_raw(data_cfg)
-        sources[key] = EvalSet(name, *read_references(data_cfg, role))
-    return sources[key]
+def split_sets(data_cfg: Any, role: str, sources: dict[str, Any]) -> list[EvalSet]:
+    """The sets of ``role`` ("valid": one, "test": every test set) of the corpus a checkpoint
+    was trained on (fetched if needed), read once per file pair."""
+    fetch_raw(data_cfg)
+    out = []
+    for corpus in corpora(data_cfg, role):
+        key = f"{corpus.src_path.resolve()}:{corpus.tgt_path.resolve()}"
+        if key not in sources:
+            sources[key] = EvalSet(corpus.name, *corpus.read())
+        out.append(sources[key])
+    return out
 
 
 def evaluate_one(
     path: Path, args: argparse.Namespace, sources: dict[str, Any], named: bool = True
-) -> dict[str, Any]:
-    """Translate the chosen split/file with one checkpoint, score it, save the hypotheses.
-    The α: --alpha, else tuned on val with --alpha-grid, else for a checkpoint ``named`` on
-    the command line (not found in a run directory) the one its run chose, if any."""
+) -> list[dict[str, Any]]:
+    """Translate the chosen file or split (every test set with ``--split test``) with one
+    checkpoint, score it and save the hypotheses; one result per set. The α: --alpha, else
+    tuned on val with --alpha-grid, else for a checkpoint ``named`` on the command line (not
+    found in a run directory) the one its run chose, if any."""
     translator = Translator.from_checkpoint(path, device=args.device)
     data_cfg = OmegaConf.create(translator.config["data"])
     if args.src is not None:
@@ -148,52 +150,62 @@ def evaluate_one(
             if len(src) != len(ref):
                 raise CorpusError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}")
             sources["file"] = EvalSet(args.src.stem, src, ref)
-        target = sources["file"]
+        targets = [sources["file"]]
     else:
-        target = split_set(data_cfg, "valid" if args.split == "val" else "test", sources)
-    result: dict[str, Any] = {"checkpoint": str(path), "step": translator.step}
+        targets = split_sets(data_cfg, "valid" if args.split == "val" else "test", sources)
+        if not targets:
+            raise UserError(f"--split test: {path} was trained with no test set (data.test)")
+    if args.output is not None and len(targets) > 1:
+        raise UserError(f"--output needs one set, but --split test has {len(targets)}")
     batching = {"batch_size": args.batch_size, "max_tokens": args.max_tokens}
+    tuned: Decoded | None = None  # val decoded at each α of --alpha-grid: the best one
+    valid: EvalSet | None = None
+    grid: dict[str, float] = {}
     if args.alpha_grid is not None:
-        valid = split_set(data_cfg, "valid", sources)
-        chosen, grid = tune_alpha(
+        [valid] = split_sets(data_cfg, "valid", sources)
+        tuned, by_alpha = tune_alpha(
             translator, valid, args.search, args.alpha_grid, metrics=args.metrics, **batching
         )
-        result["alpha_grid"] = {f"{a:g}": bleu for a, bleu in grid.items()}
-        if target is valid:
-            decoded = chosen
-        else:
-            decoded = decode_and_score(
-                translator, target, chosen.options, metrics=args.metrics, **batching
-            )
+        grid = {f"{a:g}": bleu for a, bleu in by_alpha.items()}
+        search = tuned.options
     else:
         search = search_for(args, path, translator.step) if named else args.search
-        decoded = decode_and_score(translator, target, search, metrics=args.metrics, **batching)
-    search = decoded.options
-    output = args.output or path.with_name(
-        f"{path.stem}.{target.name}.{search.tag()}.{data_cfg.tgt_lang}"
-    )
-    atomic_write_text(output, "".join(h + "\n" for h in decoded.hypotheses))
-    result |= {"split": target.name, "beam": search.beam_size, "alpha": search.alpha}
-    result |= {m: s.score for m, s in decoded.scores.items() if m in args.metrics}
-    result["signatures"] = {m: s.signature for m, s in decoded.scores.items() if m in args.metrics}
-    if "bleu" in decoded.scores:
-        result["signature"] = decoded.scores["bleu"].signature
-    result |= {"n_sentences": len(decoded.hypotheses), "hypotheses": str(output)}
-    return result
+    results = []
+    for target in targets:
+        if tuned is not None and target is valid:  # --split val: decoded already
+            decoded = tuned
+        else:
+            decoded = decode_and_score(translator, target, search, metrics=args.metrics, **batching)
+        output = args.output or path.with_name(
+            f"{path.stem}.{target.name}.{search.tag()}.{data_cfg.tgt_lang}"
+        )
+        atomic_write_text(output, "".join(h + "\n" for h in decoded.hypotheses))
+        scores = {m: s for m, s in decoded.scores.items() if m in args.metrics}
+        result: dict[str, Any] = {"checkpoint": str(path), "step": translator.step}
+        result |= {"split": target.name, "beam": search.beam_size, "alpha": search.alpha}
+        result |= {m: s.score for m, s in scores.items()}
+        result["signatures"] = {m: s.signature for m, s in scores.items()}
+        if "bleu" in scores:
+            result["signature"] = scores["bleu"].signature
+        if grid:
+            result["alpha_grid"] = grid
+        result |= {"n_sentences": len(decoded.hypotheses), "hypotheses": str(output)}
+        results.append(result)
+    return results
 
 
 def format_table(results: list[dict[str, Any]], metrics: tuple[str, ...]) -> str:
-    """A fixed-width table, one row per checkpoint, then the metrics' signatures."""
-    names = [r["checkpoint"] for r in results]
-    width = max(len("checkpoint"), *(len(n) for n in names))
-    header = f"{'checkpoint':<{width}}  {'step':>7}  {'α':>5}"
+    """A fixed-width table, one row per checkpoint and set, then the metrics' signatures."""
+    width = max(len("checkpoint"), *(len(r["checkpoint"]) for r in results))
+    split_width = max(len("set"), *(len(r["split"]) for r in results))
+    header = f"{'checkpoint':<{width}}  {'set':<{split_width}}  {'step':>7}  {'α':>5}"
     lines = [header + "".join(f"  {m.upper():>6}" for m in metrics)]
     for r in results:
         alpha = f"{r['alpha']:5g}" if r["beam"] > 1 else f"{'–':>5}"  # greedy: no penalty
-        row = f"{r['checkpoint']:<{width}}  {r['step']!s:>7}  {alpha}"
+        row = f"{r['checkpoint']:<{width}}  {r['split']:<{split_width}}  {r['step']!s:>7}  {alpha}"
         lines.append(row + "".join(f"  {r[m]:6.2f}" for m in metrics))
-    lines.append(f"split: {results[0]['split']}, beam {results[0]['beam']}")
-    for r in results:
+    lines.append(f"beam {results[0]['beam']}")
+    for r in {r["checkpoint"]: r for r in results}.values():
         if "alpha_grid" in r:
             grid = ", ".join(f"{a}: {b:.2f}" for a, b in r["alpha_grid"].items())
             lines.append(f"{r['checkpoint']}: val BLEU by α {grid}")
@@ -212,16 +224,16 @@ def main(argv: list[str] | None = None) -> None:
     results, failed = [], []
     for path, named in entries:  # a run directory's checkpoints all get one α
         try:
-            result = evaluate_one(path, args, sources, named=named)
+            rows = evaluate_one(path, args, sources, named=named)
         except CheckpointError as e:  # one bad file does not lose the others' scores
             if len(entries) == 1:
                 raise
             print(f"error: {e}", file=sys.stderr, flush=True)
             failed.append(path)
             continue
-        results.append(result)
-        if args.json:
-            print(json.dumps(result), flush=True)
+        results += rows
+        for row in rows if args.json else []:
+            print(json.dumps(row), flush=True)
     if results and not args.json:
         print(format_table(results, args.metrics))
         for r in results:

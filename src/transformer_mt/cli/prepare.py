@@ -9,7 +9,8 @@ import hydra
 from omegaconf import DictConfig
 
 from transformer_mt.cli.common import config_dir, exit_on_user_error, register_resolvers
-from transformer_mt.data.dataset import prepare_data
+from transformer_mt.data.prepare import prepare_data
+from transformer_mt.training.config import check_data
 
 register_resolvers()
 
@@ -18,6 +19,7 @@ register_resolvers()
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     """Prepare ``cfg.data`` under ``data.prepared_dir`` (a no-op when the cache is current)."""
+    check_data(cfg)
     prepared = prepare_data(cfg.data)
     print(prepared.directory)
 

@@ -41,6 +41,15 @@ class Batch:
             self.tgt_positions.to(device, non_blocking=nb),
         )
 
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked memory (for asynchronous copies to a GPU)."""
+        return Batch(
+            self.src.pin_memory(),
+            self.tgt_in.pin_memory(),
+            self.tgt_out.pin_memory(),
+            self.tgt_positions.pin_memory(),
+        )
+
     def real_targets(self) -> torch.Tensor:
         """(N,) the target ids at ``tgt_positions``, in the same order."""
         return self.tgt_out.reshape(-1).index_select(0, self.tgt_positions)
@@ -56,25 +65,31 @@ def token_batches(
 
     Examples are sorted by length (ties broken randomly when ``rng`` is given) so each
     batch holds similar lengths and little padding; the cost of a batch is
-    ``n_examples · max(longest source, longest target)`` counting BOS/EOS. With ``rng``
-    the batch order is shuffled.
+    ``n_examples · max(longest source, longest target)`` counting BOS/EOS, and a batch is
+    closed before the example that would take it over the budget (an example over the budget
+    on its own is a batch of one). With ``rng`` the batch order is shuffled. Vectorised: the
+    Python loop runs once per batch, not per example.
     """
     n = len(src_lengths)
     src_len = np.asarray(src_lengths, dtype=np.int64) + 1  # + EOS
     tgt_len = np.asarray(tgt_lengths, dtype=np.int64) + 1  # + BOS / EOS
     tie = rng.random(n) if rng is not None else np.arange(n)
     order = np.lexsort((tie, src_len, tgt_len))  # sort by target, then source length
+    cost = np.maximum(src_len, tgt_len)[order]  # (n,) each example's padded length, sorted
     batches: list[np.ndarray] = []
-    start, longest = 0, 0
-    for pos in range(n):
-        i = order[pos]
-        longest_with_i = max(longest, src_len[i], tgt_len[i])
-        if pos > start and longest_with_i * (pos - start + 1) > max_tokens:
-            batches.append(order[start:pos])
-            start, longest_with_i = pos, max(src_len[i], tgt_len[i])
-        longest = longest_with_i
-    if start < n:
-        batches.append(order[start:n])
+    start, window = 0, 64
+    while start < n:
+        while True:  # a window of examples long enough to hold the next batch
+            end = min(start + window, n)
+            padded = np.maximum.accumulate(cost[start:end]) * np.arange(1, end - start + 1)
+            over = np.flatnonzero(padded > max_tokens)
+            if len(over) or end == n:
+                break
+            window *= 2
+        size = max(int(over[0]) if len(over) else end - start, 1)
+        batches.append(order[start : start + size])
+        start += size
+        window = max(64, 2 * size)
     if rng is not None:
         rng.shuffle(batches)
     return batches
@@ -88,6 +103,21 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     return out
 
 
+def _gather(
+    tokens: np.ndarray, offsets: np.ndarray, indices: np.ndarray, max_len: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sentences ``indices`` as a (B, T) int64 matrix (zeros past each end), their
+    lengths (B,) and the (B, T) mask of real tokens; each cut to ``max_len``."""
+    starts = offsets[indices]
+    lengths = offsets[indices + 1] - starts
+    if max_len is not None:
+        lengths = np.minimum(lengths, max_len)
+    cols = np.arange(int(lengths.max()) if len(lengths) else 0)
+    mask = cols[None, :] < lengths[:, None]
+    values = np.asarray(tokens)[np.where(mask, starts[:, None] + cols[None, :], 0)]
+    return np.where(mask, values, 0).astype(np.int64), lengths, mask
+
+
 def collate(
     split: EncodedSplit,
     indices: np.ndarray,
@@ -96,20 +126,31 @@ def collate(
     eos_id: int,
     max_len: int | None = None,
 ) -> Batch:
-    """Build the padded tensors of the pairs ``indices`` of ``split``.
+    """Build the padded tensors of the pairs ``indices`` of ``split`` (vectorised: no loop
+    over sentences).
 
     ``max_len`` truncates each side to that many subwords (before BOS/EOS are added).
     """
-    srcs, tgt_ins, tgt_outs = [], [], []
-    for i in indices:
-        s, t = split.pair(int(i))
-        s, t = s[:max_len].tolist(), t[:max_len].tolist()
-        srcs.append([*s, eos_id])
-        tgt_ins.append([bos_id, *t])
-        tgt_outs.append([*t, eos_id])
-    tgt_out = pad(tgt_outs, pad_id)
-    positions = (tgt_out.reshape(-1) != pad_id).nonzero().squeeze(1)  # (N,)
-    return Batch(pad(srcs, pad_id), pad(tgt_ins, pad_id), tgt_out, positions)
+    idx = np.asarray(indices, dtype=np.int64)
+    rows = np.arange(len(idx))
+    s, s_len, s_mask = _gather(split.src_tokens, split.src_offsets, idx, max_len)
+    t, t_len, t_mask = _gather(split.tgt_tokens, split.tgt_offsets, idx, max_len)
+    src = np.full((len(idx), s.shape[1] + 1), pad_id, dtype=np.int64)  # tokens, EOS
+    src[:, :-1][s_mask] = s[s_mask]
+    src[rows, s_len] = eos_id
+    tgt_in = np.full((len(idx), t.shape[1] + 1), pad_id, dtype=np.int64)  # BOS, tokens
+    tgt_in[:, 0] = bos_id
+    tgt_in[:, 1:][t_mask] = t[t_mask]
+    tgt_out = np.full_like(tgt_in, pad_id)  # tokens, EOS
+    tgt_out[:, :-1][t_mask] = t[t_mask]
+    tgt_out[rows, t_len] = eos_id
+    positions = np.flatnonzero(tgt_out.reshape(-1) != pad_id)  # (N,)
+    return Batch(
+        torch.from_numpy(src),
+        torch.from_numpy(tgt_in),
+        torch.from_numpy(tgt_out),
+        torch.from_numpy(positions),
+    )
 
 
 def iterate_batches(

@@ -1,32 +1,253 @@
-"""Raw parallel text: fetch the corpus files, read them, and validate them line by line."""
+"""Raw parallel text: corpora named by path, fetched, read whole or streamed, validated.
+
+A corpus is a path prefix ``P`` naming two files, ``P.<src_lang>`` and ``P.<tgt_lang>``, each
+plain text or gzip (``P.<lang>.gz``), one sentence a line, the two aligned line by line. The
+``data`` config lists them: ``data.train`` (one or several, concatenated), ``data.valid``
+(one) and ``data.test`` (any number, each scored on its own, named by its file).
+"""
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import shutil
 import sys
 import urllib.request
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from transformer_mt.errors import CorpusError
+from transformer_mt.errors import ConfigError, CorpusError
 from transformer_mt.formats.atomic import atomic_write_bytes
 
 __all__ = [
     "CorpusError",
-    "corpus_file",
+    "ParallelCorpus",
+    "corpora",
+    "decode_lines",
     "fetch_corpus",
+    "fetch_raw",
     "read_lines",
     "read_parallel",
     "read_references",
+    "stream_chunks",
 ]
 
+ROLES = ("train", "valid", "test")
 
-def corpus_file(raw_dir: str | Path, split: str, lang: str) -> Path:
-    """Path of one side of one split: ``<raw_dir>/<split>.<lang>.gz``."""
-    return Path(raw_dir) / f"{split}.{lang}.gz"
+
+@dataclass(frozen=True)
+class ParallelCorpus:
+    """The corpus at path prefix ``prefix``: ``prefix.<src_lang>`` and ``prefix.<tgt_lang>``."""
+
+    prefix: Path
+    src_lang: str
+    tgt_lang: str
+
+    @property
+    def name(self) -> str:
+        """The file name of the prefix, e.g. ``newstest2014`` (names test sets in reports)."""
+        return self.prefix.name
+
+    def side(self, lang: str) -> Path:
+        """``P.<lang>`` if it exists, else ``P.<lang>.gz`` (which may not exist either)."""
+        plain = self.prefix.with_name(f"{self.prefix.name}.{lang}")
+        return plain if plain.is_file() else plain.with_name(plain.name + ".gz")
+
+    @property
+    def src_path(self) -> Path:
+        return self.side(self.src_lang)
+
+    @property
+    def tgt_path(self) -> Path:
+        return self.side(self.tgt_lang)
+
+    def check_exists(self) -> None:
+        """CorpusError naming the first side that is missing."""
+        for path in (self.src_path, self.tgt_path):
+            if not path.is_file():
+                plain = path.with_suffix("") if path.suffix == ".gz" else path
+                raise CorpusError(f"corpus file missing: {plain} (nor {plain}.gz)")
+
+    def read(self) -> tuple[list[str], list[str]]:
+        """Both sides whole (for val and test sets); CorpusError on any defect."""
+        return read_parallel(self.src_path, self.tgt_path)
+
+    def chunks(self, size: int) -> Iterator[tuple[int, bytes, bytes]]:
+        """``(first line number, source bytes, target bytes)`` of ``size`` lines at a time,
+        each side the raw bytes of its lines joined (decode with :func:`decode_lines`).
+        Unequal line counts and unreadable gzip data raise CorpusError naming the file and
+        line; bytes are not decoded here."""
+        self.check_exists()
+        with _open(self.src_path) as src, _open(self.tgt_path) as tgt:
+            first = 1
+            while True:
+                s = _read_lines(src, size, self.src_path, first)
+                t = _read_lines(tgt, size, self.tgt_path, first)
+                if len(s) != len(t):
+                    n_src, n_tgt = first - 1 + len(s), first - 1 + len(t)
+                    if len(s) > len(t):
+                        n_src += _count_rest(src, self.src_path, n_src)
+                    else:
+                        n_tgt += _count_rest(tgt, self.tgt_path, n_tgt)
+                    raise CorpusError(
+                        f"line counts differ: {self.src_path} has {n_src} lines, "
+                        f"{self.tgt_path} has {n_tgt}"
+                    )
+                if not s:
+                    return
+                yield first, b"".join(s), b"".join(t)
+                first += len(s)
+
+
+def stream_chunks(
+    sources: list[ParallelCorpus], max_pairs: int | None, size: int = 20_000
+) -> Iterator[tuple[ParallelCorpus, int, bytes, bytes]]:
+    """``(corpus, first line, source bytes, target bytes)`` chunks of ``size`` lines of the
+    corpora in order, stopping after ``max_pairs`` pairs (see :meth:`ParallelCorpus.chunks`)."""
+    left = max_pairs
+    for corpus in sources:
+        for first, src, tgt in corpus.chunks(size):
+            if left is not None:
+                if left <= 0:
+                    return
+                n = src.count(b"\n")
+                if n > left:
+                    src, tgt, n = _head(src, left), _head(tgt, left), left
+                left -= n
+            yield corpus, first, src, tgt
+            if left == 0:
+                return
+
+
+def _head(data: bytes, n: int) -> bytes:
+    """The first ``n`` newline-terminated lines of ``data``."""
+    end = -1
+    for _ in range(n):
+        end = data.index(b"\n", end + 1)
+    return data[: end + 1]
+
+
+def _open(path: Path) -> BinaryIO:
+    try:
+        return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+    except OSError as e:
+        raise CorpusError(f"cannot read {path}: {e}") from e
+
+
+def _read_lines(f: BinaryIO, n: int, path: Path, first: int) -> list[bytes]:
+    """The next ``n`` lines of ``f`` (fewer at its end); CorpusError on a damaged file."""
+    lines: list[bytes] = []
+    try:
+        lines.extend(itertools.islice(f, n))
+    except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip, I/O error
+        raise CorpusError(f"{path}: unreadable after line {first - 1 + len(lines)}: {e}") from e
+    if lines and not lines[-1].endswith(b"\n"):  # the last line has no newline
+        lines[-1] += b"\n"
+    return lines
+
+
+def _count_rest(f: BinaryIO, path: Path, before: int) -> int:
+    """The lines left in ``f`` (for the message about unequal line counts)."""
+    count = 0
+    try:
+        for _ in f:
+            count += 1
+    except (OSError, EOFError, zlib.error) as e:
+        raise CorpusError(f"{path}: unreadable after line {before + count}: {e}") from e
+    return count
+
+
+def decode_lines(data: bytes, path: Path | str, first: int) -> list[str]:
+    """Newline-terminated UTF-8 lines (as joined by :meth:`ParallelCorpus.chunks`) as strings
+    without their line ends; invalid UTF-8 raises CorpusError naming ``path`` and the line
+    (``first`` is the number of the first line)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first + data.count(b"\n", 0, e.start)
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1)
+        raise CorpusError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {column})") from e
+    lines = text.split("\n")
+    lines.pop()  # after the last newline
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """All lines of a (possibly gzipped) UTF-8 text file, without line endings.
+
+    Raises CorpusError naming the file (and line, for bad UTF-8).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"corpus file missing: {path}")
+    with _open(path) as f:
+        data = b"".join(_read_lines(f, sys.maxsize, path, 1))
+    return decode_lines(data, path, 1)
+
+
+def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str], list[str]]:
+    """Both sides of a corpus; raises CorpusError if their line counts differ."""
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise CorpusError(
+            f"line counts differ: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}"
+        )
+    return src, tgt
+
+
+def _paths(value: Any, key: str) -> list[str]:
+    """A config value that names one path or a list of them, as a list of strings."""
+    if isinstance(value, str):
+        return [value]
+    if value is None:
+        return []
+    try:
+        items = list(value)
+    except TypeError:
+        items = [value]
+    if not all(isinstance(p, str) and p for p in items):
+        raise ConfigError(f"{key} must be a path or a list of paths, got {value!r}")
+    return items
+
+
+def corpora(data_cfg: Any, role: str) -> list[ParallelCorpus]:
+    """The corpora of ``role`` ("train", "valid" or "test") a ``data`` config names."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    value = data_cfg.get(role)
+    if value is None and data_cfg.get(f"{role}_split"):  # checkpoints of earlier versions
+        value = str(Path(data_cfg.raw_dir) / data_cfg[f"{role}_split"])
+    paths = _paths(value, f"data.{role}")
+    if role != "test" and not paths:
+        raise ConfigError(f"data.{role} names no corpus")
+    if role == "valid" and len(paths) > 1:
+        raise ConfigError(f"data.valid must be one path, got {len(paths)}")
+    names = [Path(p).name for p in paths]
+    if role == "test" and len(set(names)) < len(names):  # reports name test sets by file
+        raise ConfigError(f"data.test: two test sets have the same file name: {paths}")
+    return [ParallelCorpus(Path(p), data_cfg.src_lang, data_cfg.tgt_lang) for p in paths]
+
+
+def read_references(data_cfg: Any, role: str) -> list[tuple[str, list[str], list[str]]]:
+    """``(name, sources, references)`` of each corpus of ``role`` ("valid" or "test")."""
+    return [(c.name, *c.read()) for c in corpora(data_cfg, role)]
+
+
+def fetch_raw(data_cfg: Any) -> None:
+    """Fetch the corpus files that ``data.raw_dir`` should hold (a preset such as Multi30k
+    sets ``raw_dir`` with ``shared_dir`` or ``url``); nothing to do for other corpora."""
+    if not data_cfg.get("raw_dir") or not (data_cfg.get("shared_dir") or data_cfg.get("url")):
+        return
+    raw_dir = Path(data_cfg.raw_dir)
+    names = [
+        c.name for role in ROLES for c in corpora(data_cfg, role) if c.prefix.parent == raw_dir
+    ]
+    fetch_corpus(
+        raw_dir, names, [data_cfg.src_lang, data_cfg.tgt_lang], data_cfg.shared_dir, data_cfg.url
+    )
 
 
 def fetch_corpus(
@@ -43,13 +264,13 @@ def fetch_corpus(
     Every file is written atomically, so an interrupted fetch never leaves a partial file.
     """
     paths = []
-    for split in splits:
+    for split in dict.fromkeys(splits):
         for lang in langs:
-            dest = corpus_file(raw_dir, split, lang)
+            dest = Path(raw_dir) / f"{split}.{lang}.gz"
             paths.append(dest)
-            if dest.is_file():
+            if dest.is_file() or dest.with_suffix("").is_file():
                 continue
-            local = corpus_file(shared_dir, split, lang) if shared_dir else None
+            local = Path(shared_dir) / dest.name if shared_dir else None
             if local is not None and local.is_file():
                 atomic_write_bytes(dest, lambda f, src=local: f.write(src.read_bytes()))
             elif url:
@@ -63,51 +284,3 @@ def fetch_corpus(
             else:
                 raise CorpusError(f"corpus file missing: {dest} (no shared_dir copy, no url)")
     return paths
-
-
-def read_lines(path: str | Path) -> list[str]:
-    """All lines of a (possibly gzipped) UTF-8 text file, without line endings.
-
-    Raises CorpusError naming the file (and line, for bad UTF-8).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"corpus file missing: {path}")
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as e:  # unreadable, truncated or corrupt gzip
-        raise CorpusError(f"cannot read {path}: {e}") from e
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    out = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            out.append(line.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as e:
-            raise CorpusError(
-                f"{path}:{number}: invalid UTF-8 ({e.reason} at byte {e.start})"
-            ) from e
-    return out
-
-
-def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str], list[str]]:
-    """Both sides of a split; raises CorpusError if their line counts differ."""
-    src, tgt = read_lines(src_path), read_lines(tgt_path)
-    if len(src) != len(tgt):
-        raise CorpusError(
-            f"line counts differ: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}"
-        )
-    return src, tgt
-
-
-def read_references(data_cfg: Any, role: str) -> tuple[list[str], list[str]]:
-    """Raw source sentences and references of split ``role`` ("valid" or "test") of the
-    corpus a ``data`` config section names; CorpusError if their line counts differ."""
-    split = {"valid": data_cfg.valid_split, "test": data_cfg.test_split}[role]
-    return read_parallel(
-        corpus_file(data_cfg.raw_dir, split, data_cfg.src_lang),
-        corpus_file(data_cfg.raw_dir, split, data_cfg.tgt_lang),
-    )

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from transformer_mt.data.corpus import corpus_file
-from transformer_mt.data.dataset import split_names
+from transformer_mt.data.corpus import ROLES, corpora
 from transformer_mt.decoding.search import is_length_penalty
 from transformer_mt.errors import ConfigError
 from transformer_mt.training.precision import check_precision
@@ -63,7 +62,7 @@ def final_alphas(value: float | ListConfig | list[float]) -> list[float]:
 def validate_config(cfg: DictConfig, device: torch.device) -> None:
     """Raise ConfigError for settings that cannot train; the message names the key. Every
     numeric value is read through ``_number``, which checks its type first."""
-    t, d = cfg.trainer, cfg.data
+    t = cfg.trainer
     num = partial(_number, cfg)
     average_last = num("trainer.average_last", allow_null=True)
     keep_last = num("trainer.keep_last")
@@ -111,14 +110,13 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
             f"data.filter.max_len={max_len} must be below "
             f"model.max_positions={max_positions} (room for BOS/EOS)",
         ),
-        (d.src_lang != d.tgt_lang, f"data.src_lang and data.tgt_lang are both '{d.src_lang}'"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     check_precision(t.precision, device)
     check_resume(str(t.resume))
-    check_languages(d)
+    check_data(cfg)
 
 
 def check_resume(resume: str) -> None:
@@ -127,18 +125,45 @@ def check_resume(resume: str) -> None:
         raise ConfigError(f"trainer.resume={resume}: no such checkpoint file (or use auto | never)")
 
 
-def check_languages(data_cfg: DictConfig) -> None:
-    """Each language must have its corpus files locally or in the shared copy. When there is
-    no shared copy and a URL is set, the check is left to the download (which then fails
-    naming the URL)."""
-    shared_dir = Path(data_cfg.shared_dir) if data_cfg.shared_dir else None
-    if data_cfg.url and not (shared_dir and shared_dir.is_dir()):
-        return
-    for key in ("src_lang", "tgt_lang"):
-        lang = data_cfg[key]
-        for split in split_names(data_cfg).values():
-            here = corpus_file(data_cfg.raw_dir, split, lang)
-            shared = corpus_file(shared_dir, split, lang) if shared_dir else None
-            if not here.is_file() and not (shared is not None and shared.is_file()):
-                where = data_cfg.raw_dir + (f" or {shared_dir}" if shared_dir else "")
-                raise ConfigError(f"data.{key}={lang}: the corpus has no {here.name} in {where}")
+def check_data(cfg: DictConfig) -> None:
+    """The ``data`` keys of preparation (also checked by tmt-prepare), and the corpus files."""
+    checks = [
+        _positive(cfg, "data.max_train_pairs", allow_null=True),
+        _positive(cfg, "data.num_workers", allow_null=True),
+        _positive(cfg, "data.tokenizer.vocab_size"),
+        _positive(cfg, "data.filter.max_len"),
+        _positive(cfg, "data.filter.max_ratio"),
+    ]
+    sample = _number(cfg, "data.tokenizer.sample_sentences")
+    checks.append((sample >= 2, f"data.tokenizer.sample_sentences must be ≥ 2, got {sample}"))
+    _number(cfg, "data.tokenizer.seed")
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if cfg.data.src_lang == cfg.data.tgt_lang:
+        raise ConfigError(f"data.src_lang and data.tgt_lang are both '{cfg.data.src_lang}'")
+    check_corpora(cfg.data)
+
+
+def check_corpora(data_cfg: DictConfig) -> None:
+    """Every corpus file the config names exists. Files a preset fetches into
+    ``data.raw_dir`` may instead be in ``data.shared_dir``, and are left to the download
+    (which then fails naming the URL) when only ``data.url`` can provide them."""
+    raw_dir = Path(data_cfg.raw_dir) if data_cfg.get("raw_dir") else None
+    shared_dir = Path(data_cfg.shared_dir) if data_cfg.get("shared_dir") else None
+    for role in ROLES:
+        for corpus in corpora(data_cfg, role):
+            fetched = raw_dir is not None and corpus.prefix.parent == raw_dir
+            if fetched and data_cfg.get("url") and not (shared_dir and shared_dir.is_dir()):
+                continue
+            for key in ("src_lang", "tgt_lang"):
+                here = corpus.side(data_cfg[key])
+                shared = shared_dir / f"{corpus.name}.{data_cfg[key]}.gz" if shared_dir else None
+                if here.is_file() or (fetched and shared is not None and shared.is_file()):
+                    continue
+                where = f" or {shared}" if fetched and shared is not None else ""
+                plain = here.with_suffix("") if here.suffix == ".gz" else here
+                raise ConfigError(
+                    f"data.{key}={data_cfg[key]}: data.{role} names {corpus.prefix}, but "
+                    f"{plain} does not exist (nor {plain}.gz){where}"
+                )

@@ -93,8 +93,8 @@ def evaluate_candidates(
     """Beam-search BLEU/chrF of each checkpoint on val (α tuned there) and on test (at the
     chosen α) into ``results``; sets ``results.final`` to the val-best."""
     tcfg, data_cfg = setup.cfg.trainer, setup.cfg.data
-    valid = EvalSet(data_cfg.valid_split, *read_references(data_cfg, "valid"))
-    tests = [EvalSet(data_cfg.test_split, *read_references(data_cfg, "test"))]
+    valid = EvalSet(*read_references(data_cfg, "valid")[0])
+    tests = [EvalSet(*test) for test in read_references(data_cfg, "test")]
     for path in candidates:
         translator = Translator.from_checkpoint(path, device=str(setup.device))
         results.checkpoints[path.name] = evaluate_checkpoint(

@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from transformer_mt.data.corpus import read_references
-from transformer_mt.data.dataset import EncodedSplit, PreparedData, prepare_data
+from transformer_mt.data.dataset import EncodedSplit, PreparedData
+from transformer_mt.data.prepare import prepare_data
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.device import resolve_device
 from transformer_mt.evaluation.final import EvalSet
@@ -103,9 +104,9 @@ def _setup_data(cfg: DictConfig, ctx: dist.DistContext) -> PreparedData:
 
 
 def _setup_valid_set(cfg: DictConfig) -> EvalSet:
-    src, ref = read_references(cfg.data, "valid")
+    name, src, ref = read_references(cfg.data, "valid")[0]
     n = cfg.trainer.valid_max_sentences or len(src)
-    return EvalSet(cfg.data.valid_split, src[:n], ref[:n])
+    return EvalSet(name, src[:n], ref[:n])
 
 
 def _setup_model(model_cfg: dict[str, Any], tokenizer: Tokenizer) -> Transformer:

@@ -96,7 +96,7 @@ def restore_training(
     if "trainer" not in checkpoint or "optimizer" not in checkpoint:
         raise CheckpointError(f"{path} holds no training state (an averaged checkpoint?)")
     for section in ("model", "data"):
-        if checkpoint["config"][section] != config[section]:
+        if _content(checkpoint["config"][section]) != _content(config[section]):
             raise ConfigError(
                 f"cannot resume from {path}: its {section} config differs from this "
                 f"run's ({section}.* must match; trainer.resume=never starts afresh)"
@@ -120,6 +120,11 @@ def restore_training(
             file=sys.stderr,
         )
     return TrainState.from_checkpoint(checkpoint)
+
+
+def _content(section: dict[str, Any]) -> dict[str, Any]:
+    """A config section without the settings that do not change results."""
+    return {k: v for k, v in section.items() if k not in ("num_workers",)}
 
 
 __all__ = ["TrainState", "restore_training", "training_checkpoint"]

@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from transformer_mt.data.batching import Batch, collate, token_batches
+from transformer_mt.data.loader import Prefetcher, pinned
 from transformer_mt.errors import ConfigError, TrainingDivergedError
 from transformer_mt.formats.checkpoint import load_checkpoint, step_checkpoints
 from transformer_mt.training import distributed as dist
@@ -67,6 +68,7 @@ class Trainer:
         self.clock: Callable[[], float] = time.monotonic  # tests substitute a fake clock
         self.clock_start: float | None = None  # clock() when this launch's loop began
         self.time_up = False  # trainer.max_minutes spent (decided by rank 0)
+        self.first_step = 0  # the step this launch's loop began at
         if (resume := self.find_resume_checkpoint()) is not None:
             path, checkpoint = resume
             self.state = s = restore_training(self.update, path, checkpoint, self.setup.config)
@@ -103,6 +105,8 @@ class Trainer:
         if result.outcome is Outcome.APPLIED:
             self.nonfinite_run = 0
             self.state.step += 1
+            if self.clock_start is not None and self.state.step == self.first_step + 1:
+                self.progress.log(f"first update of this launch: step {self.state.step}")
         elif result.outcome is Outcome.OVERFLOW:
             self.state.nonfinite_total += 1  # the scaler lowers its scale and goes on
         else:
@@ -240,15 +244,16 @@ class Trainer:
         tok, split = self.tokenizer, self.setup.train_split
         mine = dist.shard(group, self.dist)
         weight = 1.0 if mine else 0.0
-        return [
+        batches = [
             (collate(split, idx, tok.pad_id, tok.bos_id, tok.eos_id), weight)
             for idx in (mine or group[:1])
         ]
+        return pinned(batches) if self.setup.device.type == "cuda" else batches
 
     def train(self) -> TrainResult:
         """Train until a stop rule, then average and evaluate the run."""
         s, per_update = self.state, self.dist.world_size * self.tcfg.update_freq
-        self.clock_start = self.clock()
+        self.clock_start, self.first_step = self.clock(), s.step
         self.check_time()  # a relaunch of a run whose time is already spent trains no further
         while not self.done():
             batches = self.epoch_batches(s.epoch + 1)
@@ -260,17 +265,17 @@ class Trainer:
             done = math.ceil(s.batches_done / per_update)
             self.progress.start_epoch(s.epoch + 1, len(groups) + done, done)
             window = Window(self.setup.device)
-            for group in groups:
-                micro = self.micro_batches(group)
-                result = self.train_step(micro)
-                s.batches_done += len(group)
-                self.progress.advance()
-                if result.outcome is Outcome.APPLIED:
-                    local_tokens = sum(int(b.n_tgt_tokens * w) for b, w in micro)
-                    window.add(result.loss, local_tokens, result.tokens)
-                    self.after_update(window)
-                if self.done():
-                    break
+            with Prefetcher(self.micro_batches, groups) as ahead:  # built in the background
+                for group, micro in zip(groups, ahead, strict=True):
+                    result = self.train_step(micro)
+                    s.batches_done += len(group)
+                    self.progress.advance()
+                    if result.outcome is Outcome.APPLIED:
+                        local_tokens = sum(int(b.n_tgt_tokens * w) for b, w in micro)
+                        window.add(result.loss, local_tokens, result.tokens)
+                        self.after_update(window)
+                    if self.done():
+                        break
             self.progress.end_epoch()
             if s.batches_done >= len(batches):
                 s.epoch += 1
