@@ -1,11 +1,18 @@
 """Decoding benchmark (``make bench-decode``): translate test_2016_flickr with a trained
-checkpoint and print, from one run, sentences/s and target tokens/s for greedy and beam 5
-with the key/value cache, beam 5 without it, and greedy / beam 5 through CTranslate2, with
-ratios to this project's cached beam 5, BLEU, and the CTranslate2 greedy agreement rate.
-Beam search uses ``--alpha``, else the length penalty the checkpoint's run tuned on val, as
-``tmt-evaluate`` does, else the default α.
+checkpoint and print, from one run, sentences/s and target tokens/s of
+
+* this project's search (greedy and beam 5 with the key/value cache, beam 5 without it),
+* ``--engine ctranslate2`` (this project's CTranslate2 path: same options and scores),
+* bare CTranslate2: the library's own ``translate_batch`` on the exported model, fp32 and
+  int8, on the same SentencePiece pieces, same threads, batch size and output limit,
+
+with ratios to bare CTranslate2 fp32 of the same search, BLEU, and how many translations
+equal this project's. Beam search uses ``--alpha``, else the length penalty the checkpoint's
+run tuned on val (as ``tmt-evaluate`` does), else the default α. Each timing is the best of
+``--repeat`` runs, after one warm-up batch; on CUDA the device is synchronized around it.
 
     python scripts/bench_decode.py --checkpoint runs/multi30k_en-de/default/checkpoints/final.pt
+    python scripts/bench_decode.py --device cuda --batch-size 128
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ from omegaconf import OmegaConf
 from transformer_mt.cli.common import search_for
 from transformer_mt.data.corpus import fetch_raw, read_references
 from transformer_mt.decoding import SearchOptions, Translator
+from transformer_mt.decoding.search import output_budget
+from transformer_mt.errors import UserError
 from transformer_mt.evaluation import score
-from transformer_mt.export.ctranslate2 import CTranslate2Translator, export_ctranslate2
+from transformer_mt.export.ctranslate2 import export_ctranslate2, import_ctranslate2
+from transformer_mt.export.ctranslate2_engine import NO_EARLY_EXIT, CTranslate2Translator
 
 DEFAULT_CHECKPOINT = Path("runs/multi30k_en-de/default/checkpoints/final.pt")
 
@@ -34,23 +44,69 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (both engines)")
     p.add_argument("--limit", type=int, help="only the first N sentences (a quick run)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeat", type=int, default=3, help="timed runs of each row (best kept)")
+    p.add_argument("--no-uncached", action="store_true", help="skip the slow uncached row")
     p.add_argument(
         "--alpha",
         type=float,
         help="length penalty of beam 5 (default: the one the checkpoint's run tuned on val, "
         f"else {SearchOptions.alpha:g})",
     )
+    p.add_argument("--save-hyps", type=Path, help="write each row's translations to DIR/<row>.txt")
     p.add_argument("--json", action="store_true", help="end with one JSON object")
     return p.parse_args()
 
 
-def timed(fn: Callable[[], list[str]]) -> tuple[list[str], float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def timed(fn: Callable[[], list[str]], repeat: int, cuda: bool) -> tuple[list[str], float]:
+    """The output of ``fn()`` and its best wall time over ``repeat`` runs."""
+    best, out = float("inf"), []
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+class BareCTranslate2:
+    """CTranslate2's ``translate_batch`` as its users call it: pieces in, pieces out."""
+
+    def __init__(
+        self,
+        directory: Path,
+        engine: CTranslate2Translator,
+        args: argparse.Namespace,
+        compute_type: str,
+    ) -> None:
+        ct2 = import_ctranslate2()
+        self.translator = ct2.Translator(
+            str(directory),
+            device=args.device,
+            compute_type=compute_type,
+            intra_threads=args.threads,
+        )
+        self.engine, self.batch_size = engine, args.batch_size
+
+    def translate(
+        self, pieces: list[list[str]], options: SearchOptions, max_length: int
+    ) -> list[str]:
+        outputs = self.translator.translate_batch(
+            pieces,
+            max_batch_size=self.batch_size,
+            beam_size=options.beam_size,
+            length_penalty=options.alpha or NO_EARLY_EXIT,
+            max_decoding_length=max_length,
+            max_input_length=0,
+        )
+        sp = self.engine.tokenizer.sp
+        return [sp.decode_pieces(r.hypotheses[0]) for r in outputs]
 
 
 def main() -> None:
@@ -59,8 +115,9 @@ def main() -> None:
         sys.exit(
             f"error: {args.checkpoint} not found; train first (make train) or pass --checkpoint"
         )
+    cuda = args.device.startswith("cuda")
     torch.set_num_threads(args.threads)
-    ours = Translator.from_checkpoint(args.checkpoint)
+    ours = Translator.from_checkpoint(args.checkpoint, device=args.device)
     uncached = Translator(ours.model, ours.tokenizer, ours.device, ours.config, use_cache=False)
     data_cfg = OmegaConf.create(ours.config["data"])
     fetch_raw(data_cfg)
@@ -77,26 +134,58 @@ def main() -> None:
     else:
         alpha_source = "tuned on val by the checkpoint's run"
     greedy = SearchOptions(beam_size=1)
-    tok = ours.tokenizer
+    tok, bs = ours.tokenizer, args.batch_size
+    ids = tok.encode(src)
+    lengths = torch.tensor([len(s) + 1 for s in ids])
+    budget = int(
+        output_budget(lengths, greedy.max_len_a, greedy.max_len_b, ours.model.max_positions).max()
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
-        ct2 = CTranslate2Translator.from_dir(
-            export_ctranslate2(args.checkpoint, Path(tmp) / "ct2"), intra_threads=args.threads
-        )
-        runs: list[tuple[str, Callable[[], list[str]]]] = [
-            ("greedy, cached", lambda: ours.translate(src, greedy, batch_size=args.batch_size)),
-            ("beam 5, cached", lambda: ours.translate(src, beam5, batch_size=args.batch_size)),
-            (
-                "beam 5, no cache",
-                lambda: uncached.translate(src, beam5, batch_size=args.batch_size),
-            ),
-            ("greedy, CTranslate2", lambda: ct2.translate(src, greedy, args.batch_size)),
-            ("beam 5, CTranslate2", lambda: ct2.translate(src, beam5, args.batch_size)),
+        runs: list[tuple[str, Callable[[], list[str]], int]] = [
+            ("greedy, ours", lambda: ours.translate(src, greedy, batch_size=bs), args.repeat),
+            ("beam 5, ours", lambda: ours.translate(src, beam5, batch_size=bs), args.repeat),
         ]
+        if not args.no_uncached:
+            runs.append(
+                ("beam 5, ours, no cache", lambda: uncached.translate(src, beam5, batch_size=bs), 1)
+            )
+        ours.translate(src[:bs], greedy, batch_size=bs)  # warm-up: first-call allocations
+        try:
+            directory = export_ctranslate2(args.checkpoint, Path(tmp) / "ct2")
+            engine = CTranslate2Translator.from_dir(
+                directory, device=args.device, intra_threads=args.threads
+            )
+            bare = {ct: BareCTranslate2(directory, engine, args, ct) for ct in ("float32", "int8")}
+        except (UserError, RuntimeError, ValueError) as e:  # no ctranslate2, or not on this device
+            print(f"CTranslate2 rows skipped: {e}", file=sys.stderr)
+        else:
+            pieces = [[engine.pieces[t] for t in s] for s in ids]
+            engine.translate(src[:bs], greedy, batch_size=bs)
+            for b in bare.values():
+                b.translate(pieces[:bs], greedy, budget - 1)
+            for search, options in (("greedy", greedy), ("beam 5", beam5)):
+                runs += [
+                    (
+                        f"{search}, --engine ctranslate2",
+                        lambda o=options: engine.translate(src, o, batch_size=bs),
+                        args.repeat,
+                    ),
+                    (
+                        f"{search}, bare CT2 fp32",
+                        lambda o=options: bare["float32"].translate(pieces, o, budget - 1),
+                        args.repeat,
+                    ),
+                    (
+                        f"{search}, bare CT2 int8",
+                        lambda o=options: bare["int8"].translate(pieces, o, budget - 1),
+                        args.repeat,
+                    ),
+                ]
         results = {}
-        for name, run in runs:
-            hyps, seconds = timed(run)
-            tokens = sum(len(ids) + 1 for ids in tok.encode(hyps))  # subwords + EOS
+        for name, run, repeat in sorted(runs, key=lambda r: r[0].split(",")[0]):
+            hyps, seconds = timed(run, repeat, cuda)
+            tokens = sum(len(t) + 1 for t in tok.encode(hyps))  # subwords + EOS
             results[name] = {
                 "seconds": seconds,
                 "sentences_per_s": len(src) / seconds,
@@ -104,24 +193,35 @@ def main() -> None:
                 "bleu": score(hyps, ref, ("bleu",))["bleu"].score,
                 "hyps": hyps,
             }
-            print(f"  {name}: {seconds:.1f} s", file=sys.stderr, flush=True)
+            print(f"  {name}: {seconds:.2f} s", file=sys.stderr, flush=True)
 
-    base = results["beam 5, cached"]["sentences_per_s"]
-    print(f"\n{len(src)} sentences of {args.split}, {args.threads} threads, {args.checkpoint}")
-    print(f"beam 5 at length penalty α {beam5.alpha:g} ({alpha_source})")
-    print(f"{'mode':<22} {'sent/s':>8} {'tok/s':>9} {'× beam5':>8} {'BLEU':>6}")
+    print(
+        f"\n{len(src)} sentences of {args.split}, {args.device}, {args.threads} threads, "
+        f"batch {bs}, {args.checkpoint}"
+    )
+    print(
+        f"beam 5 at length penalty α {beam5.alpha:g} ({alpha_source}); best of {args.repeat} runs"
+    )
+    print(f"{'mode':<30} {'sent/s':>8} {'tok/s':>9} {'× bare fp32':>12} {'BLEU':>6} {'= ours':>7}")
     for name, r in results.items():
-        ratio = r["sentences_per_s"] / base
+        search = name.split(",")[0]
+        base = results.get(f"{search}, bare CT2 fp32", {}).get("sentences_per_s")
+        same = results[f"{search}, ours"]["hyps"]
+        agree = sum(a == b for a, b in zip(r["hyps"], same, strict=True)) / len(src)
+        r["vs_bare_fp32"] = r["sentences_per_s"] / base if base else None
+        r["same_as_ours"] = agree
+        ratio = f"{r['vs_bare_fp32']:12.2f}" if base else f"{'-':>12}"
         print(
-            f"{name:<22} {r['sentences_per_s']:8.1f} {r['tokens_per_s']:9.0f} "
-            f"{ratio:8.2f} {r['bleu']:6.2f}"
+            f"{name:<30} {r['sentences_per_s']:8.1f} {r['tokens_per_s']:9.0f} "
+            f"{ratio} {r['bleu']:6.2f} {100 * agree:6.1f}%"
         )
-    a, b = results["greedy, cached"]["hyps"], results["greedy, CTranslate2"]["hyps"]
-    agreement = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
-    print(f"CTranslate2 greedy output identical to ours: {100 * agreement:.1f}% of sentences")
+    if args.save_hyps:
+        args.save_hyps.mkdir(parents=True, exist_ok=True)
+        for name, r in results.items():
+            slug = name.replace(", ", "_").replace(" ", "_").replace("-", "")
+            (args.save_hyps / f"{slug}.txt").write_text("".join(h + "\n" for h in r["hyps"]))
     if args.json:
         summary = {k: {m: v for m, v in r.items() if m != "hyps"} for k, r in results.items()}
-        summary["ct2_greedy_agreement"] = agreement  # type: ignore[assignment]
         summary["beam_alpha"] = beam5.alpha  # type: ignore[assignment]
         print(json.dumps(summary))
 

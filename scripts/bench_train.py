@@ -2,14 +2,17 @@
 ``torch.nn.Transformer`` loop, same model dimensions, same real Multi30k batches, one process;
 the two alternate batch by batch, so both see the same state of the machine.
 
-Prints target tokens/s of each, their ratio, peak RSS, achieved model FLOP/s
+Prints target tokens/s of each, their ratio, peak memory, achieved model FLOP/s
 (6 · N · tokens/s, N = parameters including the output projection) and its ratio to a
-matrix-multiply peak measured in the same run for the precision used (MFU), the padding
-fraction of the batches and the fraction of time the loop waits for batches, which are
-built in a background thread as in training (data wait).
+matrix-multiply peak measured in the same run for the precision used (MFU; the best of
+measurements before and after the timed updates, so a slow stretch cannot inflate it), the
+padding fraction of the batches, the fraction of time the loop waits for batches, which are
+built in a background thread as in training (data wait), and on CUDA the host syncs per
+update. On CUDA the device is synchronized around every timed step.
 With --json the last line is one JSON object. Timings are printed, never asserted.
 
     python scripts/bench_train.py [--steps 30] [--warmup 5] [--precision fp32|bf16] [--json]
+    python scripts/bench_train.py --device cuda --precision bf16 model=base
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import math
 import resource
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -37,7 +41,13 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=30, help="timed updates per side")
     p.add_argument("--warmup", type=int, default=5, help="untimed updates per side first")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "tf32", "bf16", "fp16"],
+        default="fp32",
+        help="trainer.precision of both sides (tf32 and fp16: CUDA only)",
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", action="store_true", help="end with one JSON object")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the model/data/trainer")
@@ -80,17 +90,47 @@ class Reference(nn.Module):
         return self.out(y)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of an n×n matrix multiply in ``dtype`` on this machine, best of a few runs."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = min(best, (time.perf_counter() - start) / repeats)
+def matmul_peak(device: torch.device, precision: str, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an n×n matrix multiply at ``precision`` on ``device``, best of a few runs
+    (fp32 with IEEE matmuls, tf32 with TF32 tensor cores, bf16/fp16 in that type)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if device.type == "cuda":
+        n = max(n, 8192)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        a @ b  # warm-up
+        best = math.inf
+        for _ in range(3):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            sync(device)
+            best = min(best, (time.perf_counter() - start) / repeats)
+    finally:
+        torch.set_float32_matmul_precision(before)
     return 2 * n**3 / best
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer sees it done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_syncs(fn: Callable[[], None]) -> int:
+    """How many times ``fn()`` makes the host wait for the GPU (CUDA's sync debug mode)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def timed_side_by_side(
@@ -98,6 +138,7 @@ def timed_side_by_side(
     make: Callable[[np.ndarray], Batch],
     steps: dict[str, Callable[[Batch], None]],
     warmup: int,
+    device: torch.device,
 ) -> tuple[dict[str, float], float, int]:
     """Every step function on every batch, in turn: (seconds stepping per function, seconds
     waiting for batches, target tokens) over the timed batches.
@@ -112,8 +153,10 @@ def timed_side_by_side(
     with Prefetcher(make, batches) as ahead:
         for i, batch in enumerate(ahead):
             for name, step in steps.items():
+                sync(device)
                 t1 = time.perf_counter()
                 step(batch)
+                sync(device)
                 if i >= warmup:
                     step_s[name] += time.perf_counter() - t1
             tokens += batch.n_tgt_tokens if i >= warmup else 0
@@ -131,7 +174,7 @@ def main() -> None:
             "train",
             overrides=[
                 "model=small",  # the shape of the issue's reference loop; override at will
-                "trainer.device=cpu",
+                f"trainer.device={args.device}",
                 f"trainer.precision={args.precision}",
                 "trainer.final_eval=false",
                 "trainer.resume=never",
@@ -139,6 +182,8 @@ def main() -> None:
             ],
         )
     setup = build_training(cfg)  # the real update step, without a run directory
+    device = setup.device
+    peaks = [matmul_peak(device, args.precision)]  # again after the timed updates
     tok, split = setup.tokenizer, setup.train_split
     rng = np.random.default_rng(cfg.seed)
     batches = token_batches(split.src_lengths, split.tgt_lengths, cfg.trainer.max_tokens, rng)
@@ -158,29 +203,43 @@ def main() -> None:
         m.n_decoder_layers,
         m.d_ff,
         m.dropout,
-    )
+    ).to(device)
     optimizer = torch.optim.Adam(ref.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.98), eps=1e-9)
+    scaler = torch.amp.GradScaler("cuda") if args.precision == "fp16" else None
     loss_fn = nn.CrossEntropyLoss(
         ignore_index=tok.pad_id, label_smoothing=cfg.trainer.label_smoothing, reduction="sum"
     )
 
     def ref_step(b: Batch) -> None:
         ref.train()
-        with autocast(torch.device("cpu"), args.precision):
+        b = b.to(device)
+        with autocast(device, args.precision):
             logits = ref(b.src, b.tgt_in)
         loss = loss_fn(logits.float().view(-1, logits.size(-1)), b.tgt_out.view(-1))
         optimizer.zero_grad(set_to_none=True)
-        (loss / b.n_tgt_tokens).backward()
+        scaled = loss / b.n_tgt_tokens
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(ref.parameters(), cfg.trainer.clip_norm)
-        optimizer.step()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         float(loss.detach())  # the usual per-step loss read-out
 
     def ours_step(b: Batch) -> None:
-        setup.update([(b, 1.0)])
+        setup.update([(b, 1.0)], b.n_tgt_tokens)
 
     step_s, data_s, tokens = timed_side_by_side(
-        batches, make, {"ours": ours_step, "reference": ref_step}, args.warmup
+        batches, make, {"ours": ours_step, "reference": ref_step}, args.warmup, device
     )
+    peaks.append(matmul_peak(device, args.precision))
+    syncs = None
+    if device.type == "cuda":
+        b = make(batches[-1])
+        syncs = host_syncs(lambda: ours_step(b))
     ours_s, ref_s = step_s["ours"], step_s["reference"]
 
     timed = batches[args.warmup :]
@@ -193,9 +252,11 @@ def main() -> None:
         for i in timed
     )
     n_params = setup.model.num_parameters()[0]  # tied: the output projection counted once
-    peak = matmul_peak(torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    peak = max(peaks)
     ours_tps, ref_tps = tokens / ours_s, tokens / ref_s
     result = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": args.precision,
         "threads": args.threads,
         "timed_updates": len(timed),
@@ -206,14 +267,20 @@ def main() -> None:
         "parameters": n_params,
         "model_flops_ours": 6 * n_params * ours_tps,
         "matmul_peak_flops": peak,
+        "matmul_peak_flops_each": peaks,
+        "host_syncs_per_update": syncs,
         "mfu": 6 * n_params * ours_tps / peak,
         "mfu_reference": 6 * n_params * ref_tps / peak,
         "padding_fraction": 1 - real / padded,
         "data_wait_fraction": data_s / (data_s + ours_s),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mib": (
+            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        ),
     }
     print(
-        f"\n{len(timed)} timed updates ({tokens:,} target tokens), {args.precision}, {args.threads} threads"
+        f"\n{len(timed)} timed updates ({tokens:,} target tokens), {args.precision}, "
+        f"{result['device_name']}, {args.threads} threads"
     )
     print(f"{'':<28}{'ours':>12}{'nn.Transformer':>16}")
     print(f"{'target tokens/s':<28}{ours_tps:12,.0f}{ref_tps:16,.0f}")
@@ -221,11 +288,19 @@ def main() -> None:
     print(f"{'model GFLOP/s (6·N·tok/s)':<28}{gflops_ours:12.1f}{gflops_ref:16.1f}")
     print(f"{'MFU':<28}{result['mfu']:12.1%}{result['mfu_reference']:16.1%}")
     print(f"throughput ratio ours/reference: {result['throughput_ratio']:.2f}×")
-    print(f"matmul peak ({args.precision}): {peak / 1e9:.0f} GFLOP/s; N = {n_params:,} parameters")
+    each = ", ".join(f"{p / 1e9:.0f}" for p in peaks)
+    print(
+        f"matmul peak ({args.precision}): {peak / 1e9:.0f} GFLOP/s (best of {each}); "
+        f"N = {n_params:,} parameters"
+    )
+    if syncs is not None:
+        print(f"host syncs per update (ours): {syncs}")
     print(
         f"padding fraction {result['padding_fraction']:.1%}, data wait {result['data_wait_fraction']:.1%}"
     )
     print(f"peak RSS {result['peak_rss_mib']:,.0f} MiB")
+    if result["peak_gpu_mib"] is not None:
+        print(f"peak GPU memory {result['peak_gpu_mib']:,.0f} MiB")
     if args.json:
         print(json.dumps(result))
 

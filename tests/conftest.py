@@ -78,6 +78,13 @@ def synthetic_corpus(raw: Path, n_train: int = 300) -> None:
         write_gz(raw / f"{split}.xx.gz", "".join(s.upper() + "\n" for s in src).encode())
 
 
+@pytest.fixture
+def corpus_root(tmp_path: Path) -> Path:
+    """A directory with a 200-pair synthetic corpus in raw/ (see synthetic_overrides)."""
+    synthetic_corpus(tmp_path / "raw", n_train=200)
+    return tmp_path
+
+
 def synthetic_overrides(root: Path) -> list[str]:
     """Hydra overrides that train the tiny model on ``synthetic_corpus(root / "raw")``."""
     return [

@@ -24,7 +24,14 @@ from transformer_mt.decoding import (
     length_penalty,
 )
 from transformer_mt.decoding.attention_maps import cross_attention, write_attention_map
-from transformer_mt.decoding.search import UncachedDecoder, block_repeated_ngrams
+from transformer_mt.decoding.beam import place_survivors
+from transformer_mt.decoding.search import (
+    PrefixCache,
+    UncachedDecoder,
+    argmax,
+    block_repeated_ngrams,
+    top_k,
+)
 from transformer_mt.errors import UserError
 from transformer_mt.formats.checkpoint import save_checkpoint, spm_bytes_to_tensor
 from transformer_mt.formats.results import CheckpointResult, RunResults, Score
@@ -49,21 +56,17 @@ class FakeDecoder:
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(src.size(0), src.size(1), 1), (src != PAD)[:, None, None, :]
 
-    def new_cache(self) -> list:
-        return [None]
+    def start_decoding(self, memory, memory_mask, group, max_steps) -> PrefixCache:
+        prefix = torch.empty(memory.size(0) * group, 0, dtype=torch.long)
+        return PrefixCache(prefix, memory, memory_mask, group)
 
-    def decode_step(self, last, memory, memory_mask, cache, step) -> torch.Tensor:
-        prefix = last[:, None] if cache[0] is None else torch.cat([cache[0], last[:, None]], 1)
-        cache[0] = prefix
-        out = torch.full((prefix.size(0), 8), -math.inf)
-        for row, tokens in enumerate(prefix[:, 1:].tolist()):
+    def decode_step(self, last: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
+        cache.prefix = torch.cat([cache.prefix, last[:, None]], 1)
+        out = torch.full((cache.prefix.size(0), 8), -math.inf)
+        for row, tokens in enumerate(cache.prefix[:, 1:].tolist()):
             for token, p in self.table.get(tuple(tokens), self.default).items():
                 out[row, token] = math.log(p)
         return out
-
-    @staticmethod
-    def reorder_cache(cache: list, index: torch.Tensor) -> None:
-        cache[0] = cache[0].index_select(0, index)
 
 
 SRC = torch.tensor([[A, B, C, EOS]])  # the fake decoder ignores the source
@@ -153,12 +156,37 @@ def test_no_repeat_ngram_blocks_the_repetition() -> None:
 
 def test_block_repeated_ngrams_bans_exactly_the_completing_tokens() -> None:
     lprobs = torch.zeros(2, 8)
-    block_repeated_ngrams(lprobs, torch.tensor([[A, B, A, B], [A, B, C, D]]), 3)
+    block_repeated_ngrams(lprobs, [[A, B, A, B], [A, B, C, D]], 3)
     assert torch.isinf(lprobs[0]).nonzero().flatten().tolist() == [A]  # (A B) A seen before
     assert not torch.isinf(lprobs[1]).any()
     lprobs = torch.zeros(1, 8)
-    block_repeated_ngrams(lprobs, torch.tensor([[A, C, A]]), 1)  # unigrams: no token twice
+    block_repeated_ngrams(lprobs, [[A, C, A]], 1)  # unigrams: no token twice
     assert torch.isinf(lprobs[0]).nonzero().flatten().tolist() == [A, C]
+
+
+@pytest.mark.parametrize("m", [40000, 8000, 997, 30])
+def test_top_k_and_argmax_equal_torch(m: int) -> None:
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(6, m, generator=g)
+    x[1, 5:] = -math.inf  # a row with few finite entries
+    x[2, m // 3] = x[2, m // 2] = x[2].max() + 1  # a tie for the maximum
+    values, index = top_k(x, 10)
+    expected_values, expected_index = x.topk(10, dim=1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(index[[0, 3, 4, 5]], expected_index[[0, 3, 4, 5]])  # distinct values
+    assert torch.equal(x.gather(1, index), values)
+    assert torch.equal(argmax(x), x.argmax(dim=1))  # the first of equal maxima, too
+    assert argmax(x)[2] == m // 3
+
+
+def test_survivors_stay_in_their_parents_row_when_they_can() -> None:
+    parents = np.array([[2, 2, 0, 4, 4], [0, 1, 2, 3, 4], [3, 3, 3, 3, 3]])
+    slots = place_survivors(parents)
+    for row in range(3):
+        assert sorted(slots[row]) == [0, 1, 2, 3, 4]  # a permutation of the rows
+    assert slots[0].tolist() == [2, 1, 0, 4, 3]  # first of parent 2 stays at 2, second moves
+    assert slots[1].tolist() == [0, 1, 2, 3, 4]  # nobody moves
+    assert slots[2].tolist() == [3, 0, 1, 2, 4]
 
 
 def random_model(vocab_size: int = 30) -> Transformer:

@@ -8,11 +8,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import run_cli, synthetic_corpus, synthetic_overrides
+from conftest import WORDS, run_cli, small_transformer, synthetic_corpus, synthetic_overrides
 from transformer_mt.cli.common import config_dir
 from transformer_mt.formats.checkpoint import load_checkpoint
 
@@ -117,3 +118,72 @@ def test_slurm_launcher_config_composes() -> None:
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 1
+
+
+def _sharded_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank of test_sharded_translation_and_replica_checks (run in a spawned process)."""
+    import torch.distributed as torch_dist
+
+    from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
+    from transformer_mt.decoding import SearchOptions, Translator
+    from transformer_mt.training import distributed as dist
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2
+    )
+    ctx = dist.DistContext(rank=rank, world_size=2)
+    rng = np.random.default_rng(0)
+    text = [" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(300)]
+    tokenizer = Tokenizer(train_sentencepiece(text, 80, "unigram", 1.0))
+    model = small_transformer(vocab_size=tokenizer.vocab_size, max_positions=24)
+    sharded = dist.ShardedTranslator(Translator(model, tokenizer, torch.device("cpu")), ctx)
+    lines = text[:23]  # not a multiple of the ranks
+    out = {
+        "beam": sharded.translate(lines, SearchOptions(beam_size=3)),
+        "greedy": sharded.translate(lines, SearchOptions(beam_size=1)),
+        "nbest": sharded.translate(lines, SearchOptions(beam_size=3, nbest=2)),
+        "checksum": dist.check_replicas_in_sync(model, ctx),
+    }
+    if rank == 1:  # one bit of one parameter differs on rank 1
+        with torch.no_grad():
+            flat = model.output_projection.weight.view(-1)
+            flat[7] = torch.nextafter(flat[7], torch.tensor(1.0))
+    try:
+        dist.check_replicas_in_sync(model, ctx)
+        out["diverged"] = "not detected"
+    except RuntimeError as e:
+        out["diverged"] = str(e)
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+def test_sharded_translation_and_replica_checks(tmp_path: Path) -> None:
+    """Each of 2 ranks decodes half of the sentences, and both get every translation, in
+    order, equal to one process's; replicas equal in every bit pass the checksum, one bit
+    apart fail it."""
+    torch.multiprocessing.start_processes(
+        _sharded_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
+    from transformer_mt.decoding import SearchOptions, Translator
+
+    rng = np.random.default_rng(0)
+    text = [" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(300)]
+    tokenizer = Tokenizer(train_sentencepiece(text, 80, "unigram", 1.0))
+    model = small_transformer(vocab_size=tokenizer.vocab_size, max_positions=24)
+    one = Translator(model, tokenizer, torch.device("cpu"))
+    lines = text[:23]
+    expected = {
+        "beam": one.translate(lines, SearchOptions(beam_size=3)),
+        "greedy": one.translate(lines, SearchOptions(beam_size=1)),
+        "nbest": one.translate(lines, SearchOptions(beam_size=3, nbest=2)),
+    }
+    for out in ranks:
+        for key, value in expected.items():
+            assert out[key] == value, key
+        assert "replicas diverged" in out["diverged"]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert len(ranks[0]["checksum"]) == 32

@@ -22,10 +22,8 @@ from transformer_mt.model import Transformer
 pytest.importorskip("ctranslate2")
 
 from transformer_mt.cli import export as export_cli
-from transformer_mt.export.ctranslate2 import (
-    CTranslate2Translator,
-    export_ctranslate2,
-)
+from transformer_mt.export.ctranslate2 import export_ctranslate2
+from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 
 MODEL_CFG = dict(
     d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, max_positions=40

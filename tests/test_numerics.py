@@ -9,22 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, synthetic_corpus
+from conftest import run_cli
 from test_trainer import make_config
 from transformer_mt.data.batching import Batch, collate
 from transformer_mt.decoding import Translator
 from transformer_mt.errors import ConfigError, TrainingDivergedError
 from transformer_mt.formats.checkpoint import load_checkpoint, step_checkpoints
 from transformer_mt.training.loss import label_smoothed_nll_loss
+from transformer_mt.training.precision import resolve_precision
 from transformer_mt.training.setup import TrainingSetup, build_training
 from transformer_mt.training.step import Outcome
 from transformer_mt.training.trainer import Trainer
-
-
-@pytest.fixture
-def corpus_root(tmp_path: Path) -> Path:
-    synthetic_corpus(tmp_path / "raw", n_train=200)
-    return tmp_path
 
 
 def batch_of(setup: TrainingSetup, indices: range) -> Batch:
@@ -83,6 +78,12 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(
 def test_precision_settings(corpus_root: Path) -> None:
     with pytest.raises(ConfigError, match=r"trainer\.precision=fp16 needs a CUDA device"):
         build_training(make_config(corpus_root, "trainer.precision=fp16"))
+    with pytest.raises(ConfigError, match=r"trainer\.precision=tf32 needs a CUDA device"):
+        build_training(make_config(corpus_root, "trainer.precision=tf32"))
+    auto = build_training(make_config(corpus_root))  # the default: auto, fp32 on a CPU
+    assert auto.cfg.trainer.precision == "auto" and auto.update.precision == "fp32"
+    assert auto.update.scaler is None
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     setup = build_training(make_config(corpus_root, "trainer.precision=bf16"))
     loss = setup.update([(batch_of(setup, range(0, 8)), 1.0)]).loss
     assert torch.isfinite(loss) and loss.dtype == torch.float32

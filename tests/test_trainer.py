@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import synthetic_corpus, synthetic_overrides
+from conftest import synthetic_overrides
 from transformer_mt.cli.common import config_dir
 from transformer_mt.cli.train import report
 from transformer_mt.data.corpus import read_references
@@ -35,12 +35,6 @@ def make_config(root: Path, *overrides: str) -> DictConfig:
                 *overrides,
             ],
         )
-
-
-@pytest.fixture
-def corpus_root(tmp_path: Path) -> Path:
-    synthetic_corpus(tmp_path / "raw", n_train=200)
-    return tmp_path
 
 
 def test_same_seed_gives_the_same_run(corpus_root: Path) -> None:

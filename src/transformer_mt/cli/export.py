@@ -9,7 +9,7 @@ It is written to a temporary sibling directory and renamed into place; an existi
 OUT_DIR is replaced only with --force. Translate with it from Python:
 
     from transformer_mt.decoding import SearchOptions
-    from transformer_mt.export.ctranslate2 import CTranslate2Translator
+    from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
     ct2 = CTranslate2Translator.from_dir("exported/en-de")
     ct2.translate(["A man is riding a bike."], SearchOptions(beam_size=5))
 """

@@ -38,7 +38,7 @@ from transformer_mt.cli.common import (
 from transformer_mt.decoding.attention_maps import check_selection, write_attention_map
 from transformer_mt.decoding.beam import Hypothesis
 from transformer_mt.decoding.translator import Translator
-from transformer_mt.export.ctranslate2 import CTranslate2Translator
+from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.formats.atomic import atomic_write_bytes
 
 CHUNK_LINES = 2000
@@ -183,7 +183,9 @@ def translate_stream_ctranslate2(
 ) -> None:
     """The same contract through CTranslate2: one line out per line in, flushed per chunk."""
     for lines in chunks:
-        hyps = translator.translate([line.strip() for line in lines], args.search, args.batch_size)
+        hyps = translator.translate(
+            [line.strip() for line in lines], args.search, batch_size=args.batch_size
+        )
         out.write("".join(h + "\n" for h in hyps).encode("utf-8"))
         out.flush()
 

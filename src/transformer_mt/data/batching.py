@@ -153,6 +153,12 @@ def collate(
     )
 
 
+def target_tokens(split: EncodedSplit, indices: np.ndarray) -> int:
+    """The real target tokens (EOS included) that ``collate`` of ``indices`` would hold: a
+    host-side count, so that every rank knows an update's total without a collective."""
+    return int((split.tgt_lengths[np.asarray(indices, dtype=np.int64)] + 1).sum())
+
+
 def iterate_batches(
     split: EncodedSplit,
     max_tokens: int,

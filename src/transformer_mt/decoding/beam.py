@@ -5,12 +5,17 @@ extensions are ranked; those ending in EOS among the top ``beam_size`` are finis
 (scored log P / lp(|Y|) with lp = ((5 + |Y|) / 6)^α), the best ``beam_size`` others live on.
 A sentence is done when it has ``beam_size`` finished hypotheses; done sentences leave
 the batch so the remaining ones decode faster.
+
+The device computes the model, the log-probabilities and the top 2·beam_size extensions of
+each sentence; they come to the host in one copy per step, where the bookkeeping (finished
+hypotheses, survivors, their token histories) is done on small arrays.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from transformer_mt.decoding.search import (
@@ -19,6 +24,8 @@ from transformer_mt.decoding.search import (
     SearchOptions,
     apply_constraints,
     max_output_lengths,
+    to_device,
+    top_k,
 )
 
 
@@ -36,6 +43,23 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def place_survivors(parents: np.ndarray) -> np.ndarray:
+    """Which slot (row of its sentence) each survivor takes: (n, K) parent beams, in rank
+    order -> (n, K) slots. The first survivor of each parent stays in its parent's slot, so
+    its cached prefix is not copied; the others take the slots no survivor descends from."""
+    n, k = parents.shape
+    flat = (parents + k * np.arange(n)[:, None]).ravel()
+    _, first = np.unique(flat, return_index=True)  # the first survivor of each parent
+    stays = np.zeros(n * k, dtype=bool)
+    stays[first] = True
+    slots = np.where(stays, parents.ravel(), -1).reshape(n, k)
+    free = np.ones((n, k), dtype=bool)
+    free[np.nonzero(stays.reshape(n, k))[0], parents.ravel()[stays]] = False
+    movers, free_slots = np.nonzero(slots < 0), np.nonzero(free)  # both in row order
+    slots[movers] = free_slots[1]  # as many movers as free slots in each row
+    return slots
+
+
 @torch.inference_mode()
 def beam_search(
     model: IncrementalDecoder,
@@ -48,69 +72,73 @@ def beam_search(
     k, alpha = options.beam_size, options.alpha
     batch, device = src.size(0), src.device
     memory, memory_mask = model.encode(src)
-    memory = memory.repeat_interleave(k, dim=0)  # (B·K, S, d)
-    memory_mask = memory_mask.repeat_interleave(k, dim=0)
-    max_lens = max_output_lengths(
-        src, model.pad_id, options.max_len_a, options.max_len_b, model.max_positions
+    budget = np.array(
+        max_output_lengths(
+            src, model.pad_id, options.max_len_a, options.max_len_b, model.max_positions
+        ).tolist()
     )
-    cache = model.new_cache()
+    cache = model.start_decoding(memory, memory_mask, k, int(budget.max()))
     special = (model.pad_id, bos_id, eos_id)
 
-    alive = torch.arange(batch, device=device)  # original sentence index of each live row
+    alive = np.arange(batch)  # the sentence of each live row of k hypotheses
     scores = torch.zeros(batch, k, device=device)  # cumulative log-probs of live beams
     scores[:, 1:] = -torch.inf  # all beams start identical: keep one
-    history = torch.empty(batch * k, 0, dtype=torch.long, device=device)
+    history = np.zeros((batch * k, 0), dtype=np.int64)  # tokens of each hypothesis
     tokens = torch.full((batch * k,), bos_id, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
 
-    for step in range(int(max_lens.max())):
-        n = alive.numel()
-        lprobs = model.decode_step(tokens, memory, memory_mask, cache, step)  # (n·K, V)
+    for step in range(int(budget.max())):
+        n = alive.size
+        logits = model.decode_step(tokens, cache)  # (n·K, V)
+        lprobs = torch.log_softmax(logits, dim=-1, out=logits)  # in place, row by row
         vocab = lprobs.size(-1)
-        at_limit = (step + 1 >= max_lens[alive]).repeat_interleave(k)  # (n·K,)
-        apply_constraints(lprobs, history, at_limit, step, special, options)
-        candidates = (scores.view(-1, 1) + lprobs).view(n, k * vocab)
-        top_scores, top_index = candidates.topk(2 * k, dim=1)  # (n, 2K)
-        top_beam, top_token = top_index // vocab, top_index % vocab
+        limit = step + 1 >= budget[alive]  # (n,) out of budget: finished after this step
+        at_limit = np.nonzero(np.repeat(limit, k))[0].tolist()
+        past = history.tolist() if options.no_repeat_ngram else []  # for n-gram blocking only
+        apply_constraints(lprobs, past, at_limit, step, special, options)
+        candidates = lprobs.add_(scores.view(-1, 1)).view(n, k * vocab)  # scores + log-probs
+        top_scores, top_index = top_k(candidates, 2 * k)  # (n, 2K)
+        # The step's one host copy (indices < 2^24 are exact in float32).
+        top = torch.stack([top_scores, top_index.float()]).cpu().numpy()
+        top_scores_np, top_index_np = top[0], top[1].astype(np.int64)
+        top_beam, top_token = top_index_np // vocab, top_index_np % vocab
         is_eos = top_token == eos_id
 
         # Finish EOS candidates ranked within the top K.
-        done = (step + 1 >= max_lens[alive]).cpu()  # out of budget: finished after this step
-        eos_rows, eos_ranks = torch.nonzero(
-            is_eos[:, :k] & (top_scores[:, :k] > -torch.inf), as_tuple=True
-        )
-        if eos_rows.numel():
-            for row, rank in zip(eos_rows.tolist(), eos_ranks.tolist(), strict=True):
-                sentence = int(alive[row])
-                if len(finished[sentence]) >= k:
-                    continue
-                prefix = history[row * k + int(top_beam[row, rank])].tolist()
-                log_prob = float(top_scores[row, rank])
-                finished[sentence].append(
-                    Hypothesis(prefix, log_prob / length_penalty(len(prefix) + 1, alpha), log_prob)
-                )
-            for row in set(eos_rows.tolist()):
-                done[row] |= len(finished[int(alive[row])]) >= k
+        done = limit.copy()
+        eos_rows, eos_ranks = np.nonzero(is_eos[:, :k] & (top_scores_np[:, :k] > -np.inf))
+        for row, rank in zip(eos_rows.tolist(), eos_ranks.tolist(), strict=True):
+            hyps = finished[alive[row]]
+            if len(hyps) >= k:
+                continue
+            prefix = history[row * k + top_beam[row, rank]].tolist()
+            log_prob = float(top_scores_np[row, rank])
+            hyps.append(
+                Hypothesis(prefix, log_prob / length_penalty(len(prefix) + 1, alpha), log_prob)
+            )
+            done[row] |= len(hyps) >= k
 
-        # The best K non-EOS candidates live on (at most K of the 2K are EOS).
-        rank_keys = is_eos.long() * (2 * k) + torch.arange(2 * k, device=device)
-        keep = rank_keys.argsort(dim=1)[:, :k]  # (n, K)
-        scores = top_scores.gather(1, keep)
-        beams = top_beam.gather(1, keep)
-        next_tokens = top_token.gather(1, keep)
-        rows = (torch.arange(n, device=device).unsqueeze(1) * k + beams).view(-1)  # (n·K,)
-
-        stay = ~done.to(device)
-        if not bool(stay.any()):
+        # The best K non-EOS candidates live on (at most K of the 2K are EOS), each in a
+        # row of its sentence chosen so that as few cached prefixes as possible move.
+        keep = np.argsort(is_eos, axis=1, kind="stable")[:, :k]  # (n, K) in rank order
+        parents = np.take_along_axis(top_beam, keep, 1)
+        slots = place_survivors(parents)
+        order = np.argsort(slots, axis=1)  # the survivor in each slot
+        new_scores = np.take_along_axis(np.take_along_axis(top_scores_np, keep, 1), order, 1)
+        next_tokens = np.take_along_axis(np.take_along_axis(top_token, keep, 1), order, 1)
+        parent_rows = np.take_along_axis(parents, order, 1) + k * np.arange(n)[:, None]
+        history = np.concatenate([history[parent_rows.ravel()], next_tokens.reshape(-1, 1)], 1)
+        moved = np.nonzero(parent_rows.ravel() != np.arange(n * k))[0]
+        cache.move_rows(to_device(moved, device), to_device(parent_rows.ravel()[moved], device))
+        if done.all():
             break
-        if not bool(stay.all()):  # drop finished sentences from the batch
-            scores, next_tokens = scores[stay], next_tokens[stay]
-            rows = rows.view(n, k)[stay].view(-1)
-            alive = alive[stay]
-            memory = memory.view(n, k, *memory.shape[1:])[stay].flatten(0, 1)
-            memory_mask = memory_mask.view(n, k, *memory_mask.shape[1:])[stay].flatten(0, 1)
-        model.reorder_cache(cache, rows)
-        history = torch.cat([history[rows], next_tokens.view(-1, 1)], dim=1)
-        tokens = next_tokens.view(-1)
+        if done.any():  # drop finished sentences from the batch
+            stay = np.nonzero(~done)[0]
+            rows = (stay[:, None] * k + np.arange(k)).ravel()
+            cache.keep(to_device(rows, device), to_device(stay, device))
+            alive, new_scores, next_tokens = alive[stay], new_scores[stay], next_tokens[stay]
+            history = history[rows]
+        scores = to_device(new_scores, device)
+        tokens = to_device(next_tokens.reshape(-1), device)
 
     return [sorted(hyps, key=lambda h: -h.score)[: options.nbest] for hyps in finished]

@@ -9,8 +9,14 @@ from transformer_mt.decoding.search import (
     IncrementalDecoder,
     SearchOptions,
     apply_constraints,
+    argmax,
     max_output_lengths,
+    to_device,
 )
+
+# Finished sentences leave the batch once they are at least this fraction of it: each
+# removal copies the cache, so removing them one by one would cost more than it saves.
+COMPACT_FRACTION = 0.125
 
 
 @torch.inference_mode()
@@ -24,25 +30,36 @@ def greedy_search(
     """Greedy translations of a batch: one list of ids per sentence (without BOS/EOS).
 
     Applies the same length limits and n-gram blocking as beam search, so it equals beam
-    search with a beam of 1.
+    search with a beam of 1. The argmax of the logits is that of the log-probabilities, so
+    no softmax is computed. One host copy per step: the chosen tokens.
     """
     memory, memory_mask = model.encode(src)
-    batch = src.size(0)
-    max_lens = max_output_lengths(
+    batch, device = src.size(0), src.device
+    budget = max_output_lengths(
         src, model.pad_id, options.max_len_a, options.max_len_b, model.max_positions
-    )
-    cache = model.new_cache()
-    tokens = torch.full((batch,), bos_id, dtype=torch.long, device=src.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
-    history = torch.empty(batch, 0, dtype=torch.long, device=src.device)
+    ).tolist()
+    cache = model.start_decoding(memory, memory_mask, 1, max(budget))
+    alive = list(range(batch))  # the sentence of each decoder row
+    running = list(alive)  # rows still decoding (a finished row decodes on until compaction)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    tokens = torch.full((batch,), bos_id, dtype=torch.long, device=device)
     special = (model.pad_id, bos_id, eos_id)
-    for step in range(int(max_lens.max())):
-        lprobs = model.decode_step(tokens, memory, memory_mask, cache, step)  # (B, V)
-        apply_constraints(lprobs, history, step + 1 >= max_lens, step, special, options)
-        tokens = lprobs.argmax(dim=-1)
-        tokens = torch.where(finished, torch.full_like(tokens, model.pad_id), tokens)
-        history = torch.cat([history, tokens[:, None]], dim=1)
-        finished |= tokens == eos_id
-        if bool(finished.all()):
+    for step in range(max(budget)):
+        logits = model.decode_step(tokens, cache)  # (R, V)
+        history = [outputs[s] for s in alive] if options.no_repeat_ngram else []
+        at_limit = [r for r, s in enumerate(alive) if step + 1 >= budget[s]]
+        apply_constraints(logits, history, at_limit, step, special, options)
+        tokens = argmax(logits)
+        chosen = tokens.tolist()  # the step's one host copy
+        for r in running:
+            outputs[alive[r]].append(chosen[r])
+        running = [r for r in running if chosen[r] != eos_id]
+        if not running:
             break
-    return [[t for t in row if t not in (eos_id, model.pad_id)] for row in history.tolist()]
+        if len(alive) - len(running) >= max(1, COMPACT_FRACTION * len(alive)):
+            keep = to_device(running, device)
+            cache.keep(keep, keep)
+            alive = [alive[r] for r in running]
+            tokens = tokens.index_select(0, keep)
+            running = list(range(len(alive)))
+    return [[t for t in out if t != eos_id] for out in outputs]

@@ -4,9 +4,11 @@ length limits and n-gram blocking."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from transformer_mt.model import Transformer
@@ -70,6 +72,16 @@ BEAM = SearchOptions()  # beam 5, α 2.2
 GREEDY = SearchOptions(beam_size=1)
 
 
+class DecodingCache(Protocol):
+    """What a search does to the state of a batch being decoded."""
+
+    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Row ``dst[i]`` takes over the decoded prefix of row ``src[i]`` (beam reordering)."""
+
+    def keep(self, rows: torch.Tensor, sentences: torch.Tensor) -> None:
+        """Keep decoder rows ``rows`` and source sentences ``sentences``, in that order."""
+
+
 class IncrementalDecoder(Protocol):
     """What a search needs from a model: encode once, then one cached step at a time."""
 
@@ -78,19 +90,13 @@ class IncrementalDecoder(Protocol):
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def new_cache(self) -> list: ...
+    def start_decoding(
+        self, memory: torch.Tensor, memory_mask: torch.Tensor, group: int, max_steps: int
+    ) -> DecodingCache: ...
 
-    def decode_step(
-        self,
-        last_tokens: torch.Tensor,
-        memory: torch.Tensor,
-        memory_mask: torch.Tensor,
-        cache: list,
-        step: int,
-    ) -> torch.Tensor: ...
-
-    @staticmethod
-    def reorder_cache(cache: list, index: torch.Tensor) -> None: ...
+    def decode_step(self, last_tokens: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Next-token logits (R, V): fp32, contiguous, the caller's to modify in place."""
+        ...
 
 
 def output_budget(
@@ -109,14 +115,14 @@ def max_output_lengths(
     return output_budget((src != pad_id).sum(dim=1), max_len_a, max_len_b, max_positions)
 
 
-def block_repeated_ngrams(lprobs: torch.Tensor, history: torch.Tensor, n: int) -> None:
+def block_repeated_ngrams(lprobs: torch.Tensor, history: Sequence[Sequence[int]], n: int) -> None:
     """Set to -inf, in place, the log-prob of every token that would complete an n-gram
-    already present in that row's ``history`` (B, t) of generated tokens."""
-    if n <= 0 or history.size(1) < n:
+    already present in its row's ``history`` (the tokens generated so far, one list a row)."""
+    if n <= 0 or not history or len(history[0]) < n:
         return
     rows: list[int] = []
     banned: list[int] = []
-    for row, tokens in enumerate(history.tolist()):
+    for row, tokens in enumerate(history):
         context = tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else ()
         for i in range(len(tokens) - n + 1):
             if tuple(tokens[i : i + n - 1]) == context:
@@ -126,26 +132,91 @@ def block_repeated_ngrams(lprobs: torch.Tensor, history: torch.Tensor, n: int) -
         lprobs[rows, banned] = -torch.inf
 
 
+def to_device(values: Sequence[int] | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host numbers -> a tensor on ``device``, copied without waiting for the device."""
+    return torch.from_numpy(np.ascontiguousarray(values)).to(device, non_blocking=True)
+
+
 def apply_constraints(
-    lprobs: torch.Tensor,  # (B, V), modified in place
-    history: torch.Tensor,  # (B, t) tokens generated so far
-    at_limit: torch.Tensor,  # (B,) bool: this step is the last the budget allows
+    lprobs: torch.Tensor,  # (R, V) log-probs or logits, modified in place
+    history: Sequence[Sequence[int]],  # the tokens generated so far, one list a row
+    at_limit: list[int],  # rows for which this step is the last the budget allows
     step: int,
     special: tuple[int, int, int],  # pad, bos, eos
     options: SearchOptions,
 ) -> None:
-    """The rules every search applies to next-token log-probs: never PAD or BOS, no EOS
-    before ``min_len``, no repeated n-grams, and only EOS once the budget is spent."""
+    """The rules every search applies to next-token scores: never PAD or BOS, no EOS before
+    ``min_len``, no repeated n-grams, and only EOS once the budget is spent (with its own
+    score, even before ``min_len``)."""
     pad_id, bos_id, eos_id = special
-    eos_lp = lprobs[:, eos_id].clone()
+    limit_rows = to_device(np.array(at_limit, dtype=np.int64), lprobs.device) if at_limit else None
+    eos_lp = None if limit_rows is None else lprobs[limit_rows, eos_id]  # a copy, taken first
     lprobs[:, pad_id] = -torch.inf
     lprobs[:, bos_id] = -torch.inf
     if step + 1 < options.min_len:
         lprobs[:, eos_id] = -torch.inf
     block_repeated_ngrams(lprobs, history, options.no_repeat_ngram)
-    if bool(at_limit.any()):  # out of budget: only EOS may follow (even before min_len)
-        lprobs[at_limit] = -torch.inf
-        lprobs[at_limit, eos_id] = eos_lp[at_limit]
+    if limit_rows is not None:
+        lprobs.index_fill_(0, limit_rows, -torch.inf)
+        lprobs[limit_rows, eos_id] = eos_lp
+
+
+def _block_size(m: int, lo: int = 64, hi: int = 512) -> int | None:
+    """The largest divisor of ``m`` in [lo, hi], if any."""
+    return next((b for b in range(min(hi, m // 4), lo - 1, -1) if m % b == 0), None)
+
+
+def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(x, k, dim=1)`` of a (n, m) tensor: the k largest of each row, sorted,
+    and their indices (which may differ only among exactly equal values).
+
+    A long row is read in two passes: the maximum of each block of ~500 entries, then a
+    top-k over the k blocks with the largest maxima (they hold the row's k largest
+    entries). On a CPU this takes a fraction of ``torch.topk``'s time at beam-search sizes.
+    """
+    n, m = x.shape
+    b = _block_size(m)
+    if b is None or m < 4 * k * b:
+        return x.topk(k, dim=1)
+    blocks = x.view(n, m // b, b)
+    _, which = blocks.amax(dim=2).topk(k, dim=1)  # (n, k) blocks
+    candidates = blocks.gather(1, which[:, :, None].expand(n, k, b)).view(n, k * b)
+    values, i = candidates.topk(k, dim=1)
+    return values, which.gather(1, i // b) * b + i % b
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=1)`` of a (n, m) tensor (the first of equal maxima), in two passes:
+    the maximum of each block, then the first block holding the row's maximum. On a CPU
+    ``argmax`` over long rows is many times slower than ``amax``."""
+    n, m = x.shape
+    b = _block_size(m)
+    if b is None:
+        return x.argmax(dim=1)
+    blocks = x.view(n, m // b, b)
+    which = blocks.amax(dim=2).argmax(dim=1)  # (n,) the first block with the row's max
+    block = blocks.gather(1, which[:, None, None].expand(n, 1, b))[:, 0]  # (n, b)
+    return which * b + block.argmax(dim=1)
+
+
+@dataclass
+class PrefixCache:
+    """The state of :class:`UncachedDecoder`: the prefixes decoded so far and the source."""
+
+    prefix: torch.Tensor  # (R, t) tokens fed so far (BOS first)
+    memory: torch.Tensor  # (N, S, d)
+    memory_mask: torch.Tensor  # (N, 1, 1, S)
+    group: int
+
+    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Row ``dst[i]`` takes over the prefix of row ``src[i]``."""
+        self.prefix[dst] = self.prefix[src]
+
+    def keep(self, rows: torch.Tensor, sentences: torch.Tensor) -> None:
+        """Keep prefixes ``rows`` and sources ``sentences``."""
+        self.prefix = self.prefix.index_select(0, rows)
+        self.memory = self.memory.index_select(0, sentences)
+        self.memory_mask = self.memory_mask.index_select(0, sentences)
 
 
 class UncachedDecoder:
@@ -164,30 +235,19 @@ class UncachedDecoder:
         """The model's encoder output and source mask."""
         return self.model.encode(src)
 
-    def new_cache(self) -> list:
-        """Holds only the prefix decoded so far, (B, t)."""
-        return [None]
+    def start_decoding(
+        self, memory: torch.Tensor, memory_mask: torch.Tensor, group: int, max_steps: int
+    ) -> PrefixCache:
+        """No prefix yet; ``group`` rows per sentence."""
+        rows = memory.size(0) * group
+        prefix = torch.empty(rows, 0, dtype=torch.long, device=memory.device)
+        return PrefixCache(prefix, memory, memory_mask, group)
 
-    def decode_step(
-        self,
-        last_tokens: torch.Tensor,
-        memory: torch.Tensor,
-        memory_mask: torch.Tensor,
-        cache: list,
-        step: int,
-    ) -> torch.Tensor:
-        """Append ``last_tokens`` to the prefix, decode all of it again, and return the last
-        position's log-probabilities (B, V)."""
-        prefix = (
-            last_tokens[:, None]
-            if cache[0] is None
-            else torch.cat([cache[0], last_tokens[:, None]], dim=1)
-        )
-        cache[0] = prefix
-        logits = self.model.decode(prefix, memory, memory_mask)
-        return torch.log_softmax(logits[:, -1].float(), dim=-1)
-
-    @staticmethod
-    def reorder_cache(cache: list, index: torch.Tensor) -> None:
-        """Keep the prefixes of rows ``index`` (beam search survivors)."""
-        cache[0] = cache[0].index_select(0, index)
+    def decode_step(self, last_tokens: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
+        """Append ``last_tokens`` to the prefixes, decode all of them again, and return the
+        last position's logits (R, V)."""
+        cache.prefix = torch.cat([cache.prefix, last_tokens[:, None]], dim=1)
+        g = cache.group
+        memory = cache.memory.repeat_interleave(g, dim=0)
+        mask = cache.memory_mask.repeat_interleave(g, dim=0)
+        return self.model.decode(cache.prefix, memory, mask)[:, -1].float().contiguous()

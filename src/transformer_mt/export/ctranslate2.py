@@ -20,9 +20,7 @@ import torch
 from torch import nn
 
 from transformer_mt.data.tokenizer import Tokenizer
-from transformer_mt.decoding.beam import length_penalty
-from transformer_mt.decoding.search import BEAM, SearchOptions, output_budget
-from transformer_mt.decoding.translator import Translator, encode_to_fit
+from transformer_mt.decoding.translator import Translator
 from transformer_mt.errors import UserError
 from transformer_mt.formats.atomic import atomic_directory
 from transformer_mt.model import Transformer
@@ -41,13 +39,10 @@ QUANTIZATIONS = (
     "bfloat16",
     "float32",
 )
-# With α = 0, CTranslate2's beam search stops as soon as its best beam ends; any nonzero
-# length penalty makes it go on until beam_size hypotheses are finished, this project's rule.
-# 1e-6 changes CTranslate2's own ranking negligibly (and the hypotheses are rescored anyway).
-_NO_EARLY_EXIT = 1e-6
 
 
-def _import_ctranslate2() -> Any:
+def import_ctranslate2() -> Any:
+    """The ctranslate2 module, or a UserError saying how to install it."""
     try:
         import ctranslate2
     except ImportError as e:
@@ -91,7 +86,7 @@ def _set_ffn(spec: Any, ffn: FeedForward, norm: nn.LayerNorm) -> None:
 
 
 def _activation(model: Transformer) -> Any:
-    act = _import_ctranslate2().specs.common_spec.Activation
+    act = import_ctranslate2().specs.common_spec.Activation
     module = model.encoder.layers[0].feed_forward.activation
     if isinstance(module, nn.ReLU):
         return act.RELU
@@ -109,7 +104,7 @@ def _set_stack_inputs(spec: Any, model: Transformer, positions: np.ndarray) -> N
 
 def build_spec(model: Transformer, tokenizer: Tokenizer) -> Any:
     """A CTranslate2 ``TransformerSpec`` holding ``model``'s weights and vocabulary."""
-    ct2 = _import_ctranslate2()
+    ct2 = import_ctranslate2()
     encoder, decoder = model.encoder, model.decoder
     first: EncoderLayer = encoder.layers[0]
     norm_first = first.sublayer1.norm_first
@@ -211,174 +206,3 @@ def _metadata(translator: Translator, checkpoint: Path, quantization: str | None
 
 
 # -- translation --------------------------------------------------------------------------------
-
-Scored = tuple[list[int], float]  # subword ids (no BOS/EOS) and the length-normalized score
-
-
-class CTranslate2Translator:
-    """Translate raw sentences with an exported directory, the way :class:`Translator` does.
-
-    Search options map onto ``translate_batch`` as follows:
-
-    * ``beam_size`` → ``beam_size`` (1 = greedy), with ``patience=1``;
-    * ``max_len_a``/``max_len_b`` → ``max_decoding_length = budget − 1`` where
-      ``budget = ⌊a·(source subwords + EOS)⌋ + b`` capped to [1, max_positions], exactly
-      as here; sentences are grouped by budget, one ``translate_batch`` call per group.
-      Here the budget counts EOS and the last step may only emit EOS; CTranslate2 stops
-      after ``max_decoding_length`` tokens without one, so the outputs have the same
-      tokens; the EOS log-prob of a hypothesis cut by the budget is added back when
-      rescoring (below);
-    * ``min_len`` (EOS included) → ``min_decoding_length = min_len − 1`` (EOS excluded);
-    * ``no_repeat_ngram`` → ``no_repeat_ngram_size``;
-    * ``nbest`` → the number of hypotheses kept, ``num_hypotheses = beam_size``;
-    * ``alpha`` → ``length_penalty`` (or 1e-6 when α = 0), but only for CTranslate2's own
-      ranking: CTranslate2 normalizes by ``length^α`` (length without EOS), this project by
-      the GNMT ``((5 + length) / 6)^α`` with EOS counted. So with beam search (and for
-      every n-best list) each returned hypothesis is rescored with ``score_batch`` and
-      ranked by ``log P(Y + EOS) / ((5 + |Y| + 1) / 6)^α``, the score :func:`beam_search`
-      gives. A nonzero penalty also makes CTranslate2 finish ``beam_size`` hypotheses, as
-      here, instead of stopping once the best beam ends.
-
-    PAD and BOS are never generated (``suppress_sequences``), as here.
-
-    Remaining differences, all in beam search (greedy search gives the same tokens):
-    CTranslate2 removes forbidden tokens (PAD, BOS, EOS before ``min_len``, repeated n-grams)
-    before the softmax and this project after it, so the cumulative scores that choose the
-    surviving beams differ by that renormalization (returned scores are exact all the same,
-    thanks to the rescoring); on the budget's last step CTranslate2 finishes the top
-    ``beam_size`` candidates as they are, where this project first refills the beam with
-    non-EOS candidates and then forces EOS; and when more than ``beam_size`` hypotheses
-    are finished, CTranslate2 keeps the best by its own normalized score, this project the
-    first ones finished.
-    """
-
-    def __init__(self, translator: Any, tokenizer: Tokenizer, max_positions: int) -> None:
-        self.translator = translator
-        self.tokenizer = tokenizer
-        self.max_positions = max_positions
-        self.pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
-        self.piece_ids = {p: i for i, p in enumerate(self.pieces)}
-
-    @classmethod
-    def from_dir(
-        cls,
-        path: str | Path,
-        device: str = "cpu",
-        compute_type: str = "default",
-        intra_threads: int = 0,
-    ) -> CTranslate2Translator:
-        """Load a directory written by :func:`export_ctranslate2`."""
-        path = Path(path)
-        meta_path = path / METADATA_FILE
-        if not meta_path.is_file() or not (path / SPM_FILE).is_file():
-            raise UserError(f"{path} is not a transformer_mt CTranslate2 export")
-        metadata = json.loads(meta_path.read_text())
-        ct2 = _import_ctranslate2()
-        try:
-            translator = ct2.Translator(
-                str(path), device=device, compute_type=compute_type, intra_threads=intra_threads
-            )
-        except (RuntimeError, ValueError) as e:  # unknown device/compute type, no CUDA ...
-            raise UserError(f"CTranslate2 cannot load {path} on {device}: {e}") from e
-        tokenizer = Tokenizer((path / SPM_FILE).read_bytes())
-        return cls(translator, tokenizer, int(metadata["max_positions"]))
-
-    def translate(
-        self, sentences: list[str], options: SearchOptions = BEAM, batch_size: int = 64
-    ) -> list[str]:
-        """Detokenized best translations, one per input sentence, in input order."""
-        best = self._search(sentences, options, batch_size, rescore=options.beam_size > 1)
-        return self.tokenizer.decode([hyps[0][0] for hyps in best])
-
-    def translate_nbest(
-        self, sentences: list[str], options: SearchOptions = BEAM, batch_size: int = 64
-    ) -> list[list[tuple[str, float]]]:
-        """Per sentence, up to ``options.nbest`` (translation, score) pairs, best first; the
-        score is the log-probability (EOS included) over the GNMT length penalty."""
-        results = self._search(sentences, options, batch_size, rescore=True)
-        nbest = []
-        for hyps in results:
-            texts = self.tokenizer.decode([ids for ids, _ in hyps])
-            nbest.append([(text, score) for text, (_, score) in zip(texts, hyps, strict=True)])
-        return nbest
-
-    def _search(
-        self, sentences: list[str], options: SearchOptions, batch_size: int, rescore: bool
-    ) -> list[list[Scored]]:
-        ids = encode_to_fit(self.tokenizer, sentences, self.max_positions)
-        results: list[list[Scored]] = [[([], 0.0)] for _ in sentences]
-        groups: dict[int, list[int]] = {}
-        for i, s in enumerate(ids):
-            if s:  # an empty input gets an empty translation
-                groups.setdefault(self.budget(len(s) + 1, options), []).append(i)
-        for budget, indices in sorted(groups.items()):
-            sources = [[self.pieces[t] for t in ids[i]] for i in indices]
-            found = self._decode(sources, budget, options, batch_size)
-            if rescore:
-                found = self._rescore(sources, found, options, batch_size)
-            for i, hyps in zip(indices, found, strict=True):
-                results[i] = hyps[: options.nbest]
-        return results
-
-    def budget(self, source_length: int, options: SearchOptions) -> int:
-        """Output tokens allowed, EOS included, for a source of ``source_length`` tokens
-        (EOS included): ``⌊a·length⌋ + b`` in float32 like the PyTorch search, capped."""
-        lengths = torch.tensor([source_length])
-        return int(output_budget(lengths, options.max_len_a, options.max_len_b, self.max_positions))
-
-    def _decode(
-        self, sources: list[list[str]], budget: int, options: SearchOptions, batch_size: int
-    ) -> list[list[Scored]]:
-        if budget == 1:  # only EOS fits
-            return [[([], 0.0)] for _ in sources]
-        beam = options.beam_size
-        max_length = budget - 1  # CTranslate2 counts tokens without the final EOS
-        tok = self.tokenizer
-        outputs = self.translator.translate_batch(
-            sources,
-            max_batch_size=batch_size,
-            beam_size=beam,
-            patience=1,
-            num_hypotheses=beam,
-            length_penalty=options.alpha or _NO_EARLY_EXIT,
-            no_repeat_ngram_size=options.no_repeat_ngram,
-            suppress_sequences=[[self.pieces[tok.pad_id]], [self.pieces[tok.bos_id]]],
-            max_input_length=0,
-            max_decoding_length=max_length,
-            min_decoding_length=min(max(options.min_len - 1, 0), max_length),
-            return_scores=True,
-        )
-        return [
-            [
-                ([self.piece_ids[p] for p in hyp], score)
-                for hyp, score in zip(r.hypotheses, r.scores, strict=True)
-            ]
-            for r in outputs
-        ]
-
-    def _rescore(
-        self,
-        sources: list[list[str]],
-        found: list[list[Scored]],
-        options: SearchOptions,
-        batch_size: int,
-    ) -> list[list[Scored]]:
-        """Score every hypothesis as :func:`beam_search` does (log P(Y + EOS) over the GNMT
-        penalty of |Y| + 1), with one ``score_batch`` call; each list sorted best first."""
-        pairs = [(src, ids) for src, hyps in zip(sources, found, strict=True) for ids, _ in hyps]
-        scored = iter(
-            self.translator.score_batch(
-                [src for src, _ in pairs],
-                [[self.pieces[t] for t in ids] for _, ids in pairs],
-                max_batch_size=batch_size,
-                max_input_length=0,
-            )
-        )
-        rescored = []
-        for hyps in found:
-            ranked = [
-                (ids, sum(next(scored).log_probs) / length_penalty(len(ids) + 1, options.alpha))
-                for ids, _ in hyps
-            ]
-            rescored.append(sorted(ranked, key=lambda h: -h[1]))
-        return rescored

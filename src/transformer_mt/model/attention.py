@@ -70,9 +70,9 @@ class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W^Q_i, K W^K_i, V W^V_i).
 
     Used three ways: encoder self-attention, decoder masked self-attention and
-    encoder-decoder (cross) attention. For incremental decoding, ``cache`` holds the
-    keys/values seen so far: self-attention appends the new step's, cross-attention
-    computes the encoder's once and reuses them.
+    encoder-decoder (cross) attention. ``forward`` attends whole sequences (training, and
+    the encoder); ``step_self`` and ``step_cross`` decode one position at a time with the
+    keys and values of a :class:`~transformer_mt.model.cache.KVCache`.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float, bias: bool = True) -> None:
@@ -93,6 +93,12 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape  # (B, T, d) -> (B, H, T, d_k)
         return x.view(b, t, self.n_heads, self.d_k).transpose(1, 2)
 
+    def stacked_weights(self, *projections: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weights and biases of several projections stacked for one matrix multiply."""
+        biases = [proj.bias for proj in projections]
+        bias = None if biases[0] is None else torch.cat(biases)
+        return torch.cat([proj.weight for proj in projections]), bias
+
     def _project(self, x: torch.Tensor, *projections: nn.Linear) -> tuple[torch.Tensor, ...]:
         """x W^P + b^P for each of several projections of one input, split into heads:
         (B, T, d) -> each (B, H, T, d_k).
@@ -101,9 +107,7 @@ class MultiHeadAttention(nn.Module):
         cross-attention): fewer, larger products, and in backward one product for the input's
         gradient instead of one per projection plus their sum (1-3% of a training step).
         """
-        weight = torch.cat([proj.weight for proj in projections])  # (k·d, d)
-        biases = [proj.bias for proj in projections]
-        bias = None if biases[0] is None else torch.cat(biases)
+        weight, bias = self.stacked_weights(*projections)  # (k·d, d), (k·d,)
         b, t, _ = x.shape
         stacked = F.linear(x, weight, bias).view(b, t, len(projections), self.n_heads, self.d_k)
         return stacked.permute(2, 0, 3, 1, 4).unbind(0)  # k × (B, H, T, d_k)
@@ -130,29 +134,62 @@ class MultiHeadAttention(nn.Module):
         key_value: torch.Tensor,  # (B, Tk, d)
         mask: torch.Tensor | None = None,  # bool, broadcastable to (B, H, Tq, Tk)
         causal: bool = False,
-        cache: dict[str, torch.Tensor] | None = None,
-        static_kv: bool = False,
     ) -> torch.Tensor:  # (B, Tq, d)
-        if cache is None:  # training, or a whole sequence at once
-            if query is key_value:  # self-attention
-                q, k, v = self._project(query, self.q_proj, self.k_proj, self.v_proj)
-            else:  # cross-attention
-                q = self._split_heads(self.q_proj(query))
-                k, v = self._project(key_value, self.k_proj, self.v_proj)
-        else:  # incremental decoding: one projection each, no weights stacked at every step
+        if query is key_value:  # self-attention
+            q, k, v = self._project(query, self.q_proj, self.k_proj, self.v_proj)
+        else:  # cross-attention
             q = self._split_heads(self.q_proj(query))
-            if static_kv and "k" in cache:
-                k, v = cache["k"], cache["v"]  # cross-attention: encoder keys/values computed once
-            else:
-                k = self._split_heads(self.k_proj(key_value))
-                v = self._split_heads(self.v_proj(key_value))
-                if not static_kv and "k" in cache:  # self-attention: append this step
-                    k = torch.cat([cache["k"], k], dim=2)
-                    v = torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
-        if cache is not None and causal and query.size(1) != 1:
-            raise ValueError("cached causal self-attention decodes one position at a time")
-        # With a cache the single new query may see every cached key: no causal mask needed.
-        out = self.attention(q, k, v, mask=mask, causal=causal and cache is None)
+            k, v = self._project(key_value, self.k_proj, self.v_proj)
+        out = self.attention(q, k, v, mask=mask, causal=causal)
         b, _, tq, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, tq, self.n_heads * self.d_k))
+
+    # -- incremental decoding (inference): one new target position per call ------------------
+    def source_keys_values(self, memory: torch.Tensor) -> torch.Tensor:
+        """Cross-attention keys and values of the encoder output, computed once per batch:
+        memory (N, S, d) -> (2, N, H, S, d_k)."""
+        return torch.stack(self._project(memory, self.k_proj, self.v_proj))
+
+    def step_self(
+        self,
+        x: torch.Tensor,  # (R, d) the newest position of each of R hypotheses
+        cache: torch.Tensor,  # (2, R, H, T_max, d_k) keys and values of positions < t
+        t: int,
+        qkv: tuple[torch.Tensor, torch.Tensor | None],  # stacked_weights(q, k, v)
+    ) -> torch.Tensor:  # (R, d)
+        """Masked self-attention of position ``t`` over positions 0..t; its key and value are
+        written into ``cache`` at ``t`` (no mask is needed: every cached position is past)."""
+        r = x.size(0)
+        q, k, v = F.linear(x, *qkv).view(r, 3, self.n_heads, self.d_k).unbind(1)  # (R, H, d_k)
+        cache[0, :, :, t] = k
+        cache[1, :, :, t] = v
+        out = attend(q[:, :, None], cache[0, :, :, : t + 1], cache[1, :, :, : t + 1])
+        return self.out_proj(out.view(r, -1))  # (R, H, 1, d_k) -> (R, d)
+
+    def step_cross(
+        self,
+        x: torch.Tensor,  # (R, d), R = N·G: G consecutive rows (beam hypotheses) per sentence
+        source: torch.Tensor,  # (2, N, H, S, d_k) from source_keys_values
+        bias: torch.Tensor,  # (N, 1, 1, S) 0 at source tokens, -inf at padding
+    ) -> torch.Tensor:  # (R, d)
+        """Encoder-decoder attention of the newest position. The G hypotheses of a sentence
+        share its keys and values: they are attended as G queries of one sentence, so the
+        source is neither repeated per hypothesis nor reordered when the beams are."""
+        n, r = source.size(1), x.size(0)
+        q = self.q_proj(x).view(n, r // n, self.n_heads, self.d_k).transpose(1, 2)  # (N, H, G, d_k)
+        out = attend(q, source[0], source[1], bias)  # (N, H, G, d_k)
+        return self.out_proj(out.transpose(1, 2).reshape(r, -1))
+
+
+def attend(
+    q: torch.Tensor,  # (..., Tq, d_k)
+    k: torch.Tensor,  # (..., Tk, d_k)
+    v: torch.Tensor,  # (..., Tk, d_k)
+    bias: torch.Tensor | None = None,  # additive, broadcastable to (..., Tq, Tk)
+) -> torch.Tensor:  # (..., Tq, d_k)
+    """softmax(Q Kᵀ / √d_k + bias) V written out: for the few queries of a decoding step this
+    is faster than the fused kernel, which is built for long query blocks."""
+    scores = (q @ k.transpose(-2, -1)).mul_(q.size(-1) ** -0.5)  # (..., Tq, Tk)
+    if bias is not None:
+        scores += bias
+    return scores.softmax(dim=-1) @ v

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from transformer_mt.model.attention import MultiHeadAttention
+from transformer_mt.model.cache import KVCache
 from transformer_mt.model.dropout import Dropout
 
 
@@ -99,15 +100,17 @@ class DecoderLayer(nn.Module):
         y: torch.Tensor,  # (B, T, d)
         memory: torch.Tensor,  # (B, S, d) encoder output
         memory_mask: torch.Tensor | None,  # (B, 1, 1, S) bool
-        cache: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        self_cache = cache["self"] if cache is not None else None
-        cross_cache = cache["cross"] if cache is not None else None
-        y = self.sublayer1(y, lambda h: self.self_attn(h, h, causal=True, cache=self_cache))
-        y = self.sublayer2(
-            y,
-            lambda h: self.cross_attn(
-                h, memory, mask=memory_mask, cache=cross_cache, static_kv=True
-            ),
-        )
+        y = self.sublayer1(y, lambda h: self.self_attn(h, h, causal=True))
+        y = self.sublayer2(y, lambda h: self.cross_attn(h, memory, mask=memory_mask))
+        return self.sublayer3(y, self.feed_forward)
+
+    def step(self, y: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """The newest position of each decoder row, (R, d) -> (R, d), with this layer's keys
+        and values in ``cache`` (it is layer number ``layer``)."""
+        t = cache.length
+        self_kv, qkv = cache.layer_self(layer), cache.qkv[layer]
+        y = self.sublayer1(y, lambda h: self.self_attn.step_self(h, self_kv, t, qkv))
+        source = cache.source_kv[layer]
+        y = self.sublayer2(y, lambda h: self.cross_attn.step_cross(h, source, cache.source_bias))
         return self.sublayer3(y, self.feed_forward)

@@ -7,11 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from transformer_mt.model.cache import KVCache
 from transformer_mt.model.embedding import TransformerEmbedding
 from transformer_mt.model.layers import DecoderLayer, EncoderLayer
-
-# Per decoder layer: {"self": {"k", "v"}, "cross": {"k", "v"}}, tensors of shape (B, H, T, d_k).
-DecoderCache = list[dict[str, dict[str, torch.Tensor]]]
 
 
 def padding_mask(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -53,18 +51,24 @@ class Decoder(nn.Module):
         y: torch.Tensor,
         memory: torch.Tensor,
         memory_mask: torch.Tensor | None,
-        cache: DecoderCache | None = None,
     ) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            y = layer(y, memory, memory_mask, cache[i] if cache is not None else None)
+        for layer in self.layers:
+            y = layer(y, memory, memory_mask)
         return self.final_norm(y)  # (B, T, d)
+
+    def step(self, y: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The newest position through every layer: (R, d) -> (R, d)."""
+        for i, layer in enumerate(self.layers):
+            y = layer.step(y, cache, i)
+        return self.final_norm(y)
 
 
 class Transformer(nn.Module):
     """Encoder-decoder Transformer over one joint (shared source/target) vocabulary.
 
     ``forward`` is the training path (teacher forcing, whole target at once);
-    ``encode`` + ``decode_step`` are the inference path with a key/value cache.
+    ``encode``, ``start_decoding`` and ``decode_step`` are the inference path, one target
+    position at a time with a key/value cache.
     """
 
     def __init__(
@@ -120,8 +124,6 @@ class Transformer(nn.Module):
         tgt_in: torch.Tensor,
         memory: torch.Tensor,
         memory_mask: torch.Tensor,
-        cache: DecoderCache | None = None,
-        offset: int = 0,
         positions: torch.Tensor | None = None,
         project: bool = True,
     ) -> torch.Tensor:
@@ -133,7 +135,7 @@ class Transformer(nn.Module):
         ``project=False`` the decoder's output states (B, T, d) or (N, d) come back instead,
         for a loss that applies ``output_projection`` itself (``training.loss.OutputLayerLoss``).
         """
-        y = self.decoder(self.embedding(tgt_in, offset), memory, memory_mask, cache)  # (B, T, d)
+        y = self.decoder(self.embedding(tgt_in), memory, memory_mask)  # (B, T, d)
         if positions is not None:
             y = y.reshape(-1, y.size(-1)).index_select(0, positions)  # (N, d)
         return self.output_projection(y) if project else y
@@ -150,29 +152,41 @@ class Transformer(nn.Module):
         memory, src_mask = self.encode(src)
         return self.decode(tgt_in, memory, src_mask, positions=positions, project=project)
 
-    def new_cache(self) -> DecoderCache:
-        """An empty key/value cache for incremental decoding."""
-        return [{"self": {}, "cross": {}} for _ in self.decoder.layers]
-
-    def decode_step(
+    def start_decoding(
         self,
-        last_tokens: torch.Tensor,  # (B,) the tokens produced at the previous step
-        memory: torch.Tensor,
-        memory_mask: torch.Tensor,
-        cache: DecoderCache,
-        step: int,
-    ) -> torch.Tensor:
-        """One incremental decoding step -> log-probabilities (B, V) of the next token."""
-        logits = self.decode(last_tokens[:, None], memory, memory_mask, cache, offset=step)
-        return torch.log_softmax(logits[:, -1].float(), dim=-1)
+        memory: torch.Tensor,  # (N, S, d) encoder output
+        memory_mask: torch.Tensor,  # (N, 1, 1, S) bool, True at source tokens
+        group: int = 1,
+        max_steps: int | None = None,
+    ) -> KVCache:
+        """An empty cache for decoding ``group`` rows per sentence (the beam size) for at
+        most ``max_steps`` positions (default: the model's positions); it holds the source's
+        cross-attention keys and values, computed here once."""
+        layers = self.decoder.layers
+        n, s, _ = memory.shape
+        attn = layers[0].self_attn
+        steps = self.max_positions if max_steps is None else min(max_steps, self.max_positions)
+        self_kv = memory.new_empty(len(layers), 2, n * group, attn.n_heads, steps, attn.d_k)
+        source_kv = torch.stack([layer.cross_attn.source_keys_values(memory) for layer in layers])
+        bias = torch.zeros(n, 1, 1, s, dtype=memory.dtype, device=memory.device)
+        bias.masked_fill_(~memory_mask, -torch.inf)
+        qkv = [
+            layer.self_attn.stacked_weights(
+                layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj
+            )
+            for layer in layers
+        ]
+        return KVCache(self_kv, source_kv, bias, qkv, group=group, rows=n * group)
 
-    @staticmethod
-    def reorder_cache(cache: DecoderCache, index: torch.Tensor) -> None:
-        """Select rows ``index`` (beam search survivors) of every cached tensor, in place."""
-        for layer_cache in cache:
-            for kv in layer_cache.values():
-                for name in list(kv):
-                    kv[name] = kv[name].index_select(0, index)
+    def decode_step(self, last_tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One incremental decoding step: the tokens produced at the previous step (R,) ->
+        next-token logits (R, V) in fp32. Advances ``cache`` by one position."""
+        if cache.length >= cache.self_kv.size(4):
+            raise ValueError(f"the cache holds {cache.length} positions; no room for another")
+        y = self.embedding(last_tokens[:, None], cache.length)[:, 0]  # (R, d)
+        y = self.decoder.step(y, cache)
+        cache.length += 1
+        return self.output_projection(y).float()
 
     def num_parameters(self) -> tuple[int, int]:
         """(total, trainable) parameter counts; tied weights are counted once."""

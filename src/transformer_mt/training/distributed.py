@@ -8,7 +8,6 @@ SLURM environment through submitit. gloo is used on CPU, nccl on CUDA.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,6 +16,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from transformer_mt.decoding.search import SearchOptions
+from transformer_mt.decoding.translator import Translator
 from transformer_mt.errors import UserError
 
 T = TypeVar("T")
@@ -76,9 +77,11 @@ def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        # Rank 0 validates and runs the final beam search while the others wait: allow it.
+        # Rank 0 writes checkpoints and averages while the others wait: allow it time.
         dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3)
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(hours=3),
+            device_id=device if device.type == "cuda" else None,  # binds NCCL to this GPU
         )
     return ctx, device
 
@@ -127,18 +130,72 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def parameters_digest(model: torch.nn.Module) -> str:
-    """A SHA-256 of every parameter's bytes: equal digests mean bitwise-equal replicas."""
-    h = hashlib.sha256()
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def parameters_checksum(model: torch.nn.Module) -> torch.Tensor:
+    """Two int64 sums over the bit patterns of every parameter, plain and weighted by
+    position, computed where the parameters are (no copy to the host): replicas whose
+    parameters differ in any bit give different sums, barring a vanishing coincidence.
+    Integer sums wrap identically in any order, so equal parameters give equal sums."""
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.int64, device=device)
     for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+        bits = p.detach().reshape(-1).view(_BITS[p.element_size()]).long()
+        total[0] += bits.sum()
+        total[1] += (bits * torch.arange(1, bits.numel() + 1, device=device)).sum()
+    return total
 
 
 def check_replicas_in_sync(model: torch.nn.Module, ctx: DistContext) -> str:
-    """The parameters' digest; raises if it differs between ranks (a desynchronised job)."""
-    digest = parameters_digest(model)
-    digests = all_gather_object(digest, ctx)
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"model replicas diverged across ranks: {digests}")
-    return digest
+    """The parameters' checksum as hex; raises if it differs between ranks (a
+    desynchronised job). One small all-gather and one host copy of 2·world_size numbers."""
+    checksum = parameters_checksum(model)
+    gathered = [torch.empty_like(checksum) for _ in range(ctx.world_size)]
+    if ctx.enabled:
+        dist.all_gather(gathered, checksum)
+    else:
+        gathered = [checksum]
+    sums = [tuple(c) for c in torch.stack(gathered).cpu().tolist()]
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"model replicas diverged across ranks: checksums {sums}")
+    return "".join(f"{v & (2**64 - 1):016x}" for v in sums[0])
+
+
+def broadcast_parameters(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's parameters and buffers into ``module`` on every rank."""
+    if ctx.enabled:
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)
+
+
+class ShardedTranslator(Translator):
+    """A Translator whose ``translate`` shares the sentences out between the ranks of a
+    job: each decodes every world_size-th one, and every rank gets all translations in
+    order. Decoding does not depend on the batch, so the translations are those of one
+    process (validation and the final evaluation use it)."""
+
+    def __init__(self, translator: Translator, ctx: DistContext) -> None:
+        super().__init__(
+            translator.model,
+            translator.tokenizer,
+            translator.device,
+            translator.config,
+            translator.step,
+            translator.use_cache,
+            translator.checkpoint,
+        )
+        self.ctx = ctx
+
+    def translate(  # type: ignore[override]
+        self, sentences: list[str], options: SearchOptions | None = None, **kwargs: Any
+    ) -> list[str] | list[list[str]]:
+        """As :meth:`Translator.translate`, each rank decoding its share."""
+        ctx = self.ctx
+        if not ctx.enabled:
+            return super().translate(sentences, options, **kwargs)
+        mine = super().translate(shard(sentences, ctx), options, **kwargs)
+        out: list[Any] = [None] * len(sentences)
+        for rank, part in enumerate(all_gather_object(mine, ctx)):
+            out[rank :: ctx.world_size] = part
+        return out

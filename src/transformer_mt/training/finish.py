@@ -1,9 +1,11 @@
 """The end of a run: average the last checkpoints, evaluate best.pt and averaged.pt (α tuned
 on val, test at the chosen α), link the val-chosen one as ``final.pt``, write results.json
-and the TensorBoard hparams. Runs on rank 0; the other ranks wait."""
+and the TensorBoard hparams. Rank 0 averages and writes; every rank decodes its share of
+the evaluation sets."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,13 +67,17 @@ def finish_run(
         best_val_bleu_greedy=state.best_val_bleu,
     )
     final: Path | None = None
-    if setup.dist.is_main:
+    ctx = setup.dist
+    candidates = [best]
+    if ctx.is_main:
         ckpts.final_path.unlink(missing_ok=True)  # a relaunch's choice is made anew
-        candidates = [best]
         if (averaged := average_last(ckpts, tcfg.average_last, progress.log)) is not None:
             candidates.append(averaged)
+    candidates = [Path(p) for p in dist.broadcast_object([str(p) for p in candidates], ctx)]
+    if tcfg.final_eval:
+        evaluate_candidates(setup, candidates, results, progress.log)
+    if ctx.is_main:
         if tcfg.final_eval:
-            evaluate_candidates(setup, candidates, results, progress.log)
             final = ckpts.final_path
             atomic_link(ckpts.directory / str(results.final), final)
         results.write(ckpts.directory.parent)
@@ -83,7 +89,7 @@ def finish_run(
                 metrics[f"hparam/{stem}_{test_name}_bleu"] = t.bleu
         progress.hparams(setup.config, metrics)
     progress.close()
-    dist.barrier(setup.dist)
+    dist.barrier(ctx)
     return TrainResult(best, final, results)
 
 
@@ -91,14 +97,22 @@ def evaluate_candidates(
     setup: TrainingSetup, candidates: list[Path], results: RunResults, log: Callable[[str], None]
 ) -> None:
     """Beam-search BLEU/chrF of each checkpoint on val (α tuned there) and on test (at the
-    chosen α) into ``results``; sets ``results.final`` to the val-best."""
-    tcfg, data_cfg = setup.cfg.trainer, setup.cfg.data
+    chosen α) into ``results``; sets ``results.final`` to the val-best. Rank 0 reads each
+    checkpoint and sends its weights to the other ranks (no shared file system needed);
+    each rank decodes its share of the sentences."""
+    tcfg, data_cfg, ctx = setup.cfg.trainer, setup.cfg.data, setup.dist
     valid = EvalSet(*read_references(data_cfg, "valid")[0])
     tests = [EvalSet(*test) for test in read_references(data_cfg, "test")]
     for path in candidates:
-        translator = Translator.from_checkpoint(path, device=str(setup.device))
+        if ctx.is_main:
+            translator = Translator.from_checkpoint(path, device=str(setup.device))
+        else:
+            model = copy.deepcopy(setup.model)
+            translator = Translator(model, setup.tokenizer, setup.device, checkpoint=path)
+        dist.broadcast_parameters(translator.model, ctx)
+        translator.step = dist.broadcast_object(translator.step, ctx)
         results.checkpoints[path.name] = evaluate_checkpoint(
-            translator,
+            dist.ShardedTranslator(translator, ctx),
             valid,
             tests,
             tcfg.final_beam_size,

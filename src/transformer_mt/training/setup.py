@@ -23,7 +23,7 @@ from transformer_mt.model import Transformer, build_model
 from transformer_mt.training import distributed as dist
 from transformer_mt.training.config import validate_config
 from transformer_mt.training.loss import OutputLayerLoss
-from transformer_mt.training.precision import grad_scaler
+from transformer_mt.training.precision import configure_matmul, grad_scaler, resolve_precision
 from transformer_mt.training.rng import seed_everything
 from transformer_mt.training.schedule import inverse_sqrt_schedule
 from transformer_mt.training.step import UpdateStep
@@ -59,15 +59,16 @@ def build_training(cfg: DictConfig, model: Transformer | None = None) -> Trainin
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     model = (model or _setup_model(config["model"], data.tokenizer)).to(device)
     optimizer = _setup_optimizer(cfg.optim, model, device)
+    precision = resolve_precision(cfg.trainer.precision, device)
     update = UpdateStep(
         model,
         optimizer,
         inverse_sqrt_schedule(optimizer, cfg.optim.warmup_steps),
         OutputLayerLoss(cfg.trainer.label_smoothing, data.tokenizer.pad_id),
         device,
-        precision=cfg.trainer.precision,
+        precision=precision,
         clip_norm=cfg.trainer.clip_norm,
-        scaler=grad_scaler(device, cfg.trainer.precision),
+        scaler=grad_scaler(device, precision),
         ctx=ctx,
         compile=cfg.trainer.compile,
     )
@@ -86,10 +87,11 @@ def build_training(cfg: DictConfig, model: Transformer | None = None) -> Trainin
 
 
 def _setup_device(cfg: DictConfig) -> tuple[dist.DistContext, torch.device]:
-    """Check the config, join the process group, set threads and seeds."""
+    """Check the config, join the process group, set threads, matmul precision and seeds."""
     device = resolve_device(cfg.trainer.device)
     validate_config(cfg, device)
     ctx, device = dist.init_distributed(device)
+    configure_matmul(cfg.trainer.precision, device)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed + ctx.rank)  # each rank its own dropout stream

@@ -2,9 +2,11 @@
 
 An update consumes this rank's micro-batches ``[(batch, weight), ...]`` (gradient
 accumulation; with data parallelism every rank holds its share). Their summed loss is
-divided by the real target tokens of the whole update on all ranks, so accumulation and
-data parallelism give the gradient of one big batch. A non-finite gradient norm skips the
-update. :class:`UpdateStep` needs no run directory: benchmarks and tests use it as it is.
+divided by the real target tokens of the whole update on all ranks (counted on the host
+from the batch plan every rank shares), so accumulation and data parallelism give the
+gradient of one big batch. A non-finite gradient norm skips the update. The update's one
+host sync is its gradient norm. :class:`UpdateStep` needs no run directory: benchmarks and
+tests use it as it is.
 """
 
 from __future__ import annotations
@@ -70,7 +72,10 @@ class UpdateStep:
         self.clip_norm = clip_norm
         self.scaler = scaler
         self.dist = ctx or dist.DistContext()
-        self.ddp = DistributedDataParallel(model) if self.dist.enabled else None
+        self.ddp = None
+        if self.dist.enabled:  # the positional table is a constant: no buffers to broadcast
+            ids = [device.index] if device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         # What the training forward runs: the (DDP-wrapped) model, compiled on request.
         self.train_module: torch.nn.Module = self.ddp or model
         if compile:
@@ -83,13 +88,18 @@ class UpdateStep:
             hidden = module(batch.src, batch.tgt_in, batch.tgt_positions, project=False)
             return self.criterion(hidden, self.model.output_projection.weight, batch.real_targets())
 
-    def __call__(self, batches: list[tuple[Batch, float]]) -> StepResult:
-        """One update from this rank's micro-batches ``[(batch, weight), ...]``; the learning
-        rate schedule advances only when the update is applied."""
+    def __call__(
+        self, batches: list[tuple[Batch, float]], global_tokens: int | None = None
+    ) -> StepResult:
+        """One update from this rank's micro-batches ``[(batch, weight), ...]``.
+        ``global_tokens`` is the update's target tokens on all ranks; without it they are
+        summed with a collective. The learning rate schedule advances only when the update
+        is applied."""
         module = self.train_module
         module.train()
-        local_tokens = sum(b.n_tgt_tokens * w for b, w in batches)
-        global_tokens = dist.all_reduce_sum(local_tokens, self.dist, self.device)
+        if global_tokens is None:
+            local_tokens = sum(b.n_tgt_tokens * w for b, w in batches)
+            global_tokens = int(dist.all_reduce_sum(local_tokens, self.dist, self.device))
         scale = self.dist.world_size / global_tokens  # DDP averages gradients over ranks
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
@@ -107,14 +117,13 @@ class UpdateStep:
         max_norm = self.clip_norm if self.clip_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         finite = math.isfinite(grad_norm)  # the float() above: the one host sync per update
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the step itself on inf/nan
-            self.scaler.update()
-        elif finite:
+        if finite:  # (gradients already unscaled: scaler.step would only sync to check again)
             self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()  # on the device: lowers the scale after an overflow
         if not finite:
             overflow = self.scaler is not None and self.scaler.get_scale() >= 1.0
             outcome = Outcome.OVERFLOW if overflow else Outcome.NONFINITE
-            return StepResult(total, int(global_tokens), grad_norm, outcome)
+            return StepResult(total, global_tokens, grad_norm, outcome)
         self.scheduler.step()
-        return StepResult(total, int(global_tokens), grad_norm, Outcome.APPLIED)
+        return StepResult(total, global_tokens, grad_norm, Outcome.APPLIED)

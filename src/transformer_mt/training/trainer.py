@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from transformer_mt.data.batching import Batch, collate, token_batches
+from transformer_mt.data.batching import Batch, collate, target_tokens, token_batches
 from transformer_mt.data.loader import Prefetcher, pinned
 from transformer_mt.errors import ConfigError, TrainingDivergedError
 from transformer_mt.formats.checkpoint import load_checkpoint, step_checkpoints
@@ -97,10 +97,12 @@ class Trainer:
         return None if mode == "auto" else (Path(mode), load_checkpoint(mode))
 
     # -- one update ---------------------------------------------------------------------------
-    def train_step(self, batches: list[tuple[Batch, float]]) -> StepResult:
+    def train_step(
+        self, batches: list[tuple[Batch, float]], global_tokens: int | None = None
+    ) -> StepResult:
         """Run one update and count it: applied, an fp16 overflow, or skipped as non-finite
         (too many of those in a row stop the run)."""
-        result = self.update(batches)
+        result = self.update(batches, global_tokens)
         self.last_grad_norm = result.grad_norm
         if result.outcome is Outcome.APPLIED:
             self.nonfinite_run = 0
@@ -135,24 +137,21 @@ class Trainer:
 
     # -- validation and checkpoints -----------------------------------------------------------
     def validate(self) -> float:
-        """Val loss, perplexity and greedy BLEU on rank 0 (logged); every rank gets the BLEU."""
-        s, bleu = self.state, 0.0
-        if self.dist.is_main:
-            setup = self.setup
-            v = validate(
-                self.update,
-                self.tokenizer,
-                setup.valid_split,
-                setup.valid,
-                self.tcfg.max_tokens,
-                self.tcfg.valid_batch_size,
-            )
-            examples = v.examples(setup.valid)
-            self.progress.validation(s.step, s.epoch, v.loss, v.ppl, v.bleu, examples)
-            bleu = v.bleu
-        bleu = dist.broadcast_object(bleu, self.dist)
-        s.validated_step, s.validated_bleu = s.step, bleu
-        return bleu
+        """Val loss, perplexity and greedy BLEU, each rank doing its share; rank 0 logs."""
+        s, setup = self.state, self.setup
+        v = validate(
+            self.update,
+            self.tokenizer,
+            setup.valid_split,
+            setup.valid,
+            self.tcfg.max_tokens,
+            self.tcfg.valid_batch_size,
+            self.dist,
+        )
+        examples = v.examples(setup.valid)
+        self.progress.validation(s.step, s.epoch, v.loss, v.ppl, v.bleu, examples)
+        s.validated_step, s.validated_bleu = s.step, v.bleu
+        return v.bleu
 
     def checkpoint(self, validate: bool) -> None:
         """Optionally validate (best score, early stopping), then save a checkpoint."""
@@ -176,7 +175,7 @@ class Trainer:
             digest = dist.check_replicas_in_sync(self.model, self.dist)
             self.progress.log(
                 f"step {s.step}: parameters identical on all {self.dist.world_size} ranks "
-                f"(sha256 {digest[:16]})"
+                f"(checksum {digest[:16]})"
             )
         saved = dataclasses.replace(
             s, train_seconds=self.training_seconds(), checkpoint_scores=dict(self.ckpts.scores)
@@ -237,10 +236,11 @@ class Trainer:
         rng = epoch_rng(self.cfg.seed, epoch)
         return token_batches(split.src_lengths, split.tgt_lengths, self.tcfg.max_tokens, rng)
 
-    def micro_batches(self, group: list[np.ndarray]) -> list[tuple[Batch, float]]:
-        """This rank's share of one update's batches, with weight 1. A rank left without one
-        (the last, short update of an epoch) runs the first batch with weight 0, so every
-        rank takes part in the gradient all-reduce and each example counts once."""
+    def micro_batches(self, group: list[np.ndarray]) -> tuple[list[tuple[Batch, float]], int]:
+        """This rank's share of one update's batches, with weight 1, and the update's target
+        tokens on all ranks. A rank left without one (the last, short update of an epoch)
+        runs the first batch with weight 0, so every rank takes part in the gradient
+        all-reduce and each example counts once."""
         tok, split = self.tokenizer, self.setup.train_split
         mine = dist.shard(group, self.dist)
         weight = 1.0 if mine else 0.0
@@ -248,7 +248,8 @@ class Trainer:
             (collate(split, idx, tok.pad_id, tok.bos_id, tok.eos_id), weight)
             for idx in (mine or group[:1])
         ]
-        return pinned(batches) if self.setup.device.type == "cuda" else batches
+        total = sum(target_tokens(split, idx) for idx in group)
+        return (pinned(batches) if self.setup.device.type == "cuda" else batches), total
 
     def train(self) -> TrainResult:
         """Train until a stop rule, then average and evaluate the run."""
@@ -266,8 +267,8 @@ class Trainer:
             self.progress.start_epoch(s.epoch + 1, len(groups) + done, done)
             window = Window(self.setup.device)
             with Prefetcher(self.micro_batches, groups) as ahead:  # built in the background
-                for group, micro in zip(groups, ahead, strict=True):
-                    result = self.train_step(micro)
+                for group, (micro, global_tokens) in zip(groups, ahead, strict=True):
+                    result = self.train_step(micro, global_tokens)
                     s.batches_done += len(group)
                     self.progress.advance()
                     if result.outcome is Outcome.APPLIED:

@@ -14,6 +14,7 @@ from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.search import GREEDY
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.evaluation.final import EvalSet, decode_and_score
+from transformer_mt.training import distributed as dist
 from transformer_mt.training.step import UpdateStep
 
 
@@ -38,23 +39,35 @@ class Validation:
 
 @torch.inference_mode()
 def validation_loss(
-    update: UpdateStep, tokenizer: Tokenizer, split: EncodedSplit, max_tokens: int
+    update: UpdateStep,
+    tokenizer: Tokenizer,
+    split: EncodedSplit,
+    max_tokens: int,
+    ctx: dist.DistContext | None = None,
 ) -> tuple[float, float]:
-    """Per-token label-smoothed loss and perplexity (from the NLL) of ``split``."""
+    """Per-token label-smoothed loss and perplexity (from the NLL) of ``split``; in a job of
+    several processes each rank takes every world_size-th batch and the sums are reduced.
+    Summed on the device: one host copy at the end."""
+    ctx = ctx or dist.DistContext()
     model = update.model
     model.eval()
     tok = tokenizer
-    total_loss, total_nll, total_tokens = 0.0, 0.0, 0
+    totals = torch.zeros(3, dtype=torch.float64, device=update.device)  # loss, nll, tokens
     max_len = model.max_positions - 1  # val/test are not length-filtered
-    for batch in iterate_batches(
+    batches = iterate_batches(
         split, max_tokens, tok.pad_id, tok.bos_id, tok.eos_id, max_len=max_len
-    ):
-        batch = batch.to(update.device)
-        loss, nll = update.loss(model, batch)
-        total_loss += float(loss)
-        total_nll += float(nll)
-        total_tokens += batch.n_tgt_tokens
-    return total_loss / total_tokens, math.exp(min(total_nll / total_tokens, 50.0))
+    )
+    for i, batch in enumerate(batches):
+        if i % ctx.world_size != ctx.rank:
+            continue
+        loss, nll = update.loss(model, batch.to(update.device))
+        totals[0] += loss
+        totals[1] += nll
+        totals[2] += batch.n_tgt_tokens
+    if ctx.enabled:
+        torch.distributed.all_reduce(totals)
+    loss_sum, nll_sum, tokens = totals.tolist()
+    return loss_sum / tokens, math.exp(min(nll_sum / tokens, 50.0))
 
 
 def validate(
@@ -64,9 +77,12 @@ def validate(
     valid: EvalSet,
     max_tokens: int,
     batch_size: int,
+    ctx: dist.DistContext | None = None,
 ) -> Validation:
-    """Loss and perplexity of the encoded split, greedy BLEU on the raw sentences."""
-    loss, ppl = validation_loss(update, tokenizer, split, max_tokens)
-    translator = Translator(update.model, tokenizer, update.device)
+    """Loss and perplexity of the encoded split, greedy BLEU on the raw sentences; in a job
+    of several processes every rank takes its share and gets the same results."""
+    ctx = ctx or dist.DistContext()
+    loss, ppl = validation_loss(update, tokenizer, split, max_tokens, ctx)
+    translator = dist.ShardedTranslator(Translator(update.model, tokenizer, update.device), ctx)
     decoded = decode_and_score(translator, valid, GREEDY, batch_size, metrics=("bleu",))
     return Validation(loss, ppl, decoded.bleu, decoded.hypotheses)

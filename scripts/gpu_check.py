@@ -1,0 +1,206 @@
+"""Check the CUDA path and print one report (``scripts/gpu_check.sh`` runs this on a machine
+with one GPU and no network). Each step is a section of the report:
+
+1. the CUDA tests (``tests/test_cuda.py``);
+2. a tiny model trained 100 updates in each precision, stopped at 50 and resumed;
+3. 30 timed updates of the default model against the plain nn.Transformer loop
+   (``scripts/bench_train.py``: tokens/s, MFU, data wait, host syncs per update);
+4. the decoding benchmark (``scripts/bench_decode.py``) on ``--checkpoint``, or else on the
+   tiny model of step 2.
+
+``--device cpu`` runs the same steps without a GPU (the CUDA tests are skipped there, and
+the precisions are those a CPU has); ``--quick`` shrinks every step, for the test suite.
+
+    python scripts/gpu_check.py --out gpu_report.md
+    python scripts/gpu_check.py --device cpu --quick --out /tmp/report.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (default) | cpu")
+    p.add_argument("--out", type=Path, default=Path("gpu_report.md"), help="the report (Markdown)")
+    p.add_argument("--work", type=Path, default=Path("runs/gpu_check"), help="run directories")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="for the decoding benchmark (default: make train's final.pt, else the tiny run's)",
+    )
+    p.add_argument("--quick", action="store_true", help="a few updates and sentences per step")
+    return p.parse_args()
+
+
+class Report:
+    """Markdown sections, printed and written as they come (a killed run keeps its start)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.lines = path, []
+        self.failures: list[str] = []
+
+    def add(self, *lines: str) -> None:
+        self.lines += lines
+        print("\n".join(lines), flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n".join(self.lines) + "\n")
+
+    def check(self, ok: bool, what: str) -> None:
+        self.add(f"- {'ok' if ok else 'FAILED'}: {what}")
+        if not ok:
+            self.failures.append(what)
+
+
+def run(command: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a command from the repository root; its result and its wall time."""
+    start = time.perf_counter()
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    try:
+        result = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+        )
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        result = subprocess.CompletedProcess(command, 124, out, f"timed out after {timeout} s")
+    return result, time.perf_counter() - start
+
+
+def tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def cuda_tests(report: Report) -> None:
+    report.add("", "## 1. CUDA tests", "")
+    result, seconds = run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py"], 300)
+    report.add("```", tail(result.stdout), "```")
+    report.check(result.returncode == 0, f"tests/test_cuda.py ({seconds:.0f} s)")
+
+
+def tiny_trainings(report: Report, args: argparse.Namespace) -> Path | None:
+    """100 updates of the tiny model per precision, in two launches; the last run's best.pt."""
+    report.add("", "## 2. Tiny training per precision, with a resume", "")
+    cuda = args.device.startswith("cuda")
+    precisions = ["fp32", "tf32", "bf16", "fp16"] if cuda else ["fp32", "bf16"]
+    if args.quick and not cuda:
+        precisions = ["fp32"]
+    half, full = (3, 6) if args.quick else (50, 100)
+    last: Path | None = None
+    for precision in precisions:
+        run_dir = (args.work / f"tiny-{precision}").resolve()
+        common = [
+            sys.executable,
+            "-m",
+            "transformer_mt.cli.train",
+            "model=tiny",
+            f"trainer.device={args.device}",
+            f"trainer.precision={precision}",
+            "trainer.valid_max_sentences=100",
+            "trainer.final_beam_size=2",
+            "trainer.final_alpha=1.0",
+            "trainer.resume=auto",
+            f"hydra.run.dir={run_dir}",
+        ]
+        first, s1 = run([*common, f"trainer.max_steps={half}", "trainer.final_eval=false"], 600)
+        final_eval = f"trainer.final_eval={not args.quick}"  # quick: no beam search at the end
+        second, s2 = run([*common, f"trainer.max_steps={full}", final_eval], 600)
+        resumed = f"first update of this launch: step {half + 1}" in second.stdout
+        ok = first.returncode == 0 and second.returncode == 0 and resumed
+        results = run_dir / "results.json"
+        summary = ""
+        if results.is_file():
+            data = json.loads(results.read_text())
+            summary = f", best greedy val BLEU {data.get('best_val_bleu_greedy') or 0:.2f}"
+            last = run_dir / "checkpoints" / "best.pt"
+        report.check(
+            ok,
+            f"{precision}: {half} + {full - half} updates, resumed ({s1:.0f} s + {s2:.0f} s{summary})",
+        )
+        if not ok:
+            report.add("```", tail(first.stderr + second.stderr), "```")
+    return last
+
+
+def train_benchmark(report: Report, args: argparse.Namespace) -> None:
+    report.add("", "## 3. Training throughput (default model, same batches as the plain loop)", "")
+    cuda = args.device.startswith("cuda")
+    rows = ["fp32", "tf32", "bf16"] if cuda else ["fp32"]
+    steps = ["--steps", "3", "--warmup", "1"] if args.quick else ["--steps", "30", "--warmup", "5"]
+    model = ["model=tiny"] if args.quick else []
+    for precision in rows:
+        command = [sys.executable, "scripts/bench_train.py", "--device", args.device]
+        command += ["--precision", precision, *steps, "--json", *model]
+        result, seconds = run(command, 600)
+        if result.returncode != 0:
+            report.check(False, f"bench_train {precision}")
+            report.add("```", tail(result.stderr), "```")
+            continue
+        r = json.loads(result.stdout.strip().splitlines()[-1])
+        syncs = r["host_syncs_per_update"]
+        report.check(
+            True,
+            f"{precision}: ours {r['tokens_per_s_ours']:,.0f} tok/s, plain loop "
+            f"{r['tokens_per_s_reference']:,.0f} ({r['throughput_ratio']:.2f}×); MFU "
+            f"{r['mfu']:.1%} of {r['matmul_peak_flops'] / 1e12:.1f} TFLOP/s; data wait "
+            f"{r['data_wait_fraction']:.1%}; host syncs per update {syncs}; {seconds:.0f} s",
+        )
+
+
+def decode_benchmark(report: Report, args: argparse.Namespace, fallback: Path | None) -> None:
+    report.add("", "## 4. Decoding (test_2016_flickr)", "")
+    default = ROOT / "runs/multi30k_en-de/default/checkpoints/final.pt"
+    checkpoint = args.checkpoint or (default if default.is_file() else fallback)
+    if checkpoint is None or not checkpoint.is_file():
+        report.check(False, "no checkpoint to decode with")
+        return
+    command = [sys.executable, "scripts/bench_decode.py", "--checkpoint", str(checkpoint)]
+    command += ["--device", args.device]
+    if args.quick:
+        command += ["--limit", "30", "--repeat", "1", "--no-uncached"]
+    result, seconds = run(command, 600)
+    report.add("```", tail(result.stdout, 20), tail(result.stderr, 3), "```")
+    report.check(result.returncode == 0, f"bench_decode on {checkpoint} ({seconds:.0f} s)")
+
+
+def main() -> None:
+    args = parse_args()
+    report = Report(args.out)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device; use --device cpu for the parts that need none")
+    name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    start = time.perf_counter()
+    report.add(
+        f"# GPU check: {name}",
+        "",
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}; Python {platform.python_version()}",
+    )
+    if cuda:
+        cuda_tests(report)
+    last = tiny_trainings(report, args)
+    train_benchmark(report, args)
+    decode_benchmark(report, args, last)
+    verdict = "all checks passed" if not report.failures else f"{len(report.failures)} FAILED"
+    report.add("", f"{verdict}; {time.perf_counter() - start:.0f} s in all")
+    sys.exit(1 if report.failures else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Translate with a directory written by ``tmt-export`` (``tmt-translate --engine
+ctranslate2``): CTranslate2's own search, with this project's options and scores.
+
+Each call of :meth:`CTranslate2Translator.translate` makes one ``translate_batch`` call for
+all its sentences, at the largest output budget among them; outputs over a sentence's own
+budget are cut to it afterwards. Scores are recomputed from CTranslate2's only where this
+project's length penalty ranks differently, and ``score_batch`` is called only for the
+rare hypotheses whose log-probability CTranslate2 did not report (those cut by a budget).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transformer_mt.data.tokenizer import Tokenizer
+from transformer_mt.decoding.beam import length_penalty
+from transformer_mt.decoding.search import BEAM, SearchOptions, output_budget
+from transformer_mt.decoding.translator import encode_to_fit
+from transformer_mt.errors import UserError
+from transformer_mt.export.ctranslate2 import METADATA_FILE, SPM_FILE, import_ctranslate2
+
+Scored = tuple[list[int], float]  # subword ids (no BOS/EOS) and the length-normalized score
+
+# With α = 0, CTranslate2's beam search stops as soon as its best beam ends; any nonzero
+# length penalty makes it go on until beam_size hypotheses are finished, this project's rule.
+# 1e-6 changes CTranslate2's own ranking negligibly (and the hypotheses are rescored anyway).
+NO_EARLY_EXIT = 1e-6
+
+
+class CTranslate2Translator:
+    """Translate raw sentences with an exported directory, the way :class:`Translator` does.
+
+    Search options map onto ``translate_batch`` as follows:
+
+    * ``beam_size`` → ``beam_size`` (1 = greedy), with ``patience=1``;
+    * ``max_len_a``/``max_len_b``: the output budget of each sentence is
+      ``⌊a·(source subwords + EOS)⌋ + b`` tokens, EOS included, capped to [1, max_positions],
+      exactly as here. One ``translate_batch`` call decodes every sentence with
+      ``max_decoding_length`` = the largest budget − 1 (CTranslate2 counts tokens without
+      EOS); an output longer than its own budget − 1 is cut to it. Here the budget's last
+      step may only emit EOS, so greedy outputs are the same tokens; a cut hypothesis gets
+      its log-probability, EOS included, from ``score_batch``;
+    * ``min_len`` (EOS included) → ``min_decoding_length = min_len − 1`` (EOS excluded);
+    * ``no_repeat_ngram`` → ``no_repeat_ngram_size``;
+    * ``nbest`` → the number of hypotheses kept, ``num_hypotheses = beam_size``;
+    * ``alpha`` → ``length_penalty`` (or 1e-6 when α = 0), for CTranslate2's own ranking:
+      it reports ``log P(Y + EOS) / (|Y| + 1)^α``, this project ranks by the GNMT
+      ``log P(Y + EOS) / ((5 + |Y| + 1) / 6)^α``. So beam outputs (and every n-best list) are
+      re-ranked by that score, computed from CTranslate2's log-probability: the score
+      :func:`beam_search` gives. A nonzero penalty also makes CTranslate2 finish
+      ``beam_size`` hypotheses, as here, instead of stopping once the best beam ends.
+
+    PAD and BOS are never generated, as here: they are allowed in the one call (so that
+    CTranslate2's log-probabilities are this project's) and the rare sentence that gets one
+    is decoded again with them forbidden (``suppress_sequences``) and scored with
+    ``score_batch``.
+
+    Remaining differences, all in beam search (greedy search gives the same tokens):
+    CTranslate2 removes forbidden tokens (EOS before ``min_len``, repeated n-grams, and PAD
+    and BOS on a second pass) before the softmax and this project after it, so the
+    cumulative scores that choose the surviving beams differ by that renormalization (those
+    hypotheses are scored with ``score_batch``, so the returned scores are exact); on the
+    budget's last step CTranslate2 finishes the top ``beam_size`` candidates as they are,
+    where this project first refills the beam with non-EOS candidates and then forces EOS
+    (and a sentence decoded past its budget is cut, not searched within it); and when more
+    than ``beam_size`` hypotheses are finished, CTranslate2 keeps the best by its own
+    normalized score, this project the first ones finished.
+    """
+
+    def __init__(self, translator: Any, tokenizer: Tokenizer, max_positions: int) -> None:
+        self.translator = translator
+        self.tokenizer = tokenizer
+        self.max_positions = max_positions
+        self.pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+        self.piece_ids = {p: i for i, p in enumerate(self.pieces)}
+
+    @classmethod
+    def from_dir(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        compute_type: str = "default",
+        intra_threads: int = 0,
+    ) -> CTranslate2Translator:
+        """Load a directory written by :func:`export_ctranslate2`."""
+        path = Path(path)
+        meta_path = path / METADATA_FILE
+        if not meta_path.is_file() or not (path / SPM_FILE).is_file():
+            raise UserError(f"{path} is not a transformer_mt CTranslate2 export")
+        metadata = json.loads(meta_path.read_text())
+        ct2 = import_ctranslate2()
+        try:
+            translator = ct2.Translator(
+                str(path), device=device, compute_type=compute_type, intra_threads=intra_threads
+            )
+        except (RuntimeError, ValueError) as e:  # unknown device/compute type, no CUDA ...
+            raise UserError(f"CTranslate2 cannot load {path} on {device}: {e}") from e
+        tokenizer = Tokenizer((path / SPM_FILE).read_bytes())
+        return cls(translator, tokenizer, int(metadata["max_positions"]))
+
+    def translate(
+        self, sentences: list[str], options: SearchOptions = BEAM, *, batch_size: int = 64
+    ) -> list[str]:
+        """Detokenized best translations, one per input sentence, in input order."""
+        best = self._search(sentences, options, batch_size, rank=options.beam_size > 1)
+        return self.tokenizer.decode([hyps[0][0] for hyps in best])
+
+    def translate_nbest(
+        self, sentences: list[str], options: SearchOptions = BEAM, *, batch_size: int = 64
+    ) -> list[list[tuple[str, float]]]:
+        """Per sentence, up to ``options.nbest`` (translation, score) pairs, best first; the
+        score is the log-probability (EOS included) over the GNMT length penalty."""
+        results = self._search(sentences, options, batch_size, rank=True)
+        nbest = []
+        for hyps in results:
+            texts = self.tokenizer.decode([ids for ids, _ in hyps])
+            nbest.append([(text, score) for text, (_, score) in zip(texts, hyps, strict=True)])
+        return nbest
+
+    def budgets(self, source_lengths: list[int], options: SearchOptions) -> list[int]:
+        """Output tokens allowed, EOS included, for sources of ``source_lengths`` tokens (EOS
+        included): ``⌊a·length⌋ + b`` in float32 like the PyTorch search, capped."""
+        lengths = torch.tensor(source_lengths, dtype=torch.long)
+        return output_budget(
+            lengths, options.max_len_a, options.max_len_b, self.max_positions
+        ).tolist()
+
+    def _search(
+        self, sentences: list[str], options: SearchOptions, batch_size: int, rank: bool
+    ) -> list[list[Scored]]:
+        """Decode every sentence in one ``translate_batch`` call; with ``rank``, score each
+        hypothesis as :func:`beam_search` does and sort each list best first."""
+        ids = encode_to_fit(self.tokenizer, sentences, self.max_positions)
+        results: list[list[Scored]] = [[([], 0.0)] for _ in sentences]
+        budgets = self.budgets([len(s) + 1 for s in ids], options)
+        todo = [i for i, s in enumerate(ids) if s and budgets[i] > 1]  # else: only EOS fits
+        if not todo:
+            return results
+        sources = [[self.pieces[t] for t in ids[i]] for i in todo]
+        limits = [budgets[i] - 1 for i in todo]  # output tokens before the EOS
+        # CTranslate2 removes forbidden tokens before its softmax: its log-probabilities are
+        # this project's only when it forbids nothing (no min_len, no n-gram blocking).
+        exact = options.min_len <= 1 and options.no_repeat_ngram == 0
+        found = self._decode(sources, max(limits), options, batch_size, suppress=not exact)
+        rescore = set() if exact else set(range(len(todo)))
+        if exact:  # PAD and BOS were allowed: decode again, forbidding them, where they came
+            specials = {self.tokenizer.pad_id, self.tokenizer.bos_id}
+            again = [j for j, hyps in enumerate(found) if any(specials & set(h) for h, _ in hyps)]
+            if again:
+                redone = self._decode(
+                    [sources[j] for j in again],
+                    max(limits[j] for j in again),
+                    options,
+                    batch_size,
+                    suppress=True,
+                )
+                for j, hyps in zip(again, redone, strict=True):
+                    found[j] = hyps
+                rescore.update(again)
+        if rank:
+            found = self._rank(sources, found, limits, rescore, options, batch_size)
+        for i, hyps, limit in zip(todo, found, limits, strict=True):
+            results[i] = [(tokens[:limit], score) for tokens, score in hyps[: options.nbest]]
+        return results
+
+    def _decode(
+        self,
+        sources: list[list[str]],
+        max_length: int,
+        options: SearchOptions,
+        batch_size: int,
+        suppress: bool,
+    ) -> list[list[Scored]]:
+        """One ``translate_batch`` call: per source, its hypotheses as (ids, CTranslate2's
+        score) (see the class docstring for its normalization); ``suppress`` forbids PAD
+        and BOS."""
+        beam = options.beam_size
+        tok = self.tokenizer
+        specials = [[self.pieces[tok.pad_id]], [self.pieces[tok.bos_id]]]
+        outputs = self.translator.translate_batch(
+            sources,
+            max_batch_size=batch_size,
+            beam_size=beam,
+            patience=1,
+            num_hypotheses=beam,
+            length_penalty=options.alpha or NO_EARLY_EXIT,
+            no_repeat_ngram_size=options.no_repeat_ngram,
+            suppress_sequences=specials if suppress else None,
+            max_input_length=0,
+            max_decoding_length=max_length,
+            min_decoding_length=min(max(options.min_len - 1, 0), max_length),
+            return_scores=True,
+        )
+        return [
+            [
+                ([self.piece_ids[p] for p in hyp], score)
+                for hyp, score in zip(r.hypotheses, r.scores, strict=True)
+            ]
+            for r in outputs
+        ]
+
+    def _rank(
+        self,
+        sources: list[list[str]],
+        found: list[list[Scored]],
+        limits: list[int],
+        rescore: set[int],
+        options: SearchOptions,
+        batch_size: int,
+    ) -> list[list[Scored]]:
+        """Each hypothesis scored as :func:`beam_search` does, log P(Y + EOS) over the GNMT
+        penalty of |Y| + 1, and each list sorted best first (one hypothesis per token
+        sequence). log P comes from CTranslate2's score, or from one ``score_batch`` call
+        for the hypotheses of the sentences ``rescore`` and those that reached or passed
+        their sentence's limit without EOS."""
+        alpha, ct2_alpha = options.alpha, options.alpha or NO_EARLY_EXIT
+        log_probs: list[list[float | None]] = []
+        cut: list[tuple[int, int]] = []  # (sentence, hypothesis) to score again
+        for s, (hyps, limit) in enumerate(zip(found, limits, strict=True)):
+            row: list[float | None] = []
+            for h, (tokens, score) in enumerate(hyps):
+                if s in rescore or len(tokens) >= limit:  # no EOS within the budget: cut
+                    cut.append((s, h))
+                    row.append(None)
+                else:
+                    row.append(score * (len(tokens) + 1) ** ct2_alpha)
+            log_probs.append(row)
+        if cut:
+            scored = self.translator.score_batch(
+                [sources[s] for s, _ in cut],
+                [[self.pieces[t] for t in found[s][h][0][: limits[s]]] for s, h in cut],
+                max_batch_size=batch_size,
+                max_input_length=0,
+            )
+            for (s, h), result in zip(cut, scored, strict=True):
+                log_probs[s][h] = sum(result.log_probs)
+        ranked = []
+        for s, hyps in enumerate(found):
+            best: dict[tuple[int, ...], Scored] = {}
+            for (tokens, _), log_prob in zip(hyps, log_probs[s], strict=True):
+                kept = tokens[: limits[s]]
+                assert log_prob is not None
+                score = log_prob / length_penalty(len(kept) + 1, alpha)
+                if tuple(kept) not in best or score > best[tuple(kept)][1]:
+                    best[tuple(kept)] = (kept, score)
+            ranked.append(sorted(best.values(), key=lambda h: -h[1]))
+        return ranked
