@@ -92,7 +92,7 @@ def test_attention_equals_sdpa(dropout: float) -> None:
 
 def test_auto_precision_is_bf16_with_tf32(corpus_root: Path) -> None:
     setup = build_training(make_config(corpus_root, "trainer.device=cuda"))
-    expected = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "tf32"
+    expected = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     assert resolve_precision("auto", CUDA) == setup.update.precision == expected
     assert torch.get_float32_matmul_precision() == "high"
 

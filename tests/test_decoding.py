@@ -162,6 +162,10 @@ def test_block_repeated_ngrams_bans_exactly_the_completing_tokens() -> None:
     lprobs = torch.zeros(1, 8)
     block_repeated_ngrams(lprobs, [[A, C, A]], 1)  # unigrams: no token twice
     assert torch.isinf(lprobs[0]).nonzero().flatten().tolist() == [A, C]
+    lprobs = torch.zeros(2, 8)  # rows of different lengths (a finished row stops growing)
+    block_repeated_ngrams(lprobs, [[A, EOS], [B, B, B, B]], 3)
+    assert not torch.isinf(lprobs[0]).any()
+    assert torch.isinf(lprobs[1]).nonzero().flatten().tolist() == [B]
 
 
 @pytest.mark.parametrize("m", [40000, 8000, 997, 30])
@@ -315,11 +319,17 @@ def test_translations_do_not_depend_on_batching(translator: Translator) -> None:
     rng = np.random.default_rng(1)
     lines = [" ".join(rng.choice(WORDS, size=rng.integers(1, 15))) for _ in range(60)]
     lines[7], lines[40] = "", "   ".strip()
-    for options in (SearchOptions(beam_size=1), SearchOptions(beam_size=3)):
+    options_tried = (
+        SearchOptions(beam_size=1),
+        SearchOptions(beam_size=3),
+        SearchOptions(beam_size=1, no_repeat_ngram=2, min_len=2),  # rows finish at other steps
+        SearchOptions(beam_size=3, no_repeat_ngram=2),
+    )
+    for options in options_tried:
         one_by_one = [translator.translate([line], options)[0] for line in lines]
         assert translator.translate(lines, options, batch_size=64) == one_by_one
         assert translator.translate(lines, options, batch_size=7, max_tokens=40) == one_by_one
-    assert len(set(one_by_one)) > 10  # real, varied outputs
+        assert len(set(one_by_one)) > 10  # real, varied outputs
 
 
 def test_too_long_inputs_are_truncated_with_a_warning(

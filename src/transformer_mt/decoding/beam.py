@@ -98,9 +98,9 @@ def beam_search(
         apply_constraints(lprobs, past, at_limit, step, special, options)
         candidates = lprobs.add_(scores.view(-1, 1)).view(n, k * vocab)  # scores + log-probs
         top_scores, top_index = top_k(candidates, 2 * k)  # (n, 2K)
-        # The step's one host copy (indices < 2^24 are exact in float32).
-        top = torch.stack([top_scores, top_index.float()]).cpu().numpy()
-        top_scores_np, top_index_np = top[0], top[1].astype(np.int64)
+        # The step's one host copy (float64 holds every index exactly).
+        top = torch.stack([top_scores.double(), top_index.double()]).cpu().numpy()
+        top_scores_np, top_index_np = top[0].astype(np.float32), top[1].astype(np.int64)
         top_beam, top_token = top_index_np // vocab, top_index_np % vocab
         is_eos = top_token == eos_id
 

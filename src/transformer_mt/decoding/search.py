@@ -117,19 +117,23 @@ def max_output_lengths(
 
 def block_repeated_ngrams(lprobs: torch.Tensor, history: Sequence[Sequence[int]], n: int) -> None:
     """Set to -inf, in place, the log-prob of every token that would complete an n-gram
-    already present in its row's ``history`` (the tokens generated so far, one list a row)."""
-    if n <= 0 or not history or len(history[0]) < n:
+    already present in its row's ``history`` (the tokens generated so far, one list a row;
+    rows may differ in length)."""
+    if n <= 0:
         return
     rows: list[int] = []
     banned: list[int] = []
     for row, tokens in enumerate(history):
+        if len(tokens) < n:
+            continue
         context = tuple(tokens[len(tokens) - n + 1 :]) if n > 1 else ()
         for i in range(len(tokens) - n + 1):
             if tuple(tokens[i : i + n - 1]) == context:
                 rows.append(row)
                 banned.append(tokens[i + n - 1])
     if rows:
-        lprobs[rows, banned] = -torch.inf
+        device = lprobs.device
+        lprobs[to_device(np.array(rows), device), to_device(np.array(banned), device)] = -torch.inf
 
 
 def to_device(values: Sequence[int] | np.ndarray, device: torch.device) -> torch.Tensor:

@@ -2,10 +2,12 @@
 ctranslate2``): CTranslate2's own search, with this project's options and scores.
 
 Each call of :meth:`CTranslate2Translator.translate` makes one ``translate_batch`` call for
-all its sentences, at the largest output budget among them; outputs over a sentence's own
-budget are cut to it afterwards. Scores are recomputed from CTranslate2's only where this
-project's length penalty ranks differently, and ``score_batch`` is called only for the
-rare hypotheses whose log-probability CTranslate2 did not report (those cut by a budget).
+all its sentences, at the largest output budget among them. A greedy output over its own
+sentence's budget is cut to it (the same tokens a search within the budget gives); a beam
+search that reached a sentence's budget is done again within it (one more call per such
+budget; rare with a trained model). This project's length-penalised scores are computed
+from CTranslate2's log-probabilities; ``score_batch`` is called only for the rare
+hypotheses whose log-probability CTranslate2 did not report (those cut by a budget).
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ class CTranslate2Translator:
       ``⌊a·(source subwords + EOS)⌋ + b`` tokens, EOS included, capped to [1, max_positions],
       exactly as here. One ``translate_batch`` call decodes every sentence with
       ``max_decoding_length`` = the largest budget − 1 (CTranslate2 counts tokens without
-      EOS); an output longer than its own budget − 1 is cut to it. Here the budget's last
-      step may only emit EOS, so greedy outputs are the same tokens; a cut hypothesis gets
-      its log-probability, EOS included, from ``score_batch``;
+      EOS); a greedy output longer than its own budget − 1 is cut to it (here the budget's
+      last step may only emit EOS, so greedy outputs are the same tokens), and the sentences
+      whose beam search reached their budget are searched again with their own; a hypothesis
+      cut by its budget gets its log-probability, EOS included, from ``score_batch``;
     * ``min_len`` (EOS included) → ``min_decoding_length = min_len − 1`` (EOS excluded);
     * ``no_repeat_ngram`` → ``no_repeat_ngram_size``;
     * ``nbest`` → the number of hypotheses kept, ``num_hypotheses = beam_size``;
@@ -146,6 +149,15 @@ class CTranslate2Translator:
         # this project's only when it forbids nothing (no min_len, no n-gram blocking).
         exact = options.min_len <= 1 and options.no_repeat_ngram == 0
         found = self._decode(sources, max(limits), options, batch_size, suppress=not exact)
+        if options.beam_size > 1:  # beams that ran past a sentence's budget searched otherwise
+            past = [j for j, hyps in enumerate(found) if any(len(h) >= limits[j] for h, _ in hyps)]
+            for limit in sorted({limits[j] for j in past}):
+                group = [j for j in past if limits[j] == limit]
+                redone = self._decode(
+                    [sources[j] for j in group], limit, options, batch_size, suppress=not exact
+                )
+                for j, hyps in zip(group, redone, strict=True):
+                    found[j] = hyps
         rescore = set() if exact else set(range(len(todo)))
         if exact:  # PAD and BOS were allowed: decode again, forbidding them, where they came
             specials = {self.tokenizer.pad_id, self.tokenizer.bos_id}

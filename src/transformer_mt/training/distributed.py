@@ -172,8 +172,9 @@ def broadcast_parameters(module: torch.nn.Module, ctx: DistContext) -> None:
 class ShardedTranslator(Translator):
     """A Translator whose ``translate`` shares the sentences out between the ranks of a
     job: each decodes every world_size-th one, and every rank gets all translations in
-    order. Decoding does not depend on the batch, so the translations are those of one
-    process (validation and the final evaluation use it)."""
+    order (validation and the final evaluation use it). Decoding does not depend on the
+    batch, so on a CPU the translations are those of one process; on GPUs, where other
+    batch shapes can mean other kernels, up to floating-point rounding."""
 
     def __init__(self, translator: Translator, ctx: DistContext) -> None:
         super().__init__(

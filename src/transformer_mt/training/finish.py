@@ -5,7 +5,6 @@ the evaluation sets."""
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from transformer_mt.evaluation.final import EvalSet, choose_final, evaluate_chec
 from transformer_mt.formats.atomic import atomic_link
 from transformer_mt.formats.checkpoint import save_checkpoint, step_checkpoints
 from transformer_mt.formats.results import RunResults
+from transformer_mt.model import build_model
 from transformer_mt.training import distributed as dist
 from transformer_mt.training.averaging import average_checkpoints
 from transformer_mt.training.config import final_alphas
@@ -106,9 +106,10 @@ def evaluate_candidates(
     for path in candidates:
         if ctx.is_main:
             translator = Translator.from_checkpoint(path, device=str(setup.device))
-        else:
-            model = copy.deepcopy(setup.model)
-            translator = Translator(model, setup.tokenizer, setup.device, checkpoint=path)
+        else:  # the architecture only: rank 0's weights come next
+            tok = setup.tokenizer
+            model = build_model(setup.config["model"], tok.vocab_size, tok.pad_id)
+            translator = Translator(model, tok, setup.device, checkpoint=path)
         dist.broadcast_parameters(translator.model, ctx)
         translator.step = dist.broadcast_object(translator.step, ctx)
         results.checkpoints[path.name] = evaluate_checkpoint(

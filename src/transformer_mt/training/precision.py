@@ -32,15 +32,15 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on a CUDA device that supports it, tf32 on an older one, fp32 on a
-    CPU (on the CPUs measured, bf16 autocast trains the default model more slowly than
-    fp32); others unchanged."""
+    """``auto`` -> bf16 on a CUDA device that supports it (Ampere and newer, which also have
+    TF32 for the fp32 rest), else fp32: on older GPUs and on a CPU (on the CPUs measured,
+    bf16 autocast trains the default model more slowly than fp32); others unchanged."""
     check_precision(precision, device)
     if precision != "auto":
         return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "tf32"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    return "fp32"
 
 
 def configure_matmul(precision: str, device: torch.device) -> None:
