@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup data prepare train evaluate bench bench-decode bench-prepare test lint clean
+.PHONY: setup data prepare train evaluate bench bench-decode bench-prepare bench-serve test lint clean
 CKPT   ?= runs/multi30k_en-de/default/checkpoints/final.pt
 
 setup: $(STAMP)
@@ -36,6 +36,9 @@ bench: data  ## training throughput: ours vs a plain nn.Transformer loop (ARGS=-
 
 bench-decode: setup  ## decoding speed on test_2016_flickr of CKPT (default: make train's final.pt)
 	$(BIN)/python scripts/bench_decode.py --checkpoint $(CKPT) $(ARGS)
+
+bench-serve: setup  ## tmt-serve under 1/8/32 concurrent clients and 1,000 malformed requests (CKPT=final.pt)
+	$(BIN)/python scripts/bench_serve.py --checkpoint $(CKPT) $(ARGS)
 
 bench-prepare: data  ## preparation speed and memory at 100k/1M/4M pairs vs bare SentencePiece (ARGS=--json)
 	$(BIN)/python scripts/bench_prepare.py $(ARGS)

@@ -19,11 +19,12 @@ FORBIDDEN: dict[str, set[str]] = {
     "formats": {"*"},  # but errors
     "device": {"*"},  # but errors
     "model": {"*"},  # but errors
-    "data": {"training", "model", "decoding", "evaluation", "export", "cli"},
-    "decoding": {"training", "evaluation", "export", "cli"},
-    "export": {"training", "evaluation", "cli"},
-    "evaluation": {"training", "export", "cli"},
-    "training": {"export", "cli"},
+    "data": {"training", "model", "decoding", "evaluation", "export", "serve", "cli"},
+    "decoding": {"training", "evaluation", "export", "serve", "cli"},
+    "export": {"training", "evaluation", "serve", "cli"},
+    "evaluation": {"training", "export", "serve", "cli"},
+    "training": {"export", "serve", "cli"},
+    "serve": {"training", "evaluation", "cli"},
 }
 ALWAYS_ALLOWED = {"errors"}
 

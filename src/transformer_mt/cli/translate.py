@@ -16,6 +16,9 @@ hypotheses; one for an empty line), best first, tab-separated:
     <input line number>  <rank>  <score>  <log-probability>  <translation>
 where score is the log-probability divided by the length penalty.
 
+With --attention-html FILE, FILE is one self-contained page exploring every attention weight
+(encoder, decoder, cross; each layer and head) of every translated line, as tmt-serve's page.
+
 With --attention-dir DIR, each translated line N also gets DIR/<N>.png (a heatmap of the
 decoder→encoder attention, subwords on the axes) and DIR/<N>.npy (the weights; rows sum
 to 1): the last decoder layer, averaged over heads, unless --attention-layer/-head say.
@@ -35,11 +38,16 @@ from transformer_mt.cli.common import (
     parse_decoding_args,
     search_for,
 )
-from transformer_mt.decoding.attention_maps import check_selection, write_attention_map
+from transformer_mt.decoding.attention_maps import (
+    attention_item,
+    check_selection,
+    write_attention_map,
+)
 from transformer_mt.decoding.beam import Hypothesis
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
-from transformer_mt.formats.atomic import atomic_write_bytes
+from transformer_mt.formats.atomic import atomic_write_bytes, atomic_write_text
+from transformer_mt.serve.html import standalone_html
 
 CHUNK_LINES = 2000
 
@@ -69,13 +77,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-dir", type=Path, help="write cross-attention maps here")
     p.add_argument("--attention-layer", type=int, default=-1, help="decoder layer (default -1)")
     p.add_argument("--attention-head", type=int, help="one head (default: mean of all heads)")
+    p.add_argument(
+        "--attention-html",
+        type=Path,
+        help="write the attention explorer of every translated line to this HTML file "
+        "(self-contained; for a handful of lines)",
+    )
     args = parse_decoding_args(p, argv)
     if args.interactive and args.output is not None:
         p.error("--interactive writes to stdout; drop --output")
     if args.engine == "ctranslate2" and (
-        args.nbest > 1 or args.attention_dir is not None or args.max_tokens is not None
+        args.nbest > 1
+        or args.attention_dir is not None
+        or args.attention_html is not None
+        or args.max_tokens is not None
     ):
-        p.error("--nbest, --attention-dir and --max-tokens need --engine torch")
+        p.error("--nbest, --attention-dir, --attention-html and --max-tokens need --engine torch")
     return args
 
 
@@ -147,8 +164,10 @@ def translate_stream(
     out: BinaryIO,
     args: argparse.Namespace,
     name: str,
+    explored: list[dict] | None = None,
 ) -> None:
-    """Translate chunk by chunk, writing UTF-8 lines and flushing after every chunk."""
+    """Translate chunk by chunk, writing UTF-8 lines and flushing after every chunk; with
+    ``explored``, append each translated line's attention to it (--attention-html)."""
     options = args.search
     first = 1
     for lines in chunks:
@@ -172,6 +191,15 @@ def translate_stream(
         out.flush()
         if args.attention_dir is not None:
             write_attention_maps(translator, stripped, hyps, first, args)
+        if explored is not None:
+            limit = translator.model.max_positions - 1
+            tok = translator.tokenizer
+            for src_ids, candidates in zip(tok.encode(stripped), hyps, strict=True):
+                if src_ids:
+                    item = attention_item(
+                        translator.model, tok, src_ids[:limit], candidates[0].tokens
+                    )
+                    explored.append(item)
         first += len(lines)
 
 
@@ -207,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.input is not None and not args.input.is_file():
         raise FileNotFoundError(f"input file not found: {args.input}")
     name = str(args.input or "<stdin>")
+    explored: list[dict] | None = [] if args.attention_html is not None else None
     with open(args.input, "rb") if args.input else sys.stdin.buffer as stream:
         chunks = read_chunks(stream, name, 1 if args.interactive else CHUNK_LINES)
 
@@ -214,12 +243,15 @@ def main(argv: list[str] | None = None) -> None:
             if args.engine == "ctranslate2":
                 translate_stream_ctranslate2(ct2, chunks, out, args)
             else:
-                translate_stream(translator, chunks, out, args, name)
+                translate_stream(translator, chunks, out, args, name, explored)
 
         if args.output is None:
             write(sys.stdout.buffer)
         else:  # streamed into a temporary file, renamed over --output only when complete
             atomic_write_bytes(args.output, write)
+    if explored is not None:
+        html = standalone_html(explored, f"attention: {args.checkpoint.name}")
+        atomic_write_text(args.attention_html, html)
 
 
 if __name__ == "__main__":

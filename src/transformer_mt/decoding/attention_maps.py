@@ -45,25 +45,68 @@ def cross_attention(
     """Decoder→encoder attention of ``layer`` (default the last), averaged over heads or of
     one ``head``. Row t is the attention used to predict target token t (the last row: EOS)."""
     check_selection(model, layer, head)
-    layers = model.decoder.layers
+    weights = torch.from_numpy(all_attention(model, src_ids, tgt_ids, bos_id)["cross"][layer])
+    chosen = weights.mean(dim=0) if head is None else weights[head]  # (T, S)
+    return chosen.numpy()
+
+
+ATTENTION_KINDS = ("encoder", "decoder", "cross")
+
+
+@torch.inference_mode()
+def all_attention(
+    model: Transformer,
+    src_ids: list[int],  # source subword ids, EOS included
+    tgt_ids: list[int],  # the translation's ids, without BOS/EOS
+    bos_id: int,
+) -> dict[str, np.ndarray]:
+    """Every attention weight of the model for one sentence pair, teacher-forced:
+    ``encoder`` (L, H, S, S) source self-attention, ``decoder`` (L, H, T, T) masked target
+    self-attention (T = target + EOS; row t is the step that predicts token t) and
+    ``cross`` (L, H, T, S) target→source attention. Each row sums to 1."""
     device = next(model.parameters()).device
     src = torch.tensor([src_ids], device=device)
     tgt_in = torch.tensor([[bos_id, *tgt_ids]], device=device)
-    captured: dict[str, Any] = {}
+    captured: dict[str, list[torch.Tensor]] = {kind: [] for kind in ATTENTION_KINDS}
 
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-        captured["weights"] = module.attention_weights(args[0], args[1], kwargs.get("mask"))
+    def capture(kind: str) -> Any:
+        def hook(module: Any, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            query, key_value = args[0], args[1]
+            weights = module.attention_weights(
+                query, key_value, kwargs.get("mask"), kwargs.get("causal", False)
+            )
+            captured[kind].append(weights[0].float().cpu())
 
-    handle = layers[layer].cross_attn.register_forward_hook(hook, with_kwargs=True)
+        return hook
+
+    modules = [(layer.self_attn, "encoder") for layer in model.encoder.layers]
+    modules += [(layer.self_attn, "decoder") for layer in model.decoder.layers]
+    modules += [(layer.cross_attn, "cross") for layer in model.decoder.layers]
+    handles = [m.register_forward_hook(capture(kind), with_kwargs=True) for m, kind in modules]
     try:
         model.eval()
         memory, memory_mask = model.encode(src)
         model.decode(tgt_in, memory, memory_mask)
     finally:
-        handle.remove()
-    weights = captured["weights"][0]  # (H, T, S)
-    chosen = weights.mean(dim=0) if head is None else weights[head]
-    return chosen.float().cpu().numpy()
+        for handle in handles:
+            handle.remove()
+    return {kind: torch.stack(w).numpy() for kind, w in captured.items()}
+
+
+def attention_item(
+    model: Transformer, tokenizer: Tokenizer, src_ids: list[int], tgt_ids: list[int]
+) -> dict[str, Any]:
+    """What the attention explorer shows for one sentence: its subwords on both sides (EOS
+    added), its translation and :func:`all_attention` as nested lists, [layer][head][query][key].
+    ``src_ids`` exclude EOS; ``tgt_ids`` exclude BOS/EOS."""
+    tok = tokenizer
+    weights = all_attention(model, [*src_ids, tok.eos_id], tgt_ids, tok.bos_id)
+    return {
+        "source_tokens": [*tok.id_to_pieces(src_ids), "</s>"],
+        "target_tokens": [*tok.id_to_pieces(tgt_ids), "</s>"],
+        "translation": tok.decode([tgt_ids])[0],
+        "attention": {kind: w.round(5).tolist() for kind, w in weights.items()},
+    }
 
 
 def plot_attention(

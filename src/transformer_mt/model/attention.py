@@ -118,14 +118,19 @@ class MultiHeadAttention(nn.Module):
         query: torch.Tensor,  # (B, Tq, d)
         key_value: torch.Tensor,  # (B, Tk, d)
         mask: torch.Tensor | None = None,  # bool, broadcastable to (B, H, Tq, Tk)
+        causal: bool = False,
     ) -> torch.Tensor:  # (B, H, Tq, Tk)
         """softmax(Q Kᵀ / √d_k) per head, written out (the fused kernel does not return it);
-        for inspecting what a layer attends to."""
+        for inspecting what a layer attends to. ``mask`` and ``causal`` as in ``forward``."""
         q = self._split_heads(self.q_proj(query))
         k = self._split_heads(self.k_proj(key_value))
         scores = q @ k.transpose(-2, -1) / self.d_k**0.5  # (B, H, Tq, Tk)
         if mask is not None:
             scores = scores.masked_fill(~mask, -torch.inf)
+        if causal:
+            tq, tk = scores.shape[-2:]
+            future = torch.ones(tq, tk, dtype=torch.bool, device=scores.device).triu_(1)
+            scores = scores.masked_fill(future, -torch.inf)
         return scores.softmax(dim=-1)
 
     def forward(

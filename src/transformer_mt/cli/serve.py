@@ -1,0 +1,96 @@
+"""tmt-serve: translate over HTTP, with a web page that shows the attention.
+
+    tmt-serve runs/multi30k_en-de/default/checkpoints/final.pt --port 8000
+    tmt-serve exported/en-de --engine ctranslate2 --beam 4
+    curl -s localhost:8000/translate -H 'content-type: application/json' \\
+        -d '{"q": ["A dog runs.", "Two men talk."], "source": "en", "target": "de"}'
+
+Endpoints: POST /translate (LibreTranslate's), POST /v1/translate (n-best with scores),
+POST /v1/attention (every attention weight for one sentence; --engine torch), GET /health,
+GET /metrics (Prometheus), GET /docs (OpenAPI), GET / (the web page). Sentences of concurrent
+requests are decoded together, in batches of at most --max-batch-tokens source tokens
+gathered for at most --batch-timeout-ms; each gets what tmt-translate gives it. Decoding
+flags are tmt-translate's and set the server's default search (a request may change the
+beam, α and n-best).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from transformer_mt.cli.common import (
+    decoding_parser,
+    exit_on_user_error,
+    parse_decoding_args,
+    search_for,
+)
+from transformer_mt.decoding.translator import Translator
+from transformer_mt.errors import UserError
+from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
+from transformer_mt.serve.engine import Engine, ctranslate2_engine, torch_engine
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags of tmt-serve."""
+    p = decoding_parser("tmt-serve", __doc__)
+    p.add_argument("checkpoint", type=Path, help="a checkpoint, or a tmt-export directory")
+    p.add_argument("--engine", choices=["torch", "ctranslate2"], default="torch")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    s = p.add_argument_group("serving")
+    s.add_argument("--max-batch-tokens", type=int, default=4096, help="source tokens per batch")
+    s.add_argument(
+        "--batch-timeout-ms", type=float, default=5.0, help="how long a batch waits to fill"
+    )
+    s.add_argument("--max-chars", type=int, default=2000, help="characters per input")
+    s.add_argument("--max-inputs", type=int, default=64, help="inputs per request")
+    s.add_argument("--nbest", type=int, default=1, help="default n-best size")
+    args = parse_decoding_args(p, argv)
+    for flag in ("max_batch_tokens", "max_chars", "max_inputs", "port"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be ≥ 1")
+    if args.batch_timeout_ms < 0:
+        p.error("--batch-timeout-ms must be ≥ 0")
+    return args
+
+
+def load_engine(args: argparse.Namespace) -> Engine:
+    """The model to serve; a missing or unreadable one is a UserError naming it."""
+    if args.engine == "ctranslate2":
+        if not args.checkpoint.is_dir():
+            raise UserError(f"{args.checkpoint}: not a tmt-export directory")
+        ct2 = CTranslate2Translator.from_dir(args.checkpoint, device=args.device)
+        return ctranslate2_engine(args.checkpoint, ct2, args.search)
+    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    return torch_engine(translator, search_for(args, args.checkpoint, translator.step))
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    """Load the model, then serve until interrupted."""
+    args = parse_args(argv)
+    engine = load_engine(args)
+    import uvicorn
+
+    from transformer_mt.serve.app import Limits, create_app
+
+    limits = Limits(
+        max_chars=args.max_chars,
+        max_inputs=args.max_inputs,
+        max_batch_tokens=args.max_batch_tokens,
+        batch_timeout_ms=args.batch_timeout_ms,
+    )
+    print(
+        f"serving {engine.model_path} ({engine.src_lang}→{engine.tgt_lang}, {engine.name}, "
+        f"beam {engine.options.beam_size}, α {engine.options.alpha:g}) on "
+        f"http://{args.host}:{args.port}/",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(create_app(engine, limits), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""tmt-serve: the HTTP API, its micro-batching and the web page."""

@@ -1,0 +1,104 @@
+"""Micro-batching: sentences of concurrent requests decoded together.
+
+Requests put their sentences on a queue; one worker takes the first, then keeps taking more
+until the batch holds ``max_tokens`` source tokens or ``timeout`` seconds have passed since
+the first arrived, and decodes each group of sentences that share search options in one
+call, in a worker thread (the event loop keeps accepting requests meanwhile). Decoding does
+not depend on the batch, so each sentence gets exactly what it would get alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from transformer_mt.decoding.search import SearchOptions
+
+# An engine's decoding function: sentences and options -> per sentence, its n-best list of
+# (translation, score), best first (score None where the search has none: greedy).
+Decode = Callable[[list[str], SearchOptions], list[list[tuple[str, float | None]]]]
+
+
+@dataclass
+class _Job:
+    text: str
+    tokens: int
+    options: SearchOptions
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    """Collects sentences from concurrent requests into decoding batches."""
+
+    def __init__(
+        self,
+        decode: Decode,
+        count_tokens: Callable[[str], int],
+        max_tokens: int = 4096,
+        timeout: float = 0.005,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.decode, self.count_tokens = decode, count_tokens
+        self.max_tokens, self.timeout = max_tokens, timeout
+        self.on_batch = on_batch or (lambda n: None)
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self.worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start the worker (in the running event loop)."""
+        self.worker = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop the worker and its thread."""
+        if self.worker is not None:
+            self.worker.cancel()
+            await asyncio.gather(self.worker, return_exceptions=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def translate(
+        self, texts: list[str], options: SearchOptions
+    ) -> list[list[tuple[str, float | None]]]:
+        """The n-best lists of ``texts``, decoded along with whatever else is queued."""
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(t, self.count_tokens(t), options, loop.create_future()) for t in texts]
+        for job in jobs:
+            self.queue.put_nowait(job)
+        return list(await asyncio.gather(*(job.future for job in jobs)))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            tokens, deadline = batch[0].tokens, time.monotonic() + self.timeout
+            while tokens < self.max_tokens:
+                left = deadline - time.monotonic()
+                try:
+                    job = (
+                        self.queue.get_nowait()
+                        if left <= 0
+                        else await asyncio.wait_for(self.queue.get(), left)
+                    )
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                batch.append(job)
+                tokens += job.tokens
+            groups: dict[SearchOptions, list[_Job]] = {}
+            for job in batch:
+                groups.setdefault(job.options, []).append(job)
+            for options, jobs in groups.items():
+                self.on_batch(len(jobs))
+                texts = [job.text for job in jobs]
+                try:
+                    results = await loop.run_in_executor(self.executor, self.decode, texts, options)
+                except Exception as e:  # the requests fail, the worker goes on
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(e)
+                    continue
+                for job, result in zip(jobs, results, strict=True):
+                    if not job.future.done():  # a client that went away cancelled it
+                        job.future.set_result(result)
