@@ -9,7 +9,8 @@ checkpoint and print, from one run, sentences/s and target tokens/s of
 with ratios to bare CTranslate2 fp32 of the same search, BLEU, and how many translations
 equal this project's. Beam search uses ``--alpha``, else the length penalty the checkpoint's
 run tuned on val (as ``tmt-evaluate`` does), else the default α. Each timing is the best of
-``--repeat`` runs, after one warm-up batch; on CUDA the device is synchronized around it.
+``--repeat`` runs, after one warm-up batch, in a process of its own (engines sharing a
+process slow each other down); on CUDA the device is synchronized around it.
 
     python scripts/bench_decode.py --checkpoint runs/multi30k_en-de/default/checkpoints/final.pt
     python scripts/bench_decode.py --device cuda --batch-size 128
@@ -19,25 +20,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
 from transformer_mt.cli.common import search_for
 from transformer_mt.data.corpus import fetch_raw, read_references
+from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.decoding.search import output_budget
 from transformer_mt.errors import UserError
 from transformer_mt.evaluation import score
-from transformer_mt.export.ctranslate2 import export_ctranslate2, import_ctranslate2
+from transformer_mt.export.ctranslate2 import SPM_FILE, export_ctranslate2, import_ctranslate2
 from transformer_mt.export.ctranslate2_engine import NO_EARLY_EXIT, CTranslate2Translator
 
 DEFAULT_CHECKPOINT = Path("runs/multi30k_en-de/default/checkpoints/final.pt")
+ENGINES = ["ours", "--engine ctranslate2", "bare CT2 fp32", "bare CT2 int8"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,38 +80,43 @@ def timed(fn: Callable[[], list[str]], repeat: int, cuda: bool) -> tuple[list[st
     return out, best
 
 
-class BareCTranslate2:
-    """CTranslate2's ``translate_batch`` as its users call it: pieces in, pieces out."""
-
-    def __init__(
-        self,
-        directory: Path,
-        engine: CTranslate2Translator,
-        args: argparse.Namespace,
-        compute_type: str,
-    ) -> None:
-        ct2 = import_ctranslate2()
-        self.translator = ct2.Translator(
-            str(directory),
-            device=args.device,
-            compute_type=compute_type,
-            intra_threads=args.threads,
+def run_row(row: dict[str, Any]) -> tuple[list[str], float]:
+    """One row, in a fresh process: load its engine, warm up on one batch, time ``repeat``
+    runs over all sentences. (Engines sharing a process slow each other down: with a torch
+    model loaded beside it, CTranslate2 decoded 2.5 times slower here.)"""
+    torch.set_num_threads(row["threads"])
+    src, bs, options = row["src"], row["batch_size"], row["options"]
+    engine, device, threads = row["engine"], row["device"], row["threads"]
+    run: Callable[[list[str]], list[str]]
+    if engine in ("ours", "ours, no cache"):
+        ours = Translator.from_checkpoint(row["checkpoint"], device=device)
+        if engine == "ours, no cache":
+            ours = Translator(ours.model, ours.tokenizer, ours.device, ours.config, use_cache=False)
+        run = lambda sentences: ours.translate(sentences, options, batch_size=bs)  # noqa: E731
+    elif engine == "--engine ctranslate2":
+        ct2 = CTranslate2Translator.from_dir(row["export"], device=device, intra_threads=threads)
+        run = lambda sentences: ct2.translate(sentences, options, batch_size=bs)  # noqa: E731
+    else:  # bare CTranslate2: pieces in, pieces out, as its users call it
+        compute_type = "int8" if engine.endswith("int8") else "float32"
+        bare = import_ctranslate2().Translator(
+            row["export"], device=device, compute_type=compute_type, intra_threads=threads
         )
-        self.engine, self.batch_size = engine, args.batch_size
+        sp = Tokenizer((Path(row["export"]) / SPM_FILE).read_bytes()).sp  # no torch model here
+        pieces = {s: sp.encode(s, out_type=str) for s in src}
 
-    def translate(
-        self, pieces: list[list[str]], options: SearchOptions, max_length: int
-    ) -> list[str]:
-        outputs = self.translator.translate_batch(
-            pieces,
-            max_batch_size=self.batch_size,
-            beam_size=options.beam_size,
-            length_penalty=options.alpha or NO_EARLY_EXIT,
-            max_decoding_length=max_length,
-            max_input_length=0,
-        )
-        sp = self.engine.tokenizer.sp
-        return [sp.decode_pieces(r.hypotheses[0]) for r in outputs]
+        def run(sentences: list[str]) -> list[str]:
+            outputs = bare.translate_batch(
+                [pieces[s] for s in sentences],
+                max_batch_size=bs,
+                beam_size=options.beam_size,
+                length_penalty=options.alpha or NO_EARLY_EXIT,
+                max_decoding_length=row["max_length"],
+                max_input_length=0,
+            )
+            return [sp.decode_pieces(r.hypotheses[0]) for r in outputs]
+
+    run(src[:bs])  # warm-up: first-call allocations and kernels
+    return timed(lambda: run(src), row["repeat"], device.startswith("cuda"))
 
 
 def main() -> None:
@@ -115,10 +125,7 @@ def main() -> None:
         sys.exit(
             f"error: {args.checkpoint} not found; train first (make train) or pass --checkpoint"
         )
-    cuda = args.device.startswith("cuda")
-    torch.set_num_threads(args.threads)
-    ours = Translator.from_checkpoint(args.checkpoint, device=args.device)
-    uncached = Translator(ours.model, ours.tokenizer, ours.device, ours.config, use_cache=False)
+    ours = Translator.from_checkpoint(args.checkpoint)
     data_cfg = OmegaConf.create(ours.config["data"])
     fetch_raw(data_cfg)
     _, src, ref = read_references(data_cfg, "valid" if args.split == "val" else "test")[0]
@@ -135,56 +142,40 @@ def main() -> None:
         alpha_source = "tuned on val by the checkpoint's run"
     greedy = SearchOptions(beam_size=1)
     tok, bs = ours.tokenizer, args.batch_size
-    ids = tok.encode(src)
-    lengths = torch.tensor([len(s) + 1 for s in ids])
+    lengths = torch.tensor([len(s) + 1 for s in tok.encode(src)])
     budget = int(
         output_budget(lengths, greedy.max_len_a, greedy.max_len_b, ours.model.max_positions).max()
     )
+    rows = [("greedy", greedy, e) for e in ENGINES] + [("beam 5", beam5, e) for e in ENGINES]
+    if not args.no_uncached:
+        rows.insert(len(ENGINES) + 1, ("beam 5", beam5, "ours, no cache"))
 
+    results = {}
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        runs: list[tuple[str, Callable[[], list[str]], int]] = [
-            ("greedy, ours", lambda: ours.translate(src, greedy, batch_size=bs), args.repeat),
-            ("beam 5, ours", lambda: ours.translate(src, beam5, batch_size=bs), args.repeat),
-        ]
-        if not args.no_uncached:
-            runs.append(
-                ("beam 5, ours, no cache", lambda: uncached.translate(src, beam5, batch_size=bs), 1)
-            )
-        ours.translate(src[:bs], greedy, batch_size=bs)  # warm-up: first-call allocations
+        export = Path(tmp) / "ct2"
         try:
-            directory = export_ctranslate2(args.checkpoint, Path(tmp) / "ct2")
-            engine = CTranslate2Translator.from_dir(
-                directory, device=args.device, intra_threads=args.threads
-            )
-            bare = {ct: BareCTranslate2(directory, engine, args, ct) for ct in ("float32", "int8")}
-        except (UserError, RuntimeError, ValueError) as e:  # no ctranslate2, or not on this device
+            export_ctranslate2(args.checkpoint, export)
+            CTranslate2Translator.from_dir(export, device=args.device)  # loads on this device?
+        except (UserError, RuntimeError, ValueError) as e:  # no ctranslate2, or not here
             print(f"CTranslate2 rows skipped: {e}", file=sys.stderr)
-        else:
-            pieces = [[engine.pieces[t] for t in s] for s in ids]
-            engine.translate(src[:bs], greedy, batch_size=bs)
-            for b in bare.values():
-                b.translate(pieces[:bs], greedy, budget - 1)
-            for search, options in (("greedy", greedy), ("beam 5", beam5)):
-                runs += [
-                    (
-                        f"{search}, --engine ctranslate2",
-                        lambda o=options: engine.translate(src, o, batch_size=bs),
-                        args.repeat,
-                    ),
-                    (
-                        f"{search}, bare CT2 fp32",
-                        lambda o=options: bare["float32"].translate(pieces, o, budget - 1),
-                        args.repeat,
-                    ),
-                    (
-                        f"{search}, bare CT2 int8",
-                        lambda o=options: bare["int8"].translate(pieces, o, budget - 1),
-                        args.repeat,
-                    ),
-                ]
-        results = {}
-        for name, run, repeat in sorted(runs, key=lambda r: r[0].split(",")[0]):
-            hyps, seconds = timed(run, repeat, cuda)
+            rows = [r for r in rows if r[2].startswith("ours")]
+        for search, options, engine in rows:
+            name = f"{search}, {engine}"
+            row = {
+                "engine": engine,
+                "options": options,
+                "src": src,
+                "batch_size": bs,
+                "threads": args.threads,
+                "device": args.device,
+                "checkpoint": str(args.checkpoint),
+                "export": str(export),
+                "max_length": budget - 1,
+                "repeat": 1 if engine == "ours, no cache" else args.repeat,
+            }
+            with spawn.Pool(1) as pool:
+                hyps, seconds = pool.apply(run_row, (row,))
             tokens = sum(len(t) + 1 for t in tok.encode(hyps))  # subwords + EOS
             results[name] = {
                 "seconds": seconds,

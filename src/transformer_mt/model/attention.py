@@ -165,10 +165,10 @@ class MultiHeadAttention(nn.Module):
         """Masked self-attention of position ``t`` over positions 0..t; its key and value are
         written into ``cache`` at ``t`` (no mask is needed: every cached position is past)."""
         r = x.size(0)
-        q, k, v = F.linear(x, *qkv).view(r, 3, self.n_heads, self.d_k).unbind(1)  # (R, H, d_k)
-        cache[0, :, :, t] = k
-        cache[1, :, :, t] = v
-        out = attend(q[:, :, None], cache[0, :, :, : t + 1], cache[1, :, :, : t + 1])
+        qkv_t = F.linear(x, *qkv).view(r, 3, self.n_heads, self.d_k)  # (R, 3, H, d_k)
+        cache[:, :, :, t] = qkv_t[:, 1:].transpose(0, 1)  # this position's key and value
+        q = qkv_t[:, 0, :, None]  # (R, H, 1, d_k)
+        out = attend(q, cache[0, :, :, : t + 1], cache[1, :, :, : t + 1])
         return self.out_proj(out.view(r, -1))  # (R, H, 1, d_k) -> (R, d)
 
     def step_cross(
