@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -191,8 +192,11 @@ def _options(engine: Engine, limits: Limits, **given: Any) -> SearchOptions:
         raise ClientError(400, str(e)) from e
 
 
-def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
-    """The server's app around a loaded ``engine``."""
+def create_app(
+    engine: Engine, limits: Limits | None = None, executor: ThreadPoolExecutor | None = None
+) -> FastAPI:
+    """The server's app around a loaded ``engine``, decoding in ``executor``'s one thread
+    (default: a new one)."""
     limits = limits or Limits()
     metrics = Metrics()
     batcher = MicroBatcher(
@@ -201,6 +205,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         limits.max_batch_tokens,
         limits.batch_timeout_ms / 1000,
         on_batch=metrics.batch.observe,
+        executor=executor,
     )
 
     @asynccontextmanager

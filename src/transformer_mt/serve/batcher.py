@@ -40,12 +40,14 @@ class MicroBatcher:
         max_tokens: int = 4096,
         timeout: float = 0.005,
         on_batch: Callable[[int], None] | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.decode, self.count_tokens = decode, count_tokens
         self.max_tokens, self.timeout = max_tokens, timeout
         self.on_batch = on_batch or (lambda n: None)
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        # One thread does all the model's work; best the one that loaded it (see tmt-serve).
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.worker: asyncio.Task | None = None
 
     def start(self) -> None:
