@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -113,7 +114,8 @@ def main() -> None:
         "--port",
         str(port),
     ]
-    server = subprocess.Popen(command, stderr=subprocess.PIPE)
+    log = open(Path(tempfile.gettempdir()) / f"tmt-serve-{port}.log", "w+b")  # noqa: SIM115
+    server = subprocess.Popen(command, stderr=log)
     try:
         for _ in range(600):
             try:
@@ -121,7 +123,8 @@ def main() -> None:
                 break
             except OSError:
                 if server.poll() is not None:
-                    sys.exit(server.stderr.read().decode())
+                    log.seek(0)
+                    sys.exit(log.read().decode())
                 time.sleep(0.1)
         # Offline, in the same run: the batch throughput and one sentence's time.
         n = args.sentences
@@ -188,6 +191,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        log.close()
 
     print(
         f"\n{n} test_2016_flickr sentences, beam {beam.beam_size}, α {beam.alpha:g}, {args.checkpoint}"

@@ -40,12 +40,12 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server(checkpoint: Path) -> Iterator[str]:  # noqa: F811
+def server(checkpoint: Path, tmp_path: Path) -> Iterator[str]:  # noqa: F811
     port = free_port()
     process = subprocess.Popen(
         [str(BIN / "tmt-serve"), str(checkpoint), "--port", str(port), "--beam", "3"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=(log := (tmp_path / "server.log").open("w+b")),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -55,12 +55,13 @@ def server(checkpoint: Path) -> Iterator[str]:  # noqa: F811
                     break
             except OSError:
                 if process.poll() is not None:
-                    raise RuntimeError(process.stderr.read().decode()) from None
+                    raise RuntimeError((tmp_path / "server.log").read_text()) from None
                 time.sleep(0.1)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=10)
+        log.close()
 
 
 @pytest.fixture

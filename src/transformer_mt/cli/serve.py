@@ -65,7 +65,8 @@ def load_engine(args: argparse.Namespace) -> Engine:
         ct2 = CTranslate2Translator.from_dir(args.checkpoint, device=args.device)
         return ctranslate2_engine(args.checkpoint, ct2, args.search)
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
-    return torch_engine(translator, search_for(args, args.checkpoint, translator.step))
+    search = search_for(args, args.checkpoint, translator.step)
+    return torch_engine(translator, search, args.batch_size, args.max_tokens)
 
 
 @exit_on_user_error

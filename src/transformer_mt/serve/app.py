@@ -48,7 +48,7 @@ class Limits:
     @property
     def max_body_bytes(self) -> int:
         """Room for max_inputs strings of max_chars characters, JSON-escaped, and the rest."""
-        return self.max_inputs * (6 * self.max_chars + 8) + 4096
+        return self.max_inputs * (12 * self.max_chars + 8) + 4096  # \uXXXX\uXXXX per char
 
 
 DRAIN_BYTES = 16 * 2**20  # a refused body up to this size is read (and dropped) first
@@ -73,16 +73,16 @@ class LibreTranslateRequest(_Strict):
     q: str | list[str]
     source: str
     target: str
-    alternatives: int = Field(0, ge=0)
+    alternatives: int = Field(0, ge=0, le=15)
 
 
 class TranslateRequest(_Strict):
     """/v1/translate: inputs and, optionally, search settings (else the server's)."""
 
     inputs: list[str]
-    beam_size: int | None = Field(None, ge=1)
-    alpha: float | None = None
-    nbest: int | None = Field(None, ge=1)
+    beam_size: int | None = Field(None, ge=1, le=64)
+    alpha: float | None = Field(None, ge=0, le=10)
+    nbest: int | None = Field(None, ge=1, le=64)
 
 
 class AttentionRequest(_Strict):
@@ -182,10 +182,10 @@ def _check_inputs(texts: list[str], limits: Limits, field: str) -> None:
 def _options(engine: Engine, limits: Limits, **given: Any) -> SearchOptions:
     """The server's search with the request's settings; a 400 if they make no sense."""
     changes = {k: v for k, v in given.items() if v is not None}
-    if changes.get("beam_size", 1) > limits.max_beam:
-        raise ClientError(400, f"beam_size: at most {limits.max_beam}")
     if "nbest" in changes and "beam_size" not in changes:
         changes["beam_size"] = max(engine.options.beam_size, changes["nbest"])
+    if changes.get("beam_size", 1) > max(limits.max_beam, engine.options.beam_size):
+        raise ClientError(400, f"beam_size (or nbest): at most {limits.max_beam}")
     try:
         return dataclasses.replace(engine.options, **changes)
     except ValueError as e:
@@ -225,7 +225,12 @@ def create_app(
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Response:
         start = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as e:  # counted here; the app's handler answers with its JSON
+            path = request.url.path if request.url.path in KNOWN_PATHS else "other"
+            metrics.requests.labels(path, "500").inc()
+            raise e
         path = request.url.path if request.url.path in KNOWN_PATHS else "other"
         metrics.requests.labels(path, str(response.status_code)).inc()
         metrics.latency.labels(path).observe(time.perf_counter() - start)

@@ -55,10 +55,14 @@ class MicroBatcher:
         self.worker = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        """Stop the worker and its thread."""
+        """Stop the worker and its thread; requests still queued fail."""
         if self.worker is not None:
             self.worker.cancel()
             await asyncio.gather(self.worker, return_exceptions=True)
+        while not self.queue.empty():
+            job = self.queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def translate(
@@ -84,23 +88,23 @@ class MicroBatcher:
                         if left <= 0
                         else await asyncio.wait_for(self.queue.get(), left)
                     )
-                except (asyncio.QueueEmpty, TimeoutError):
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):  # the same class from 3.11 on
                     break
                 batch.append(job)
                 tokens += job.tokens
             groups: dict[SearchOptions, list[_Job]] = {}
             for job in batch:
-                groups.setdefault(job.options, []).append(job)
+                if not job.future.done():  # not cancelled (its client went away)
+                    groups.setdefault(job.options, []).append(job)
             for options, jobs in groups.items():
-                self.on_batch(len(jobs))
-                texts = [job.text for job in jobs]
                 try:
+                    self.on_batch(len(jobs))
+                    texts = [job.text for job in jobs]
                     results = await loop.run_in_executor(self.executor, self.decode, texts, options)
-                except Exception as e:  # the requests fail, the worker goes on
+                    for job, result in zip(jobs, results, strict=True):
+                        if not job.future.done():
+                            job.future.set_result(result)
+                except Exception as e:  # these requests fail; the worker goes on
                     for job in jobs:
                         if not job.future.done():
                             job.future.set_exception(e)
-                    continue
-                for job, result in zip(jobs, results, strict=True):
-                    if not job.future.done():  # a client that went away cancelled it
-                        job.future.set_result(result)

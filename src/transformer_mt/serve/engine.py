@@ -36,13 +36,21 @@ def _quiet(index: int, length: int) -> None:
     """Over-long inputs are truncated, as by tmt-translate, without a warning per request."""
 
 
-def torch_engine(translator: Translator, options: SearchOptions) -> Engine:
-    """This project's search on a checkpoint (attention available)."""
+def torch_engine(
+    translator: Translator,
+    options: SearchOptions,
+    batch_size: int = 64,
+    max_tokens: int | None = None,
+) -> Engine:
+    """This project's search on a checkpoint (attention available), decoding in batches of at
+    most ``batch_size`` sentences and ``max_tokens`` padded source tokens."""
     tok = translator.tokenizer
     data = translator.config.get("data") or {}
 
     def decode(texts: list[str], search: SearchOptions) -> list[NBest]:
-        hyps = translator.translate_ids(texts, search, on_truncate=_quiet)
+        hyps = translator.translate_ids(
+            texts, search, batch_size=batch_size, max_tokens=max_tokens, on_truncate=_quiet
+        )
         out: list[NBest] = []
         for nbest in hyps:
             decoded = tok.decode([h.tokens for h in nbest])
@@ -75,9 +83,9 @@ def ctranslate2_engine(
     tok = translator.tokenizer
 
     def decode(texts: list[str], search: SearchOptions) -> list[NBest]:
-        if search.nbest == 1:
+        if search.beam_size == 1:  # greedy: no scores, as with the torch engine
             return [[(text, None)] for text in translator.translate(texts, search)]
-        return [list(n) for n in translator.translate_nbest(texts, search)]
+        return [[(t, s) for t, s in n] for n in translator.translate_nbest(texts, search)]
 
     return Engine(
         name="ctranslate2",

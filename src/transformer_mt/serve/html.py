@@ -26,7 +26,13 @@ def page() -> str:
 def standalone_html(items: list[dict[str, Any]], title: str = "attention") -> str:
     """One self-contained HTML file exploring the attention of ``items`` (each as
     ``/v1/attention`` returns it), with a selector between the sentences; opens offline."""
-    data = json.dumps(items, ensure_ascii=False).replace("</", "<\\/")  # no early </script>
+    # No "<", ">" or "&" inside the script element: nothing in the data can end it early.
+    data = (
+        json.dumps(items, ensure_ascii=False)
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+    )
     options = "".join(
         f'<option value="{i}">{i + 1}. {_escape(item["translation"])}</option>'
         for i, item in enumerate(items)
@@ -44,9 +50,10 @@ def standalone_html(items: list[dict[str, Any]], title: str = "attention") -> st
 "use strict";
 const ITEMS = {data};
 const select = document.getElementById("sentence");
-const show = () => renderExplorer(document.getElementById("explorer"), ITEMS[Number(select.value)]);
+const root = document.getElementById("explorer");
+const show = () => renderExplorer(root, ITEMS[Number(select.value)]);
 select.addEventListener("change", show);
-show();
+if (ITEMS.length) show(); else root.textContent = "no translated lines";
 </script>
 </body></html>
 """
