@@ -45,7 +45,8 @@ def cross_attention(
     """Decoder→encoder attention of ``layer`` (default the last), averaged over heads or of
     one ``head``. Row t is the attention used to predict target token t (the last row: EOS)."""
     check_selection(model, layer, head)
-    weights = torch.from_numpy(all_attention(model, src_ids, tgt_ids, bos_id)["cross"][layer])
+    cross = all_attention(model, src_ids, tgt_ids, bos_id, kinds=("cross",))["cross"]
+    weights = torch.from_numpy(cross[layer])
     chosen = weights.mean(dim=0) if head is None else weights[head]  # (T, S)
     return chosen.numpy()
 
@@ -59,15 +60,16 @@ def all_attention(
     src_ids: list[int],  # source subword ids, EOS included
     tgt_ids: list[int],  # the translation's ids, without BOS/EOS
     bos_id: int,
+    kinds: tuple[str, ...] = ATTENTION_KINDS,
 ) -> dict[str, np.ndarray]:
-    """Every attention weight of the model for one sentence pair, teacher-forced:
+    """The attention weights of ``kinds`` (default all) for one sentence pair, teacher-forced:
     ``encoder`` (L, H, S, S) source self-attention, ``decoder`` (L, H, T, T) masked target
     self-attention (T = target + EOS; row t is the step that predicts token t) and
     ``cross`` (L, H, T, S) target→source attention. Each row sums to 1."""
     device = next(model.parameters()).device
     src = torch.tensor([src_ids], device=device)
     tgt_in = torch.tensor([[bos_id, *tgt_ids]], device=device)
-    captured: dict[str, list[torch.Tensor]] = {kind: [] for kind in ATTENTION_KINDS}
+    captured: dict[str, list[torch.Tensor]] = {kind: [] for kind in kinds}
 
     def capture(kind: str) -> Any:
         def hook(module: Any, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
@@ -82,6 +84,7 @@ def all_attention(
     modules = [(layer.self_attn, "encoder") for layer in model.encoder.layers]
     modules += [(layer.self_attn, "decoder") for layer in model.decoder.layers]
     modules += [(layer.cross_attn, "cross") for layer in model.decoder.layers]
+    modules = [(m, kind) for m, kind in modules if kind in kinds]
     handles = [m.register_forward_hook(capture(kind), with_kwargs=True) for m, kind in modules]
     try:
         model.eval()

@@ -103,13 +103,15 @@ def evaluate_candidates(
     tcfg, data_cfg, ctx = setup.cfg.trainer, setup.cfg.data, setup.dist
     valid = EvalSet(*read_references(data_cfg, "valid")[0])
     tests = [EvalSet(*test) for test in read_references(data_cfg, "test")]
+    receiver = None  # on the other ranks, the architecture that receives rank 0's weights
+    if not ctx.is_main:
+        tok = setup.tokenizer
+        receiver = build_model(setup.config["model"], tok.vocab_size, tok.pad_id)
     for path in candidates:
-        if ctx.is_main:
+        if receiver is None:
             translator = Translator.from_checkpoint(path, device=str(setup.device))
-        else:  # the architecture only: rank 0's weights come next
-            tok = setup.tokenizer
-            model = build_model(setup.config["model"], tok.vocab_size, tok.pad_id)
-            translator = Translator(model, tok, setup.device, checkpoint=path)
+        else:
+            translator = Translator(receiver, setup.tokenizer, setup.device, checkpoint=path)
         dist.broadcast_parameters(translator.model, ctx)
         translator.step = dist.broadcast_object(translator.step, ctx)
         results.checkpoints[path.name] = evaluate_checkpoint(
