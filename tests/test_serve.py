@@ -99,7 +99,7 @@ def test_libretranslate_endpoint(client: TestClient) -> None:
     assert many["translatedText"] == expected
     assert len(many["alternatives"]) == 3 and all(len(a) <= 2 for a in many["alternatives"])
     wrong = client.post("/translate", json={"q": "a dog", "source": "en", "target": "fr"})
-    assert wrong.status_code == 400 and "en to de, not en to fr" in wrong.json()["error"]
+    assert wrong.status_code == 400 and "translates en→de, not en to fr" in wrong.json()["error"]
 
 
 def test_v1_translate_nbest_scores_and_settings(client: TestClient) -> None:

@@ -65,7 +65,7 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
     )
     g = p.add_argument_group("search")
     search = g.add_mutually_exclusive_group()
-    search.add_argument("--beam", type=int, default=5, help="beam size (default 5); 1 = greedy")
+    search.add_argument("--beam", type=int, help="beam size (default 5); 1 = greedy")
     search.add_argument("--greedy", action="store_true", help="greedy search (same as --beam 1)")
     g.add_argument(
         "--alpha",
@@ -88,12 +88,74 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
     return p
 
 
+# The sampling flags (see add_sampling_flags), their SearchOptions fields and defaults.
+SAMPLING_FLAGS = {
+    "--topk": ("topk", SearchOptions.topk),
+    "--topp": ("topp", SearchOptions.topp),
+    "--temperature": ("temperature", SearchOptions.temperature),
+    "--seed": ("seed", SearchOptions.seed),
+}
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of sampling instead of searching (for back-translation): --sample and the
+    settings that only go with it (``parse_decoding_args`` checks them)."""
+    g = p.add_argument_group("sampling (back-translation; see docs/decoding.md)")
+    g.add_argument(
+        "--sample",
+        action="store_true",
+        help="draw each token from the model's distribution instead of searching; "
+        "--nbest N gives N independent samples",
+    )
+    g.add_argument(
+        "--topk", type=int, help="sample from the K most probable tokens (default 0 = all)"
+    )
+    g.add_argument(
+        "--topp",
+        type=float,
+        help="then from the nucleus of probability mass P (default 1.0 = all)",
+    )
+    g.add_argument(
+        "--temperature", type=float, help="divide the logits by T before sampling (default 1.0)"
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        help=f"random seed (default {SearchOptions.seed}): the same seed and input give the "
+        "same samples, at any batch size",
+    )
+
+
+def sampling_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The SearchOptions fields of the sampling flags (none without --sample); a sampling
+    flag without --sample, or a search flag with it, is a usage error naming the flag."""
+    if not getattr(args, "sample", False):
+        for flag, (name, _) in SAMPLING_FLAGS.items():
+            if getattr(args, name, None) is not None:
+                p.error(f"{flag} needs --sample")
+        return {}
+    if args.greedy or (args.beam is not None and args.beam != 1):
+        given = "--greedy" if args.greedy else f"--beam {args.beam}"
+        p.error(f"{given} and --sample exclude each other (--nbest N gives N samples)")
+    if args.alpha is not None:
+        p.error("--alpha is a beam search setting; --sample has no length penalty")
+    args.beam = 1
+    settings: dict[str, Any] = {"sample": True}
+    for name, default in SAMPLING_FLAGS.values():
+        settings[name] = default if getattr(args, name) is None else getattr(args, name)
+    return settings
+
+
 def parse_decoding_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``argv``; checks the decoding flags and puts them together in ``args.search``
-    (a SearchOptions; without --alpha, ``args.alpha`` stays None: see ``search_for``)."""
+    """Parse ``argv``; checks the decoding flags (and the sampling flags, where the parser
+    has them) and puts them together in ``args.search`` (a SearchOptions; without --alpha,
+    ``args.alpha`` stays None: see ``search_for``)."""
     args = p.parse_args(argv)
+    sampling = sampling_settings(p, args)
     if args.greedy:
         args.beam = 1
+    if args.beam is None:
+        args.beam = 5
     if args.batch_size < 1:
         p.error("--batch-size must be ≥ 1")
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -107,6 +169,7 @@ def parse_decoding_args(p: argparse.ArgumentParser, argv: list[str] | None) -> a
             min_len=args.min_len,
             no_repeat_ngram=args.no_repeat_ngram,
             nbest=getattr(args, "nbest", 1),
+            **sampling,
         )
     except ValueError as e:
         p.error(str(e))
@@ -115,8 +178,9 @@ def parse_decoding_args(p: argparse.ArgumentParser, argv: list[str] | None) -> a
 
 def search_for(args: argparse.Namespace, checkpoint: Path, step: int | None) -> SearchOptions:
     """``args.search`` for ``checkpoint`` at ``step``: without --alpha, with the α its run
-    chose on val (:func:`~transformer_mt.formats.results.tuned_alpha`) where there is one."""
-    if args.alpha is not None:
+    chose on val (:func:`~transformer_mt.formats.results.tuned_alpha`) where there is one
+    (sampling has no length penalty)."""
+    if args.alpha is not None or args.search.sample:
         return args.search
     alpha = tuned_alpha(checkpoint, step, args.search.beam_size)
     return args.search if alpha is None else dataclasses.replace(args.search, alpha=alpha)

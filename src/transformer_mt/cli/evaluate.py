@@ -6,6 +6,8 @@ sacreBLEU (BLEU, chrF, TER).
     tmt-evaluate a.pt b.pt averaged.pt --metrics bleu,chrf,ter
     tmt-evaluate best.pt --src my.en --ref my.de
     tmt-evaluate final.pt --split test --alpha-grid 0.6,1,1.4,1.8,2.2,3   # α tuned on val
+    tmt-evaluate multilingual.pt --split test --pairs de-fr,fr-de         # zero-shot
+    tmt-evaluate multilingual.pt --split test --pairs de-fr --pivot en    # through English
 
 Prints a table (one row per checkpoint) and the sacreBLEU signatures, or with --json one
 JSON object per checkpoint and line. Each checkpoint's hypotheses are saved next to it as
@@ -17,16 +19,22 @@ The length penalty α: --alpha sets it; --alpha-grid decodes the checkpoint's va
 each α of the grid and scores the chosen split at the val-best one (as tmt-train's final
 evaluation does); without either, a checkpoint named on the command line is decoded at the
 α its run chose on val (from its results.json), else at the default.
+
+A multilingual checkpoint (trained with ``data.pairs``) is scored in every direction it was
+trained on, one row each; --pairs names others (zero-shot directions: the corpus files of
+both languages must exist), and --pivot L translates each source to L first, then L to the
+target, with the same model and search (the baseline of a zero-shot direction).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import OmegaConf
 
@@ -36,7 +44,7 @@ from transformer_mt.cli.common import (
     parse_decoding_args,
     search_for,
 )
-from transformer_mt.data.corpus import corpora, fetch_raw, read_lines
+from transformer_mt.data.corpus import corpora, fetch_raw, is_multilingual, read_lines
 from transformer_mt.decoding.search import is_length_penalty
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.errors import CheckpointError, CorpusError, UserError
@@ -67,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--alpha-grid",
         help="comma-separated α values: tune the length penalty on val, score at the best",
     )
+    p.add_argument(
+        "--pairs",
+        help="comma-separated directions of a multilingual checkpoint, e.g. de-fr,fr-de "
+        "(default: the ones it was trained on)",
+    )
+    p.add_argument("--pivot", help="translate through this language (multilingual checkpoint)")
     p.add_argument("--output", type=Path, help="hypotheses file (one checkpoint only)")
     p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
     args = parse_decoding_args(p, argv)
@@ -76,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.metrics if m not in METRICS]
     if unknown or not args.metrics:
         p.error(f"--metrics: unknown {unknown}; choose from {', '.join(METRICS)}")
+    if args.pairs is not None:
+        args.pairs = parse_pairs(p, args.pairs)
+    if (args.pairs or args.pivot) and args.src is not None:
+        p.error("--pairs and --pivot score the checkpoint's corpus, not --src/--ref")
     if args.alpha_grid is not None:
         args.alpha_grid = parse_alpha_grid(p, args.alpha_grid)
         if args.alpha is not None:
@@ -97,6 +115,17 @@ def parse_alpha_grid(p: argparse.ArgumentParser, text: str) -> list[float]:
             p.error(f"--alpha-grid: α must be finite and ≥ 0, got {item.strip()}")
         grid.append(alpha)
     return grid
+
+
+def parse_pairs(p: argparse.ArgumentParser, text: str) -> list[tuple[str, str]]:
+    """``"de-fr,fr-de"`` -> [("de", "fr"), ("fr", "de")]."""
+    pairs = []
+    for item in (i.strip() for i in text.split(",")):
+        src, sep, tgt = item.partition("-")
+        if not sep or not src or not tgt or src == tgt:
+            p.error(f"--pairs: '{item}' is not a direction like de-fr")
+        pairs.append((src, tgt))
+    return pairs
 
 
 def expand_checkpoints(paths: list[Path]) -> list[tuple[Path, bool]]:
@@ -122,17 +151,44 @@ def expand_checkpoints(paths: list[Path]) -> list[tuple[Path, bool]]:
     return out
 
 
-def split_sets(data_cfg: Any, role: str, sources: dict[str, Any]) -> list[EvalSet]:
+def split_sets(
+    data_cfg: Any,
+    role: str,
+    sources: dict[str, Any],
+    pairs: list[tuple[str, str]] | None = None,
+) -> list[EvalSet]:
     """The sets of ``role`` ("valid": one, "test": every test set) of the corpus a checkpoint
-    was trained on (fetched if needed), read once per file pair."""
+    was trained on (fetched if needed), one per direction (``pairs``, default the trained
+    ones) for a multilingual checkpoint; read once per file pair."""
+    if pairs is not None and not is_multilingual(data_cfg):
+        raise UserError(
+            "--pairs and --pivot need a multilingual checkpoint (trained with data.pairs)"
+        )
+    if pairs is not None:  # the files of languages it was not trained on
+        data_cfg = OmegaConf.merge(data_cfg, {"pairs": [f"{s}-{t}" for s, t in pairs]})
     fetch_raw(data_cfg)
     out = []
     for corpus in corpora(data_cfg, role):
         key = f"{corpus.src_path.resolve()}:{corpus.tgt_path.resolve()}"
         if key not in sources:
-            sources[key] = EvalSet(corpus.name, *corpus.read())
+            target = corpus.tgt_lang if corpus.tag is not None else None
+            sources[key] = EvalSet(corpus.label, *corpus.read(), tgt_lang=target)
         out.append(sources[key])
     return out
+
+
+def through_pivot(
+    translator: Translator, data: EvalSet, pivot: str, search: Any, batching: dict[str, Any]
+) -> EvalSet:
+    """``data`` with its sources translated into the ``pivot`` language first, to be
+    translated from there into its target."""
+    if data.tgt_lang is None:
+        raise UserError("--pivot needs a multilingual checkpoint (trained with data.pairs)")
+    best = dataclasses.replace(search, nbest=1)
+    pivoted = translator.translate(data.sources, best, tgt_lang=pivot, **batching)
+    return EvalSet(
+        f"{data.name}.via-{pivot}", cast(list[str], pivoted), data.references, data.tgt_lang
+    )
 
 
 def evaluate_one(
@@ -152,32 +208,35 @@ def evaluate_one(
             sources["file"] = EvalSet(args.src.stem, src, ref)
         targets = [sources["file"]]
     else:
-        targets = split_sets(data_cfg, "valid" if args.split == "val" else "test", sources)
+        role = "valid" if args.split == "val" else "test"
+        targets = split_sets(data_cfg, role, sources, args.pairs)
         if not targets:
             raise UserError(f"--split test: {path} was trained with no test set (data.test)")
     if args.output is not None and len(targets) > 1:
         raise UserError(f"--output needs one set, but --split test has {len(targets)}")
     batching = {"batch_size": args.batch_size, "max_tokens": args.max_tokens}
-    tuned: Decoded | None = None  # val decoded at each α of --alpha-grid: the best one
-    valid: EvalSet | None = None
+    tuned: list[Decoded] | None = None  # val decoded at each α of --alpha-grid: the best
+    valid: list[EvalSet] = []
     grid: dict[str, float] = {}
     if args.alpha_grid is not None:
-        [valid] = split_sets(data_cfg, "valid", sources)
+        valid = split_sets(data_cfg, "valid", sources)  # the trained directions
         tuned, by_alpha = tune_alpha(
             translator, valid, args.search, args.alpha_grid, metrics=args.metrics, **batching
         )
         grid = {f"{a:g}": bleu for a, bleu in by_alpha.items()}
-        search = tuned.options
+        search = tuned[0].options
     else:
         search = search_for(args, path, translator.step) if named else args.search
     results = []
     for target in targets:
-        if tuned is not None and target is valid:  # --split val: decoded already
-            decoded = tuned
+        if args.pivot:
+            target = through_pivot(translator, target, args.pivot, search, batching)
+        if tuned is not None and any(target is v for v in valid):  # --split val: decoded
+            decoded = tuned[[v is target for v in valid].index(True)]
         else:
             decoded = decode_and_score(translator, target, search, metrics=args.metrics, **batching)
         output = args.output or path.with_name(
-            f"{path.stem}.{target.name}.{search.tag()}.{data_cfg.tgt_lang}"
+            f"{path.stem}.{target.name}.{search.tag()}.{target.tgt_lang or data_cfg.tgt_lang}"
         )
         atomic_write_text(output, "".join(h + "\n" for h in decoded.hypotheses))
         scores = {m: s for m, s in decoded.scores.items() if m in args.metrics}

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         batch_timeout_ms=args.batch_timeout_ms,
     )
     print(
-        f"serving {engine.model_path} ({engine.src_lang}→{engine.tgt_lang}, {engine.name}, "
+        f"serving {engine.model_path} ({', '.join(f'{a}→{b}' for a, b in engine.pairs)}, "
+        f"{engine.name}, "
         f"beam {engine.options.beam_size}, α {engine.options.alpha:g}) on "
         f"http://{args.host}:{args.port}/",
         file=sys.stderr,

@@ -4,7 +4,10 @@
     tmt-translate best.pt --greedy --input in.en --output out.de
     tmt-translate best.pt --interactive              # one line in, one line out, at once
     tmt-translate best.pt --nbest 5 < in.en          # 5 scored hypotheses per line
+    tmt-translate multilingual.pt --tgt-lang fr < in.de   # a model trained with data.pairs
     tmt-translate exported/en-de --engine ctranslate2 < in.en   # a tmt-export directory
+    tmt-translate ckpt_de-en.pt --sample --topk 10 --seed 1 < mono.de > synthetic.en
+                                                     # back-translation (docs/decoding.md)
 
 Every input line gives exactly one output line, in order; an empty or whitespace-only line
 gives an empty line. Invalid UTF-8 is replaced (with a warning naming the line); inputs
@@ -15,6 +18,12 @@ With --nbest K each input line gives K lines (fewer if the search finished fewer
 hypotheses; one for an empty line), best first, tab-separated:
     <input line number>  <rank>  <score>  <log-probability>  <translation>
 where score is the log-probability divided by the length penalty.
+
+With --sample each token is drawn from the model's distribution (after --temperature, --topk
+and --topp) instead of searched for: the standard way to make synthetic sources for
+back-translation. The same --seed and input give the same output, whatever --batch-size,
+--max-tokens or --interactive; --nbest N gives N independent samples per line, sorted by
+log-probability (score = log-probability: no length penalty).
 
 With --attention-html FILE, FILE is one self-contained page exploring every attention weight
 (encoder, decoder, cross; each layer and head) of every translated line, as tmt-serve's page.
@@ -33,6 +42,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from transformer_mt.cli.common import (
+    add_sampling_flags,
     decoding_parser,
     exit_on_user_error,
     parse_decoding_args,
@@ -44,7 +54,7 @@ from transformer_mt.decoding.attention_maps import (
     write_attention_map,
 )
 from transformer_mt.decoding.beam import Hypothesis
-from transformer_mt.decoding.translator import Translator
+from transformer_mt.decoding.translator import Translator, encode_to_fit, source_prefix
 from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.formats.atomic import atomic_write_bytes, atomic_write_text
 from transformer_mt.serve.html import standalone_html
@@ -66,9 +76,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="torch",
         help="torch (this project's search) or ctranslate2 (a tmt-export directory)",
     )
+    p.add_argument(
+        "--tgt-lang",
+        help="the target language of a multilingual model (trained with data.pairs), e.g. de",
+    )
     p.add_argument("--input", type=Path, help="input file (default: stdin)")
     p.add_argument("--output", type=Path, help="output file, written atomically (default: stdout)")
-    p.add_argument("--nbest", type=int, default=1, help="print the K best hypotheses (≤ --beam)")
+    p.add_argument(
+        "--nbest",
+        type=int,
+        default=1,
+        help="print the K best hypotheses (≤ --beam), or with --sample K samples",
+    )
     p.add_argument(
         "--interactive",
         action="store_true",
@@ -83,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write the attention explorer of every translated line to this HTML file "
         "(self-contained; for a handful of lines)",
     )
+    add_sampling_flags(p)
     args = parse_decoding_args(p, argv)
     if args.interactive and args.output is not None:
         p.error("--interactive writes to stdout; drop --output")
@@ -143,19 +163,31 @@ def write_attention_maps(
 ) -> None:
     """``<line>.png`` and ``<line>.npy`` in --attention-dir for every non-empty line."""
     tok = translator.tokenizer
-    limit = translator.model.max_positions - 1
-    for offset, (src_ids, candidates) in enumerate(zip(tok.encode(lines), hyps, strict=True)):
+    for offset, (src_ids, candidates) in enumerate(
+        zip(source_ids(translator, lines, args), hyps, strict=True)
+    ):
         if src_ids:
             write_attention_map(
                 args.attention_dir,
                 f"{first_line + offset:06d}",
                 translator.model,
                 tok,
-                src_ids[:limit],
+                src_ids,
                 candidates[0].tokens,
                 args.attention_layer,
                 args.attention_head,
             )
+
+
+def source_ids(
+    translator: Translator, lines: list[str], args: argparse.Namespace
+) -> list[list[int]]:
+    """The source ids the model read for ``lines``: cut to fit, led by the --tgt-lang tag of
+    a multilingual model (for attention maps, without a second truncation warning)."""
+    prefix = translator.source_prefix(args.tgt_lang)
+    return encode_to_fit(
+        translator.tokenizer, lines, translator.model.max_positions, lambda i, n: None, prefix
+    )
 
 
 def translate_stream(
@@ -186,20 +218,22 @@ def translate_stream(
             batch_size=args.batch_size,
             max_tokens=args.max_tokens,
             on_truncate=warn,
+            first_index=first - 1,
+            tgt_lang=args.tgt_lang,
         )
         out.write(format_hypotheses(translator, hyps, first, options.nbest).encode("utf-8"))
         out.flush()
         if args.attention_dir is not None:
             write_attention_maps(translator, stripped, hyps, first, args)
         if explored is not None:
-            limit = translator.model.max_positions - 1
             tok = translator.tokenizer
-            for src_ids, candidates in zip(tok.encode(stripped), hyps, strict=True):
+            for src_ids, candidates in zip(
+                source_ids(translator, stripped, args), hyps, strict=True
+            ):
                 if src_ids:
-                    item = attention_item(
-                        translator.model, tok, src_ids[:limit], candidates[0].tokens
+                    explored.append(
+                        attention_item(translator.model, tok, src_ids, candidates[0].tokens)
                     )
-                    explored.append(item)
         first += len(lines)
 
 
@@ -212,7 +246,10 @@ def translate_stream_ctranslate2(
     """The same contract through CTranslate2: one line out per line in, flushed per chunk."""
     for lines in chunks:
         hyps = translator.translate(
-            [line.strip() for line in lines], args.search, batch_size=args.batch_size
+            [line.strip() for line in lines],
+            args.search,
+            batch_size=args.batch_size,
+            tgt_lang=args.tgt_lang,
         )
         out.write("".join(h + "\n" for h in hyps).encode("utf-8"))
         out.flush()
@@ -224,8 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.engine == "ctranslate2":
         ct2 = CTranslate2Translator.from_dir(args.checkpoint, device=args.device)
+        source_prefix(ct2.tokenizer, ct2.data, args.tgt_lang)  # a language it translates into?
     else:
         translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+        translator.source_prefix(args.tgt_lang)  # a language it translates into?
         search = search_for(args, args.checkpoint, translator.step)
         if search is not args.search:
             print(f"α {search.alpha:g}, chosen by the checkpoint's run", file=sys.stderr)

@@ -4,6 +4,11 @@ A corpus is a path prefix ``P`` naming two files, ``P.<src_lang>`` and ``P.<tgt_
 plain text or gzip (``P.<lang>.gz``), one sentence a line, the two aligned line by line. The
 ``data`` config lists them: ``data.train`` (one or several, concatenated), ``data.valid``
 (one) and ``data.test`` (any number, each scored on its own, named by its file).
+
+A multilingual config lists language pairs, ``data.pairs: [en-de, en-fr, de-en, ...]``: each
+path prefix then names one corpus per pair (``P.en`` with ``P.de``, ``P.en`` with ``P.fr``,
+...), and every source sentence starts with its target language's tag, ``<2de>`` (Johnson et
+al. 2017, "Google's Multilingual Neural Machine Translation System").
 """
 
 from __future__ import annotations
@@ -29,27 +34,45 @@ __all__ = [
     "decode_lines",
     "fetch_corpus",
     "fetch_raw",
+    "is_multilingual",
+    "language_pairs",
+    "languages",
     "read_lines",
     "read_parallel",
     "read_references",
     "stream_chunks",
+    "target_tag",
+    "target_tags",
 ]
 
 ROLES = ("train", "valid", "test")
 
 
+def target_tag(lang: str) -> str:
+    """The token that asks a multilingual model for language ``lang``: ``<2de>``."""
+    return f"<2{lang}>"
+
+
 @dataclass(frozen=True)
 class ParallelCorpus:
-    """The corpus at path prefix ``prefix``: ``prefix.<src_lang>`` and ``prefix.<tgt_lang>``."""
+    """The corpus at path prefix ``prefix``: ``prefix.<src_lang>`` and ``prefix.<tgt_lang>``;
+    with ``tag`` (multilingual data) each source sentence is led by that token."""
 
     prefix: Path
     src_lang: str
     tgt_lang: str
+    tag: str | None = None
 
     @property
     def name(self) -> str:
-        """The file name of the prefix, e.g. ``newstest2014`` (names test sets in reports)."""
+        """The file name of the prefix, e.g. ``newstest2014``."""
         return self.prefix.name
+
+    @property
+    def label(self) -> str:
+        """What reports call it: the file name, plus the direction for multilingual data
+        (``test_2016_flickr.en-de``)."""
+        return self.name if self.tag is None else f"{self.name}.{self.src_lang}-{self.tgt_lang}"
 
     def side(self, lang: str) -> Path:
         """``P.<lang>`` if it exists, else ``P.<lang>.gz`` (which may not exist either)."""
@@ -213,8 +236,50 @@ def _paths(value: Any, key: str) -> list[str]:
     return items
 
 
-def corpora(data_cfg: Any, role: str) -> list[ParallelCorpus]:
-    """The corpora of ``role`` ("train", "valid" or "test") a ``data`` config names."""
+def language_pairs(data_cfg: Any) -> list[tuple[str, str]]:
+    """The translation directions of a ``data`` config: ``data.pairs`` (``["en-de", ...]``,
+    a multilingual model) or else the one pair ``data.src_lang`` → ``data.tgt_lang``."""
+    value = data_cfg.get("pairs") or []
+    if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"data.pairs must be a list of 'src-tgt' strings, got {value!r}")
+    if not value:
+        return [(str(data_cfg.src_lang), str(data_cfg.tgt_lang))]
+    pairs = []
+    for i, item in enumerate(value):
+        src, sep, tgt = item.partition("-")
+        if not sep or not src or not tgt or "-" in tgt or src == tgt:
+            raise ConfigError(
+                f"data.pairs[{i}] must name two different languages as 'src-tgt', got {item!r}"
+            )
+        if (src, tgt) in pairs:
+            raise ConfigError(f"data.pairs[{i}]: {item} is listed twice")
+        pairs.append((src, tgt))
+    return pairs
+
+
+def is_multilingual(data_cfg: Any) -> bool:
+    """Whether the config lists language pairs (``data.pairs``): sources carry a target tag."""
+    return bool(data_cfg.get("pairs"))
+
+
+def target_tags(data_cfg: Any) -> list[str]:
+    """The target-language tags of a multilingual config (``<2de>``, ...), one per target
+    language in first-seen order; none for a bilingual one."""
+    if not is_multilingual(data_cfg):
+        return []
+    return list(dict.fromkeys(target_tag(tgt) for _, tgt in language_pairs(data_cfg)))
+
+
+def languages(data_cfg: Any) -> list[str]:
+    """Every language of the config's pairs, in first-seen order."""
+    return list(dict.fromkeys(lang for pair in language_pairs(data_cfg) for lang in pair))
+
+
+def corpora(
+    data_cfg: Any, role: str, pairs: list[tuple[str, str]] | None = None
+) -> list[ParallelCorpus]:
+    """The corpora of ``role`` ("train", "valid" or "test") a ``data`` config names: each
+    path once per language pair (``pairs``, default the config's), pair by pair."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     value = data_cfg.get(role)
@@ -228,12 +293,17 @@ def corpora(data_cfg: Any, role: str) -> list[ParallelCorpus]:
     names = [Path(p).name for p in paths]
     if role == "test" and len(set(names)) < len(names):  # reports name test sets by file
         raise ConfigError(f"data.test: two test sets have the same file name: {paths}")
-    return [ParallelCorpus(Path(p), data_cfg.src_lang, data_cfg.tgt_lang) for p in paths]
+    multilingual = is_multilingual(data_cfg)
+    return [
+        ParallelCorpus(Path(p), src, tgt, target_tag(tgt) if multilingual else None)
+        for src, tgt in (language_pairs(data_cfg) if pairs is None else pairs)
+        for p in paths
+    ]
 
 
 def read_references(data_cfg: Any, role: str) -> list[tuple[str, list[str], list[str]]]:
-    """``(name, sources, references)`` of each corpus of ``role`` ("valid" or "test")."""
-    return [(c.name, *c.read()) for c in corpora(data_cfg, role)]
+    """``(label, sources, references)`` of each corpus of ``role`` ("valid" or "test")."""
+    return [(c.label, *c.read()) for c in corpora(data_cfg, role)]
 
 
 def fetch_raw(data_cfg: Any) -> None:
@@ -245,9 +315,7 @@ def fetch_raw(data_cfg: Any) -> None:
     names = [
         c.name for role in ROLES for c in corpora(data_cfg, role) if c.prefix.parent == raw_dir
     ]
-    fetch_corpus(
-        raw_dir, names, [data_cfg.src_lang, data_cfg.tgt_lang], data_cfg.shared_dir, data_cfg.url
-    )
+    fetch_corpus(raw_dir, names, languages(data_cfg), data_cfg.shared_dir, data_cfg.url)
 
 
 def fetch_corpus(

@@ -3,12 +3,13 @@
 Layout of ``<prepared_dir>/<name>/`` (written by :mod:`transformer_mt.data.prepare`)::
 
     spm.model                    the joint SentencePiece model
-    <role>.<lang>.tokens         all token ids of a side, concatenated (meta.json: dtype)
-    <role>.<lang>.offsets        int64: sentence i is tokens[offsets[i]:offsets[i+1]]
+    <role>.<side>.tokens         all token ids of a side, concatenated (meta.json: dtype)
+    <role>.<side>.offsets        int64: sentence i is tokens[offsets[i]:offsets[i+1]]
     meta.json                    fingerprint, languages, sizes, filter report, dtype
 
-``<role>`` is ``train`` or ``valid``. Nothing is read into memory up front: a split of any
-size opens in constant time and memory.
+``<role>`` is ``train`` or ``valid``; ``<side>`` is the source or target language, or for
+multilingual data (several pairs, meta.json ``sides``) ``src`` and ``tgt``. Nothing is read
+into memory up front: a split of any size opens in constant time and memory.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class PreparedData:
         """Split ``role`` ("train" or "valid"), memory-mapped."""
         if role not in self.meta["sizes"]:
             raise CorpusError(f"{self.directory} holds no '{role}' split")
-        src, tgt, dtype = self.meta["src_lang"], self.meta["tgt_lang"], self.meta["dtype"]
+        src, tgt = self.meta.get("sides") or (self.meta["src_lang"], self.meta["tgt_lang"])
+        dtype = self.meta["dtype"]
 
         def side(lang: str) -> tuple[np.ndarray, np.ndarray]:
             stem = self.directory / f"{role}.{lang}"

@@ -78,16 +78,25 @@ def encode_chunk(
     length_filter: LengthFilter | None,
     dedup: bool,
     dtype: str,
+    tag: str | None = None,
 ) -> EncodedChunk:
-    """Decode (naming a bad line), encode, filter and flatten one chunk (in a worker)."""
+    """Decode (naming a bad line), encode, filter and flatten one chunk (in a worker); with
+    ``tag`` (multilingual data) each source starts with that piece, outside the filter's
+    lengths."""
     src_path, tgt_path, first = where
     src_lines, tgt_lines = decode_lines(src, src_path, first), decode_lines(tgt, tgt_path, first)
     assert _WORKER_SP is not None, "encode_chunk runs in a worker started by _init_worker"
     src_ids, tgt_ids = _WORKER_SP.encode(src_lines), _WORKER_SP.encode(tgt_lines)
+    if tag is not None:
+        tag_id = _WORKER_SP.piece_to_id(tag)
+        src_ids = [[tag_id, *ids] for ids in src_ids]
     src_len = np.fromiter(map(len, src_ids), dtype=np.int64, count=len(src_ids))
     tgt_len = np.fromiter(map(len, tgt_ids), dtype=np.int64, count=len(tgt_ids))
     n = len(src_ids)
-    keep = np.ones(n, dtype=bool) if length_filter is None else length_filter.keep(src_len, tgt_len)
+    text_len = src_len - (tag is not None)  # the filter sees the sentence, not its tag
+    keep = (
+        np.ones(n, dtype=bool) if length_filter is None else length_filter.keep(text_len, tgt_len)
+    )
     hashes = None
     if dedup:
         hashes = np.fromiter(
@@ -155,19 +164,19 @@ def encode_split(
     dedup: bool = False,
     max_pairs: int | None = None,
     desc: str = "encoding",
+    sides: tuple[str, str] | None = None,
 ) -> SplitReport:
-    """Encode the corpora ``sources`` (concatenated) into ``<dir>/<role>.<lang>.*`` files
-    through ``pool`` (results in input order)."""
-    src_lang, tgt_lang = sources[0].src_lang, sources[0].tgt_lang
+    """Encode the corpora ``sources`` (concatenated) into ``<dir>/<role>.<side>.*`` files
+    through ``pool`` (results in input order); the sides are named ``sides``, by default
+    the languages of the first corpus."""
+    sides = sides or (sources[0].src_lang, sources[0].tgt_lang)
     report, seen, start = SplitReport(), set(), time.perf_counter()
     tasks = (
-        (src, tgt, (str(c.src_path), str(c.tgt_path), first), length_filter, dedup, dtype)
+        (src, tgt, (str(c.src_path), str(c.tgt_path), first), length_filter, dedup, dtype, c.tag)
         for c, first, src, tgt in stream_chunks(sources, max_pairs, CHUNK_LINES)
     )
     with ExitStack() as files, progress(desc) as bar:
-        writers = [
-            _SideWriter(directory / f"{role}.{lang}", files) for lang in (src_lang, tgt_lang)
-        ]
+        writers = [_SideWriter(directory / f"{role}.{side}", files) for side in sides]
         for chunk in pool.imap(_encode_task, tasks):
             if chunk.hashes is not None:
                 chunk = _drop_seen(chunk, seen, report)

@@ -5,7 +5,9 @@ No corpus is ever held in memory. Preparation makes two passes over the training
 1. **Sample.** A seeded uniform sample of at most ``data.tokenizer.sample_sentences``
    sentences (half source, half target, as sentence pairs) is drawn in one pass (each pair
    gets a random key; the pairs with the smallest keys are kept), and SentencePiece is
-   trained on it. A corpus smaller than the sample is used whole, in file order.
+   trained on it. A corpus smaller than the sample is used whole, in file order. A given
+   SentencePiece model (a fine-tuning run's, ``data.tokenizer.from_checkpoint``) replaces
+   this pass; its sha256 is part of the settings.
 2. **Encode.** Chunks of lines are decoded (UTF-8 checked, the bad line named), encoded and
    length/ratio-filtered in ``data.num_workers`` processes; the main process appends their
    token and offset arrays to the split's files in input order, drops exact duplicate pairs
@@ -33,10 +35,19 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from transformer_mt.data.corpus import ParallelCorpus, corpora, decode_lines, fetch_raw
+from transformer_mt.data.corpus import (
+    ParallelCorpus,
+    corpora,
+    decode_lines,
+    fetch_raw,
+    is_multilingual,
+    target_tags,
+)
 from transformer_mt.data.dataset import FORMAT_VERSION, PreparedData
 from transformer_mt.data.encode import LengthFilter, encode_split, open_pool
 from transformer_mt.data.sample import train_tokenizer
+from transformer_mt.data.tokenizer import Tokenizer
+from transformer_mt.errors import ConfigError
 from transformer_mt.formats.atomic import atomic_directory, atomic_write_text
 
 EDGE_BYTES = 1 << 20  # the fingerprint hashes this much of each file's start and end
@@ -45,24 +56,28 @@ EDGE_BYTES = 1 << 20  # the fingerprint hashes this much of each file's start an
 # -- settings, names, fingerprint ---------------------------------------------------------------
 
 
-def _settings(data_cfg: DictConfig) -> dict[str, Any]:
+def _settings(data_cfg: DictConfig, spm_model: bytes | None = None) -> dict[str, Any]:
     """What decides the prepared arrays: every ``data`` key but locations, worker count and
-    test sets (which are not prepared), with the corpora as absolute paths."""
+    test sets (which are not prepared), with the corpora as absolute paths, and the sha256 of
+    a given SentencePiece model ``spm_model``."""
     settings = OmegaConf.to_container(data_cfg, resolve=True)
     assert isinstance(settings, dict)
     for not_content in ("raw_dir", "shared_dir", "url", "prepared_dir", "num_workers", "test"):
         settings.pop(not_content, None)
+    settings["tokenizer"].pop("from_checkpoint", None)  # the hash below stands for it
+    if spm_model is not None:
+        settings["tokenizer"]["spm_model_sha256"] = hashlib.sha256(spm_model).hexdigest()
     for role in ("train", "valid"):
         settings[role] = [str(c.prefix.resolve()) for c in corpora(data_cfg, role)]
     return settings
 
 
-def prepared_name(data_cfg: DictConfig) -> str:
+def prepared_name(data_cfg: DictConfig, spm_model: bytes | None = None) -> str:
     """Folder name of a prepared corpus, e.g. ``multi30k_en-de_unigram8000_3f9a1c2e``: the
     corpus, languages and vocabulary, and a hash of the settings (so corpora do not share
     a folder)."""
     tok = data_cfg.tokenizer
-    digest = hashlib.sha256(json.dumps(_settings(data_cfg), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(_settings(data_cfg, spm_model), sort_keys=True).encode())
     return (
         f"{data_cfg.corpus}_{data_cfg.src_lang}-{data_cfg.tgt_lang}_"
         f"{tok.model_type}{tok.vocab_size}_{digest.hexdigest()[:8]}"
@@ -80,7 +95,7 @@ def _file_fingerprint(path: Path) -> list[Any]:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns, h.hexdigest()]
 
 
-def fingerprint(data_cfg: DictConfig) -> str:
+def fingerprint(data_cfg: DictConfig, spm_model: bytes | None = None) -> str:
     """A hash of the settings and of every input file's path, size, mtime and edges: cheap
     on multi-GB files, and any edit of a file changes its size, mtime or both."""
     files = [
@@ -89,7 +104,7 @@ def fingerprint(data_cfg: DictConfig) -> str:
         for corpus in corpora(data_cfg, role)
         for path in (corpus.src_path, corpus.tgt_path)
     ]
-    blob = json.dumps([FORMAT_VERSION, _settings(data_cfg), files], sort_keys=True)
+    blob = json.dumps([FORMAT_VERSION, _settings(data_cfg, spm_model), files], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -117,18 +132,26 @@ def _locked(directory: Path) -> Iterator[None]:
 # -- the whole preparation -----------------------------------------------------------------------
 
 
-def prepare_data(data_cfg: DictConfig, force: bool = False) -> PreparedData:
+def prepare_data(
+    data_cfg: DictConfig, force: bool = False, spm_model: bytes | None = None
+) -> PreparedData:
     """Fetch and check the corpora of ``data_cfg``, then reuse its prepared cache or build it
-    (see the module doc). The test sets are read through once, so a defect in them is found
+    (see the module doc), tokenized with ``spm_model`` when given, else with a SentencePiece
+    model trained here. The test sets are read through once, so a defect in them is found
     now rather than after training."""
+    if data_cfg.tokenizer.get("from_checkpoint", False) and spm_model is None:
+        raise ConfigError(
+            "data.tokenizer.from_checkpoint=true but no checkpoint's SentencePiece model was "
+            "given (it comes from trainer.init_from)"
+        )
     fetch_raw(data_cfg)
     train, valid, tests = (corpora(data_cfg, role) for role in ("train", "valid", "test"))
     for corpus in (*train, *valid, *tests):
         corpus.check_exists()
     for corpus in tests:
         check_text(corpus)
-    directory = Path(data_cfg.prepared_dir) / prepared_name(data_cfg)
-    key = fingerprint(data_cfg)
+    directory = Path(data_cfg.prepared_dir) / prepared_name(data_cfg, spm_model)
+    key = fingerprint(data_cfg, spm_model)
     if not force and _current(directory, key):  # no lock needed to read (read-only caches)
         print(f"using prepared data in {directory}", flush=True)
         return PreparedData.load(directory)
@@ -138,7 +161,7 @@ def prepare_data(data_cfg: DictConfig, force: bool = False) -> PreparedData:
             return PreparedData.load(directory)
         if (directory / "meta.json").is_file():
             print(f"config or corpus changed: rebuilding {directory}", flush=True)
-        return _build(data_cfg, directory, key, train, valid)
+        return _build(data_cfg, directory, key, train, valid, spm_model)
 
 
 def _current(directory: Path, key: str) -> bool:
@@ -161,10 +184,15 @@ def _build(
     key: str,
     train: list[ParallelCorpus],
     valid: list[ParallelCorpus],
+    spm_model: bytes | None,
 ) -> PreparedData:
     start = time.perf_counter()
-    tokenizer = train_tokenizer(data_cfg, train)
+    tokenizer = Tokenizer(spm_model) if spm_model else train_tokenizer(data_cfg, train)
     sample_seconds = time.perf_counter() - start
+    missing = [tag for tag in target_tags(data_cfg) if tokenizer.piece_id(tag) is None]
+    if missing:  # a SentencePiece model reused from a checkpoint of other languages
+        raise ConfigError(f"data.pairs: the SentencePiece model has no piece for {missing}")
+    sides = ("src", "tgt") if is_multilingual(data_cfg) else None  # languages on both sides
     dtype = "uint16" if tokenizer.vocab_size <= np.iinfo(np.uint16).max else "int32"
     flt = data_cfg.filter
     length_filter = LengthFilter(flt.min_len, flt.max_len, flt.max_ratio)
@@ -173,9 +201,11 @@ def _build(
         reports = {
             "train": encode_split(
                 pool, train, tmp, "train", dtype, length_filter,
-                bool(flt.get("dedup", False)), data_cfg.max_train_pairs, "encoding train",
+                bool(flt.get("dedup", False)), data_cfg.max_train_pairs, "encoding train", sides,
             ),
-            "valid": encode_split(pool, valid, tmp, "valid", dtype, desc="encoding valid"),
+            "valid": encode_split(
+                pool, valid, tmp, "valid", dtype, desc="encoding valid", sides=sides
+            ),
         }  # fmt: skip
         t = reports["train"]
         print(
@@ -189,6 +219,7 @@ def _build(
             "fingerprint": key,
             "src_lang": data_cfg.src_lang,
             "tgt_lang": data_cfg.tgt_lang,
+            **({"pairs": list(data_cfg.pairs), "sides": list(sides)} if sides else {}),
             "dtype": dtype,
             "vocab_size": tokenizer.vocab_size,
             "sizes": {role: r.pairs for role, r in reports.items()},

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from transformer_mt.data.corpus import ParallelCorpus, decode_lines, stream_chunks
+from transformer_mt.data.corpus import (
+    ParallelCorpus,
+    decode_lines,
+    is_multilingual,
+    stream_chunks,
+    target_tags,
+)
 from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 
 
@@ -47,16 +54,43 @@ def sample_pairs(
 
 def train_tokenizer(data_cfg: DictConfig, train: list[ParallelCorpus]) -> Tokenizer:
     """SentencePiece trained on the sampled training sentences (all source ones, then all
-    target ones)."""
+    target ones). For multilingual data each distinct file is sampled once (a language on
+    the source side of three pairs is not counted three times), an equal share per file,
+    and the target-language tags become pieces of their own."""
     tok = data_cfg.tokenizer
-    src, tgt = sample_pairs(train, tok.sample_sentences // 2, tok.seed, data_cfg.max_train_pairs)
+    if is_multilingual(data_cfg):
+        sentences = sample_files(train, tok.sample_sentences, tok.seed, data_cfg.max_train_pairs)
+        src, tgt = sentences, []
+    else:
+        src, tgt = sample_pairs(
+            train, tok.sample_sentences // 2, tok.seed, data_cfg.max_train_pairs
+        )
     print(
         f"training SentencePiece ({tok.model_type}, vocab {tok.vocab_size}) on "
         f"{len(src) + len(tgt):,} sentences",
         flush=True,
     )
-    model = train_sentencepiece(src + tgt, tok.vocab_size, tok.model_type, tok.character_coverage)
+    model = train_sentencepiece(
+        src + tgt, tok.vocab_size, tok.model_type, tok.character_coverage, target_tags(data_cfg)
+    )
     return Tokenizer(model)
+
+
+def sample_files(
+    train: list[ParallelCorpus], n_sentences: int, seed: int, max_pairs: int | None = None
+) -> list[str]:
+    """A uniform sample of ``n_sentences`` sentences over the distinct files of the corpora
+    (each side of each corpus, a file used by several pairs once), an equal share per file,
+    drawn as :func:`sample_pairs` draws (the first ``max_pairs`` lines of each file)."""
+    files: dict[Path, ParallelCorpus] = {}
+    for corpus in train:
+        for lang, path in ((corpus.src_lang, corpus.src_path), (corpus.tgt_lang, corpus.tgt_path)):
+            files.setdefault(path.resolve(), ParallelCorpus(corpus.prefix, lang, lang))
+    share = max(n_sentences // max(len(files), 1), 1)
+    out: list[str] = []
+    for i, one_file in enumerate(files.values()):
+        out += sample_pairs([one_file], share, seed + i, max_pairs)[0]  # both sides are one file
+    return out
 
 
 @contextmanager

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -15,8 +15,10 @@ def train_sentencepiece(
     vocab_size: int,
     model_type: str,
     character_coverage: float,
+    user_symbols: Sequence[str] = (),
 ) -> bytes:
-    """Train a SentencePiece model on ``sentences`` and return the serialized model."""
+    """Train a SentencePiece model on ``sentences`` and return the serialized model;
+    ``user_symbols`` (e.g. target-language tags) become pieces of their own, never split."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
@@ -29,6 +31,7 @@ def train_sentencepiece(
         bos_id=BOS_ID,
         eos_id=EOS_ID,
         hard_vocab_limit=False,
+        user_defined_symbols=list(user_symbols),
         num_threads=2,
         minloglevel=2,
     )
@@ -61,6 +64,11 @@ class Tokenizer:
         """Subword ids -> detokenized sentences; special tokens are dropped."""
         specials = {self.pad_id, self.bos_id, self.eos_id}
         return self.sp.decode([[i for i in seq if i not in specials] for seq in ids])
+
+    def piece_id(self, piece: str) -> int | None:
+        """The id of a whole piece (a language tag, say), or None if it is not one."""
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.unk_id and piece != self.sp.id_to_piece(i) else i
 
     def id_to_pieces(self, ids: list[int]) -> list[str]:
         """Subword ids -> their piece strings (for labels, e.g. attention maps)."""

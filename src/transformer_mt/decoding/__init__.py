@@ -1,7 +1,9 @@
-"""Decoding: greedy and beam search, and the Translator that wraps a checkpoint."""
+"""Decoding: greedy search, beam search and sampling, and the Translator that wraps a
+checkpoint."""
 
 from transformer_mt.decoding.beam import Hypothesis, beam_search, length_penalty
 from transformer_mt.decoding.greedy import greedy_search
+from transformer_mt.decoding.sampling import sample_search
 from transformer_mt.decoding.search import SearchOptions
 from transformer_mt.decoding.translator import Translator
 
@@ -12,4 +14,5 @@ __all__ = [
     "beam_search",
     "greedy_search",
     "length_penalty",
+    "sample_search",
 ]

@@ -1,5 +1,5 @@
-"""What greedy and beam search share: their options, the interface they drive, output
-length limits and n-gram blocking."""
+"""What greedy search, beam search and sampling share: their options, the interface they
+drive, output length limits and n-gram blocking."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ class SearchOptions:
     raw log-probability). ``beam_size`` 1 is greedy search. The default α, 2.2, was tuned on
     Multi30k val, where this project's models write short beam outputs; test_2016_flickr's
     references are shorter, and there it does not help (docs/experiments.md, "Length penalty").
+
+    ``sample`` draws each token instead (:func:`~transformer_mt.decoding.sampling.sample_search`,
+    for back-translation): from softmax(logits / ``temperature``), restricted to the ``topk``
+    most probable tokens (0 = all) and then to the nucleus of mass ``topp`` (1 = all); the
+    random streams derive from ``seed``; ``nbest`` samples per sentence. It needs
+    ``beam_size`` 1 and ignores ``alpha``; the sampling fields need ``sample``.
     """
 
     beam_size: int = 5
@@ -41,12 +47,25 @@ class SearchOptions:
     min_len: int = 1
     no_repeat_ngram: int = 0
     nbest: int = 1
+    sample: bool = False
+    topk: int = 0
+    topp: float = 1.0
+    temperature: float = 1.0
+    seed: int = 1
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
             raise ValueError(f"beam size must be ≥ 1, got {self.beam_size}")
-        if not 1 <= self.nbest <= self.beam_size:
+        if self.sample:
+            if self.beam_size != 1:
+                raise ValueError(
+                    f"sampling draws one token per step: beam size must be 1, got {self.beam_size}"
+                )
+            if self.nbest < 1:
+                raise ValueError(f"nbest (samples per sentence) must be ≥ 1, got {self.nbest}")
+        elif not 1 <= self.nbest <= self.beam_size:
             raise ValueError(f"nbest must be in [1, beam size {self.beam_size}], got {self.nbest}")
+        self._check_sampling()
         if self.max_len_a < 0 or self.max_len_b < 0 or self.max_len_a + self.max_len_b <= 0:
             raise ValueError(
                 f"max length a·src+b needs a, b ≥ 0 and not both 0 (a={self.max_len_a}, "
@@ -57,15 +76,35 @@ class SearchOptions:
         if self.min_len < 0 or self.no_repeat_ngram < 0:
             raise ValueError("min length and no-repeat n-gram size must be ≥ 0")
 
+    def _check_sampling(self) -> None:
+        """The sampling fields: in range, and left at their defaults unless ``sample``."""
+        if not 0.0 < self.temperature < math.inf:  # NaN fails too
+            raise ValueError(f"temperature must be finite and > 0, got {self.temperature}")
+        if not 0.0 < self.topp <= 1.0:
+            raise ValueError(f"topp (nucleus mass) must be in (0, 1] (1 = off), got {self.topp}")
+        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 0:
+            raise ValueError(f"topk must be an integer ≥ 0 (0 = off), got {self.topk}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer ≥ 0, got {self.seed}")
+        if not self.sample:
+            for name in SAMPLING_FIELDS:
+                if getattr(self, name) != getattr(SearchOptions, name):
+                    raise ValueError(f"{name} applies only to sampling (sample=True)")
+
     def tag(self) -> str:
         """A short name for file names: "beam5", plus the settings that differ from the
-        defaults, e.g. "beam5-alpha1-min_len3"."""
+        defaults, e.g. "beam5-alpha1-min_len3"; for sampling "sample", e.g.
+        "sample-topk10-seed2"."""
+        skip = ("beam_size", "nbest", "sample", *(("alpha",) if self.sample else ()))
         changed = [
             f"{f.name}{getattr(self, f.name):g}"
             for f in fields(self)
-            if f.name not in ("beam_size", "nbest") and getattr(self, f.name) != f.default
+            if f.name not in skip and getattr(self, f.name) != f.default
         ]
-        return "-".join([f"beam{self.beam_size}", *changed])
+        return "-".join(["sample" if self.sample else f"beam{self.beam_size}", *changed])
+
+
+SAMPLING_FIELDS = ("topk", "topp", "temperature", "seed")  # used only when sampling
 
 
 BEAM = SearchOptions()  # beam 5, α 2.2

@@ -4,6 +4,7 @@
 >>> t = Translator.from_checkpoint("runs/multi30k_en-de/default/checkpoints/final.pt")
 >>> t.translate(["A man is riding a bike."])                # beam 5, the α its run chose
 >>> t.translate(["A dog runs."], beam_size=5, alpha=1.0, nbest=3)   # 3 strings per input
+>>> t.translate(["A dog runs."], sample=True, topk=10, seed=1)     # a top-10 sample
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Any
 import torch
 
 from transformer_mt.data.batching import pad
+from transformer_mt.data.corpus import target_tag
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.beam import Hypothesis, beam_search
 from transformer_mt.decoding.greedy import greedy_search
+from transformer_mt.decoding.sampling import sample_search
 from transformer_mt.decoding.search import SearchOptions, UncachedDecoder
 from transformer_mt.device import resolve_device
-from transformer_mt.errors import CheckpointError
+from transformer_mt.errors import CheckpointError, UserError
 from transformer_mt.formats.checkpoint import load_checkpoint, spm_tensor_to_bytes
 from transformer_mt.formats.results import tuned_alpha
 from transformer_mt.model import Transformer, build_model
@@ -79,9 +82,17 @@ class Translator:
         max_len_b: int | None = None,
         min_len: int | None = None,
         no_repeat_ngram: int | None = None,
+        sample: bool | None = None,
+        topk: int | None = None,
+        topp: float | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
     ) -> SearchOptions:
-        """A SearchOptions from keyword arguments (None: SearchOptions' default); without
-        ``alpha``, the α this checkpoint's run chose on val at this beam size, if any."""
+        """A SearchOptions from keyword arguments (None: SearchOptions' default; with
+        ``sample``, beam size 1); without ``alpha``, the α this checkpoint's run chose on val
+        at this beam size, if any (not for sampling, which has no length penalty)."""
+        if sample and beam_size is None:
+            beam_size = 1
         given = {
             "beam_size": beam_size,
             "nbest": nbest,
@@ -89,9 +100,14 @@ class Translator:
             "max_len_b": max_len_b,
             "min_len": min_len,
             "no_repeat_ngram": no_repeat_ngram,
+            "sample": sample,
+            "topk": topk,
+            "topp": topp,
+            "temperature": temperature,
+            "seed": seed,
         }
         options = SearchOptions(**{k: v for k, v in given.items() if v is not None})
-        if alpha is None and self.checkpoint is not None:
+        if alpha is None and self.checkpoint is not None and not options.sample:
             alpha = tuned_alpha(self.checkpoint, self.step, options.beam_size)
         return options if alpha is None else dataclasses.replace(options, alpha=alpha)
 
@@ -103,6 +119,8 @@ class Translator:
         batch_size: int = 64,
         max_tokens: int | None = None,
         on_truncate: Callable[[int, int], None] | None = None,
+        first_index: int = 0,
+        tgt_lang: str | None = None,
         **search: Any,
     ) -> list[list[Hypothesis]]:
         """n-best hypotheses (as ids) for each sentence, in input order.
@@ -115,15 +133,26 @@ class Translator:
         An empty sentence gets one empty hypothesis. A sentence longer than the model's
         positions is truncated to fit, and ``on_truncate(index, n_subwords)`` is called
         (by default a warning on stderr).
+
+        With ``sample``, sentence ``i`` draws from the random streams of index
+        ``first_index + i`` (:func:`sample_search`): pass the index of ``sentences[0]`` in
+        the whole input to sample a long input piece by piece as in one call.
+
+        A multilingual model (trained with ``data.pairs``) translates into ``tgt_lang``: its
+        tag leads every source (:meth:`source_prefix`).
         """
         options = self._options(options, search)
         tok = self.tokenizer
-        ids = encode_to_fit(tok, sentences, self.model.max_positions, on_truncate)
+        prefix = self.source_prefix(tgt_lang)
+        ids = encode_to_fit(tok, sentences, self.model.max_positions, on_truncate, prefix)
         results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in sentences]
         decoder = self.model if self.use_cache else UncachedDecoder(self.model)
         for chunk in length_batches([len(s) + 1 for s in ids], batch_size, max_tokens):
             src = pad([[*ids[i], tok.eos_id] for i in chunk], tok.pad_id).to(self.device)
-            if options.beam_size == 1 and options.nbest == 1:
+            if options.sample:
+                streams = [first_index + i for i in chunk]
+                hyps = sample_search(decoder, src, tok.bos_id, tok.eos_id, options, streams)
+            elif options.beam_size == 1 and options.nbest == 1:
                 outs = greedy_search(decoder, src, tok.bos_id, tok.eos_id, options)
                 hyps = [[Hypothesis(o, 0.0, 0.0)] for o in outs]
             else:
@@ -139,13 +168,16 @@ class Translator:
         *,
         batch_size: int = 64,
         max_tokens: int | None = None,
+        tgt_lang: str | None = None,
         **search: Any,
     ) -> list[str] | list[list[str]]:
         """Detokenized translations in input order: one string per sentence, or with
-        ``nbest`` > 1 a list of that many, best first. Search settings as in
-        :meth:`translate_ids`."""
+        ``nbest`` > 1 a list of that many, best first. Search settings and ``tgt_lang`` as
+        in :meth:`translate_ids`."""
         options = self._options(options, search)
-        hyps = self.translate_ids(sentences, options, batch_size=batch_size, max_tokens=max_tokens)
+        hyps = self.translate_ids(
+            sentences, options, batch_size=batch_size, max_tokens=max_tokens, tgt_lang=tgt_lang
+        )
         if options.nbest == 1:
             return self.tokenizer.decode([h[0].tokens for h in hyps])
         flat = self.tokenizer.decode([h.tokens for n_best in hyps for h in n_best])
@@ -154,6 +186,11 @@ class Translator:
             out.append(flat[start : start + len(n_best)])
             start += len(n_best)
         return out
+
+    def source_prefix(self, tgt_lang: str | None) -> list[int]:
+        """The ids that lead every source: a multilingual model's tag for ``tgt_lang``
+        (see :func:`source_prefix`)."""
+        return source_prefix(self.tokenizer, self.config.get("data") or {}, tgt_lang)
 
     def _options(self, options: SearchOptions | None, search: dict[str, Any]) -> SearchOptions:
         if options is not None and search:
@@ -178,20 +215,44 @@ def length_batches(
         yield batch
 
 
+def source_prefix(tokenizer: Tokenizer, data: dict[str, Any], tgt_lang: str | None) -> list[int]:
+    """The ids that lead every source of a model trained on ``data`` (its config section):
+    ``[id of <2de>]`` for a multilingual model asked for ``tgt_lang`` de, nothing for a
+    bilingual one (whose own target language may be named). UserError for a language the
+    model does not translate into, or a multilingual model asked for none."""
+    targets = list(dict.fromkeys(p.split("-", 1)[1] for p in data.get("pairs") or []))
+    if not targets:
+        if tgt_lang is not None and tgt_lang != data.get("tgt_lang", tgt_lang):
+            raise UserError(f"this model translates into {data.get('tgt_lang')}, not {tgt_lang}")
+        return []
+    tag = tokenizer.piece_id(target_tag(tgt_lang)) if tgt_lang is not None else None
+    if tag is None:
+        asked = "no target language" if tgt_lang is None else f"target language {tgt_lang!r}"
+        raise UserError(
+            f"{asked}: this multilingual model translates into {', '.join(targets)} "
+            "(name one, e.g. tmt-translate --tgt-lang)"
+        )
+    return [tag]
+
+
 def encode_to_fit(
     tokenizer: Tokenizer,
     sentences: list[str],
     max_positions: int,
     on_truncate: Callable[[int, int], None] | None = None,
+    prefix: list[int] | None = None,
 ) -> list[list[int]]:
-    """Subword ids of ``sentences``, each cut to ``max_positions - 1`` (room for EOS); a cut
+    """Subword ids of ``sentences``, each led by ``prefix`` (a language tag; not an empty
+    sentence, which stays empty) and cut to ``max_positions - 1`` (room for EOS); a cut
     calls ``on_truncate(index, n_subwords)``, by default a warning on stderr."""
-    limit = max_positions - 1
+    prefix = prefix or []
+    limit = max_positions - 1 - len(prefix)
     ids = tokenizer.encode(sentences)
     for i, s in enumerate(ids):
         if len(s) > limit:
             (on_truncate or _warn_truncated)(i, len(s))
-            ids[i] = s[:limit]
+            s = s[:limit]
+        ids[i] = [*prefix, *s] if s else s
     return ids
 
 

@@ -7,6 +7,12 @@ checkpoint, ``max_positions``). The weights map onto a ``TransformerSpec`` one t
 pre/post-norm from ``norm_first``, fused q/k/v (self-attention) and k/v (cross-attention)
 projections, embeddings scaled by √d_model, and the model's own sinusoidal table exported
 as a learned position table (CTranslate2's built-in sinusoids use another layout).
+
+The architecture variants map onto CTranslate2's options: ``positions=learned`` is that
+position table, ``positions=rope`` is ``rotary_dim=0`` (every dimension) with
+``rotary_interleave=False`` (the "rotate half" layout), ``norm=rmsnorm`` is ``rms_norm`` and
+``activation=swiglu`` is ``ffn_glu`` with the SWISH (SiLU) activation: CTranslate2's
+``linear_0`` is W (activated) and ``linear_0_noact`` is V.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from transformer_mt.errors import UserError
 from transformer_mt.formats.atomic import atomic_directory
 from transformer_mt.model import Transformer
 from transformer_mt.model.attention import MultiHeadAttention
+from transformer_mt.model.embedding import LearnedPositionalEmbedding, PositionalEncoding
 from transformer_mt.model.layers import EncoderLayer, FeedForward
 
 METADATA_FILE = "transformer_mt.json"
@@ -57,9 +64,10 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def _set_layer_norm(spec: Any, norm: nn.LayerNorm) -> None:
+def _set_layer_norm(spec: Any, norm: nn.LayerNorm | nn.RMSNorm) -> None:
     spec.gamma = _array(norm.weight)
-    spec.beta = _array(norm.bias)
+    if isinstance(norm, nn.LayerNorm):  # RMSNorm has no bias
+        spec.beta = _array(norm.bias)
 
 
 def _set_linear(spec: Any, *linears: nn.Linear) -> None:
@@ -69,7 +77,7 @@ def _set_linear(spec: Any, *linears: nn.Linear) -> None:
         spec.bias = np.concatenate([_array(lin.bias) for lin in linears])
 
 
-def _set_attention(spec: Any, attn: MultiHeadAttention, norm: nn.LayerNorm, is_self: bool) -> None:
+def _set_attention(spec: Any, attn: MultiHeadAttention, norm: nn.Module, is_self: bool) -> None:
     _set_layer_norm(spec.layer_norm, norm)
     if is_self:
         _set_linear(spec.linear[0], attn.q_proj, attn.k_proj, attn.v_proj)
@@ -79,42 +87,81 @@ def _set_attention(spec: Any, attn: MultiHeadAttention, norm: nn.LayerNorm, is_s
     _set_linear(spec.linear[-1], attn.out_proj)
 
 
-def _set_ffn(spec: Any, ffn: FeedForward, norm: nn.LayerNorm) -> None:
+def _set_ffn(spec: Any, ffn: FeedForward, norm: nn.Module) -> None:
     _set_layer_norm(spec.layer_norm, norm)
     _set_linear(spec.linear_0, ffn.linear1)
+    if ffn.linear_v is not None:  # SwiGLU: (SiLU(x W) ⊙ x V) W2
+        _set_linear(spec.linear_0_noact, ffn.linear_v)
     _set_linear(spec.linear_1, ffn.linear2)
 
 
 def _activation(model: Transformer) -> Any:
+    """CTranslate2's activation for ``model.activation``; a UserError naming the key if it
+    has none."""
     act = import_ctranslate2().specs.common_spec.Activation
     module = model.encoder.layers[0].feed_forward.activation
     if isinstance(module, nn.ReLU):
         return act.RELU
     if isinstance(module, nn.GELU):
         return act.GELUTanh if module.approximate == "tanh" else act.GELU
-    raise UserError(f"cannot export activation {type(module).__name__} to CTranslate2")
+    if isinstance(module, nn.SiLU):  # SwiGLU's gate
+        return act.SWISH
+    raise UserError(
+        f"model.activation: cannot export activation {type(module).__name__} to CTranslate2"
+    )
 
 
-def _set_stack_inputs(spec: Any, model: Transformer, positions: np.ndarray) -> None:
+def _position_table(model: Transformer) -> np.ndarray | None:
+    """The absolute position table (max_positions, d_model) of ``model.positions`` sinusoidal
+    or learned; None for rope (its positions are in the self-attention)."""
+    positions = model.embedding.positions
+    if isinstance(positions, PositionalEncoding):
+        return _array(positions.pe)
+    if isinstance(positions, LearnedPositionalEmbedding):
+        return _array(positions.weight)
+    if positions is None and model.encoder.layers[0].self_attn.rotary is not None:
+        return None
+    raise UserError(
+        f"model.positions: cannot export position scheme {type(positions).__name__} to CTranslate2"
+    )
+
+
+def _set_stack_inputs(spec: Any, model: Transformer, positions: np.ndarray | None) -> None:
     embeddings = spec.embeddings[0] if isinstance(spec.embeddings, list) else spec.embeddings
     embeddings.weight = _array(model.embedding.tokens.weight)
     spec.scale_embeddings = True  # × √d_model
-    spec.position_encodings.encodings = positions
+    if positions is not None:
+        spec.position_encodings.encodings = positions
+
+
+def _stack_options(model: Transformer, rotary: bool) -> dict[str, Any]:
+    """The TransformerEncoderSpec/TransformerDecoderSpec options both stacks share."""
+    first: EncoderLayer = model.encoder.layers[0]
+    options = dict(
+        num_heads=first.self_attn.n_heads,
+        pre_norm=first.sublayer1.norm_first,
+        activation=_activation(model),
+        ffn_glu=first.feed_forward.linear_v is not None,
+        rms_norm=isinstance(first.sublayer1.norm, nn.RMSNorm),
+    )
+    if rotary:  # rotate every dimension of a head, in halves (not interleaved pairs)
+        options.update(rotary_dim=0, rotary_interleave=False)
+    return options
 
 
 def build_spec(model: Transformer, tokenizer: Tokenizer) -> Any:
     """A CTranslate2 ``TransformerSpec`` holding ``model``'s weights and vocabulary."""
     ct2 = import_ctranslate2()
+    specs = ct2.specs.transformer_spec
     encoder, decoder = model.encoder, model.decoder
     first: EncoderLayer = encoder.layers[0]
     norm_first = first.sublayer1.norm_first
-    spec = ct2.specs.TransformerSpec.from_config(
-        (len(encoder.layers), len(decoder.layers)),
-        first.self_attn.n_heads,
-        pre_norm=norm_first,
-        activation=_activation(model),
+    positions = _position_table(model)  # (max_positions, d_model), or None for rope
+    options = _stack_options(model, rotary=positions is None)
+    spec = ct2.specs.TransformerSpec(
+        specs.TransformerEncoderSpec(len(encoder.layers), **options),
+        specs.TransformerDecoderSpec(len(decoder.layers), **options),
     )
-    positions = _array(model.embedding.positions.pe)  # (max_positions, d_model)
     _set_stack_inputs(spec.encoder, model, positions)
     _set_stack_inputs(spec.decoder, model, positions)
     _set_linear(spec.decoder.projection, model.output_projection)
@@ -125,7 +172,7 @@ def build_spec(model: Transformer, tokenizer: Tokenizer) -> Any:
         _set_attention(layer_spec.self_attention, dec.self_attn, dec.sublayer1.norm, True)
         _set_attention(layer_spec.attention, dec.cross_attn, dec.sublayer2.norm, False)
         _set_ffn(layer_spec.ffn, dec.feed_forward, dec.sublayer3.norm)
-    if norm_first:  # pre-norm stacks end with a LayerNorm
+    if norm_first:  # pre-norm stacks end with a norm
         _set_layer_norm(spec.encoder.layer_norm, encoder.final_norm)
         _set_layer_norm(spec.decoder.layer_norm, decoder.final_norm)
 
@@ -198,6 +245,7 @@ def _metadata(translator: Translator, checkpoint: Path, quantization: str | None
         "step": translator.step,
         "src_lang": data.get("src_lang"),
         "tgt_lang": data.get("tgt_lang"),
+        "pairs": list(data.get("pairs") or []),  # a multilingual model's directions
         "max_positions": translator.model.max_positions,
         "vocab_size": translator.tokenizer.vocab_size,
         "quantization": quantization,

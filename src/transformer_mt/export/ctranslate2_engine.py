@@ -8,6 +8,8 @@ search that reached a sentence's budget is done again within it (one more call p
 budget; rare with a trained model). This project's length-penalised scores are computed
 from CTranslate2's log-probabilities; ``score_batch`` is called only for the rare
 hypotheses whose log-probability CTranslate2 did not report (those cut by a budget).
+Sampling (``SearchOptions.sample``) is CTranslate2's random sampling, seeded (see
+:class:`CTranslate2Translator`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.beam import length_penalty
 from transformer_mt.decoding.search import BEAM, SearchOptions, output_budget
-from transformer_mt.decoding.translator import encode_to_fit
+from transformer_mt.decoding.translator import encode_to_fit, source_prefix
 from transformer_mt.errors import UserError
 from transformer_mt.export.ctranslate2 import METADATA_FILE, SPM_FILE, import_ctranslate2
 
@@ -50,6 +52,19 @@ class CTranslate2Translator:
     * ``min_len`` (EOS included) → ``min_decoding_length = min_len − 1`` (EOS excluded);
     * ``no_repeat_ngram`` → ``no_repeat_ngram_size``;
     * ``nbest`` → the number of hypotheses kept, ``num_hypotheses = beam_size``;
+    * ``sample`` → ``beam_size=1``, ``num_hypotheses = nbest`` (independent samples),
+      ``topk`` → ``sampling_topk`` (the same meaning: 0 = the whole distribution, 1 = the
+      most probable token), ``topp`` → ``sampling_topp``, ``temperature`` →
+      ``sampling_temperature``, ``seed`` → ``ctranslate2.set_random_seed``. PAD, BOS and
+      the ``min_len``/n-gram rules are removed before the softmax, as :func:`sample_search`
+      does, so both sample from the same distribution, but with other random numbers: the
+      samples are not this project's. They are reproducible for the same seed, inputs and
+      ``batch_size`` (CTranslate2 shares one random generator across a batch, so they
+      depend on the batching). CTranslate2 seeds a worker thread's generator at its first
+      draw: this object's first sampling call fixes its seed, later calls continue that
+      stream, and asking for another seed is an error (load another object for it). With
+      n-best, samples are scored (with ``score_batch``) and sorted by their log-probability
+      under the model, the score of :func:`sample_search`; duplicates are kept;
     * ``alpha`` → ``length_penalty`` (or 1e-6 when α = 0), for CTranslate2's own ranking:
       it reports ``log P(Y + EOS) / (|Y| + 1)^α``, this project ranks by the GNMT
       ``log P(Y + EOS) / ((5 + |Y| + 1) / 6)^α``. So beam outputs (and every n-best list) are
@@ -74,12 +89,20 @@ class CTranslate2Translator:
     normalized score, this project the first ones finished.
     """
 
-    def __init__(self, translator: Any, tokenizer: Tokenizer, max_positions: int) -> None:
+    def __init__(
+        self,
+        translator: Any,
+        tokenizer: Tokenizer,
+        max_positions: int,
+        data: dict[str, Any] | None = None,
+    ) -> None:
         self.translator = translator
         self.tokenizer = tokenizer
         self.max_positions = max_positions
+        self.data = data or {}  # the languages: src_lang, tgt_lang, pairs (multilingual)
         self.pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
         self.piece_ids = {p: i for i, p in enumerate(self.pieces)}
+        self.seed: int | None = None  # the sampling seed in effect (set at the first sample)
 
     @classmethod
     def from_dir(
@@ -103,21 +126,32 @@ class CTranslate2Translator:
         except (RuntimeError, ValueError) as e:  # unknown device/compute type, no CUDA ...
             raise UserError(f"CTranslate2 cannot load {path} on {device}: {e}") from e
         tokenizer = Tokenizer((path / SPM_FILE).read_bytes())
-        return cls(translator, tokenizer, int(metadata["max_positions"]))
+        return cls(translator, tokenizer, int(metadata["max_positions"]), metadata)
 
     def translate(
-        self, sentences: list[str], options: SearchOptions = BEAM, *, batch_size: int = 64
+        self,
+        sentences: list[str],
+        options: SearchOptions = BEAM,
+        *,
+        batch_size: int = 64,
+        tgt_lang: str | None = None,
     ) -> list[str]:
-        """Detokenized best translations, one per input sentence, in input order."""
-        best = self._search(sentences, options, batch_size, rank=options.beam_size > 1)
+        """Detokenized best translations, one per input sentence, in input order (into
+        ``tgt_lang``, for a multilingual model)."""
+        best = self._search(sentences, options, batch_size, options.beam_size > 1, tgt_lang)
         return self.tokenizer.decode([hyps[0][0] for hyps in best])
 
     def translate_nbest(
-        self, sentences: list[str], options: SearchOptions = BEAM, *, batch_size: int = 64
+        self,
+        sentences: list[str],
+        options: SearchOptions = BEAM,
+        *,
+        batch_size: int = 64,
+        tgt_lang: str | None = None,
     ) -> list[list[tuple[str, float]]]:
         """Per sentence, up to ``options.nbest`` (translation, score) pairs, best first; the
         score is the log-probability (EOS included) over the GNMT length penalty."""
-        results = self._search(sentences, options, batch_size, rank=True)
+        results = self._search(sentences, options, batch_size, True, tgt_lang)
         nbest = []
         for hyps in results:
             texts = self.tokenizer.decode([ids for ids, _ in hyps])
@@ -133,11 +167,17 @@ class CTranslate2Translator:
         ).tolist()
 
     def _search(
-        self, sentences: list[str], options: SearchOptions, batch_size: int, rank: bool
+        self,
+        sentences: list[str],
+        options: SearchOptions,
+        batch_size: int,
+        rank: bool,
+        tgt_lang: str | None = None,
     ) -> list[list[Scored]]:
         """Decode every sentence in one ``translate_batch`` call; with ``rank``, score each
         hypothesis as :func:`beam_search` does and sort each list best first."""
-        ids = encode_to_fit(self.tokenizer, sentences, self.max_positions)
+        prefix = source_prefix(self.tokenizer, self.data, tgt_lang)
+        ids = encode_to_fit(self.tokenizer, sentences, self.max_positions, None, prefix)
         results: list[list[Scored]] = [[([], 0.0)] for _ in sentences]
         budgets = self.budgets([len(s) + 1 for s in ids], options)
         todo = [i for i, s in enumerate(ids) if s and budgets[i] > 1]  # else: only EOS fits
@@ -146,8 +186,11 @@ class CTranslate2Translator:
         sources = [[self.pieces[t] for t in ids[i]] for i in todo]
         limits = [budgets[i] - 1 for i in todo]  # output tokens before the EOS
         # CTranslate2 removes forbidden tokens before its softmax: its log-probabilities are
-        # this project's only when it forbids nothing (no min_len, no n-gram blocking).
-        exact = options.min_len <= 1 and options.no_repeat_ngram == 0
+        # this project's only when it forbids nothing (no min_len, no n-gram blocking). Samples
+        # are drawn with PAD and BOS forbidden at once, as sample_search draws them.
+        exact = options.min_len <= 1 and options.no_repeat_ngram == 0 and not options.sample
+        if options.sample:
+            self._seed(options.seed)
         found = self._decode(sources, max(limits), options, batch_size, suppress=not exact)
         if options.beam_size > 1:  # beams that ran past a sentence's budget searched otherwise
             past = [j for j, hyps in enumerate(found) if any(len(h) >= limits[j] for h, _ in hyps)]
@@ -179,6 +222,23 @@ class CTranslate2Translator:
             results[i] = [(tokens[:limit], score) for tokens, score in hyps[: options.nbest]]
         return results
 
+    def _seed(self, seed: int) -> None:
+        """Seed CTranslate2's random generator before this object's first sample."""
+        if self.seed is None:
+            ct2 = import_ctranslate2()
+            if not hasattr(ct2, "set_random_seed"):
+                raise UserError(
+                    f"CTranslate2 {ct2.__version__} has no set_random_seed: it cannot sample "
+                    "reproducibly; upgrade it or use --engine torch"
+                )
+            ct2.set_random_seed(seed)
+            self.seed = seed
+        elif seed != self.seed:
+            raise UserError(
+                f"CTranslate2 samples with seed {self.seed} in this process (its threads seed "
+                f"once); load the export again to sample with seed {seed}"
+            )
+
     def _decode(
         self,
         sources: list[list[str]],
@@ -191,6 +251,7 @@ class CTranslate2Translator:
         score) (see the class docstring for its normalization); ``suppress`` forbids PAD
         and BOS."""
         beam = options.beam_size
+        hypotheses = options.nbest if options.sample else beam
         tok = self.tokenizer
         specials = [[self.pieces[tok.pad_id]], [self.pieces[tok.bos_id]]]
         outputs = self.translator.translate_batch(
@@ -198,7 +259,7 @@ class CTranslate2Translator:
             max_batch_size=batch_size,
             beam_size=beam,
             patience=1,
-            num_hypotheses=beam,
+            num_hypotheses=hypotheses,
             length_penalty=options.alpha or NO_EARLY_EXIT,
             no_repeat_ngram_size=options.no_repeat_ngram,
             suppress_sequences=specials if suppress else None,
@@ -206,6 +267,9 @@ class CTranslate2Translator:
             max_decoding_length=max_length,
             min_decoding_length=min(max(options.min_len - 1, 0), max_length),
             return_scores=True,
+            sampling_topk=options.topk if options.sample else 1,
+            sampling_topp=options.topp,
+            sampling_temperature=options.temperature,
         )
         return [
             [
@@ -225,11 +289,12 @@ class CTranslate2Translator:
         batch_size: int,
     ) -> list[list[Scored]]:
         """Each hypothesis scored as :func:`beam_search` does, log P(Y + EOS) over the GNMT
-        penalty of |Y| + 1, and each list sorted best first (one hypothesis per token
-        sequence). log P comes from CTranslate2's score, or from one ``score_batch`` call
-        for the hypotheses of the sentences ``rescore`` and those that reached or passed
-        their sentence's limit without EOS."""
-        alpha, ct2_alpha = options.alpha, options.alpha or NO_EARLY_EXIT
+        penalty of |Y| + 1 (samples: log P alone), and each list sorted best first (one
+        hypothesis per token sequence; samples: all kept). log P comes from CTranslate2's
+        score, or from one ``score_batch`` call for the hypotheses of the sentences
+        ``rescore`` and those that reached or passed their sentence's limit without EOS."""
+        alpha = 0.0 if options.sample else options.alpha
+        ct2_alpha = options.alpha or NO_EARLY_EXIT
         log_probs: list[list[float | None]] = []
         cut: list[tuple[int, int]] = []  # (sentence, hypothesis) to score again
         for s, (hyps, limit) in enumerate(zip(found, limits, strict=True)):
@@ -253,11 +318,13 @@ class CTranslate2Translator:
         ranked = []
         for s, hyps in enumerate(found):
             best: dict[tuple[int, ...], Scored] = {}
+            samples: list[Scored] = []
             for (tokens, _), log_prob in zip(hyps, log_probs[s], strict=True):
                 kept = tokens[: limits[s]]
                 assert log_prob is not None
                 score = log_prob / length_penalty(len(kept) + 1, alpha)
+                samples.append((kept, score))
                 if tuple(kept) not in best or score > best[tuple(kept)][1]:
                     best[tuple(kept)] = (kept, score)
-            ranked.append(sorted(best.values(), key=lambda h: -h[1]))
+            ranked.append(sorted(samples if options.sample else best.values(), key=lambda h: -h[1]))
         return ranked

@@ -12,6 +12,9 @@ failed run of a sweep) and reads it (the sweep summary, the α lookup of ``tmt-e
          "alpha_grid": {"0.6": 38.9, ...},        # val BLEU at each α tried
          "valid": {"bleu": 39.6, "chrf": 64.2, "signature": "nrefs:1|..."},
          "test": {"test_2016_flickr": {"bleu": 38.5, ...}}}}}
+
+A multilingual run's sets are named by direction (``test_2016_flickr.en-de``); its
+``valid`` is the mean over the directions, and ``valid_sets`` holds each direction's.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class CheckpointResult:
     valid: Score
     test: dict[str, Score] = field(default_factory=dict)  # test set name -> its score
     alpha_grid: dict[str, float] = field(default_factory=dict)  # α -> val BLEU, when tuned
+    valid_sets: dict[str, Score] = field(default_factory=dict)  # per direction (multilingual)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CheckpointResult:
@@ -64,6 +68,7 @@ class CheckpointResult:
             valid=Score(**d["valid"]),
             test={name: Score(**s) for name, s in d.get("test", {}).items()},
             alpha_grid={str(a): float(b) for a, b in d.get("alpha_grid", {}).items()},
+            valid_sets={name: Score(**s) for name, s in d.get("valid_sets", {}).items()},
         )
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from transformer_mt.errors import ConfigError
 from transformer_mt.model.dropout import Dropout
+from transformer_mt.model.embedding import RotaryEmbedding
 
 
 class ScaledDotProductAttention(nn.Module):
@@ -73,9 +74,20 @@ class MultiHeadAttention(nn.Module):
     encoder-decoder (cross) attention. ``forward`` attends whole sequences (training, and
     the encoder); ``step_self`` and ``step_cross`` decode one position at a time with the
     keys and values of a :class:`~transformer_mt.model.cache.KVCache`.
+
+    With ``rotary`` (self-attention of ``model.positions=rope``) the queries and keys are
+    rotated by their positions (:class:`~transformer_mt.model.embedding.RotaryEmbedding`)
+    before they are compared.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, bias: bool = True) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float,
+        bias: bool = True,
+        rotary: RotaryEmbedding | None = None,
+    ) -> None:
         super().__init__()
         if d_model % n_heads != 0:
             raise ConfigError(
@@ -88,6 +100,7 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.attention = ScaledDotProductAttention(dropout)
+        self.rotary = rotary  # shared by the model's self-attention layers (it has no weights)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, d) -> (B, H, T, d_k)
@@ -124,6 +137,8 @@ class MultiHeadAttention(nn.Module):
         for inspecting what a layer attends to. ``mask`` and ``causal`` as in ``forward``."""
         q = self._split_heads(self.q_proj(query))
         k = self._split_heads(self.k_proj(key_value))
+        if self.rotary is not None and query is key_value:
+            q, k = self.rotary(q), self.rotary(k)
         scores = q @ k.transpose(-2, -1) / self.d_k**0.5  # (B, H, Tq, Tk)
         if mask is not None:
             scores = scores.masked_fill(~mask, -torch.inf)
@@ -142,6 +157,8 @@ class MultiHeadAttention(nn.Module):
     ) -> torch.Tensor:  # (B, Tq, d)
         if query is key_value:  # self-attention
             q, k, v = self._project(query, self.q_proj, self.k_proj, self.v_proj)
+            if self.rotary is not None:
+                q, k = self.rotary(q), self.rotary(k)  # (B, H, T, d_k), positions 0..T-1
         else:  # cross-attention
             q = self._split_heads(self.q_proj(query))
             k, v = self._project(key_value, self.k_proj, self.v_proj)
@@ -163,11 +180,17 @@ class MultiHeadAttention(nn.Module):
         qkv: tuple[torch.Tensor, torch.Tensor | None],  # stacked_weights(q, k, v)
     ) -> torch.Tensor:  # (R, d)
         """Masked self-attention of position ``t`` over positions 0..t; its key and value are
-        written into ``cache`` at ``t`` (no mask is needed: every cached position is past)."""
+        written into ``cache`` at ``t`` (no mask is needed: every cached position is past).
+        With ``rotary`` the query and key are rotated to position ``t`` first."""
         r = x.size(0)
         qkv_t = F.linear(x, *qkv).view(r, 3, self.n_heads, self.d_k)  # (R, 3, H, d_k)
-        cache[:, :, :, t] = qkv_t[:, 1:].transpose(0, 1)  # this position's key and value
-        q = qkv_t[:, 0, :, None]  # (R, H, 1, d_k)
+        if self.rotary is None:
+            cache[:, :, :, t] = qkv_t[:, 1:].transpose(0, 1)  # this position's key and value
+            q = qkv_t[:, 0, :, None]  # (R, H, 1, d_k)
+        else:
+            q, k = self.rotary(qkv_t[:, :2, :, None], t).unbind(1)  # each (R, H, 1, d_k)
+            cache[0, :, :, t] = k[:, :, 0]
+            cache[1, :, :, t] = qkv_t[:, 2]
         out = attend(q, cache[0, :, :, : t + 1], cache[1, :, :, : t + 1])
         return self.out_proj(out.view(r, -1))  # (R, H, 1, d_k) -> (R, d)
 

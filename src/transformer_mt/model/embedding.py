@@ -1,4 +1,5 @@
-"""Input embeddings (paper §3.4) and sinusoidal positional encoding (paper §3.5)."""
+"""Input embeddings (paper §3.4) and the position schemes: sinusoidal encoding (paper §3.5),
+learned position embeddings and rotary position embeddings (RoPE)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import torch
 from torch import nn
 
 from transformer_mt.model.dropout import Dropout
+from transformer_mt.model.variants import check_variant
+
+
+def _check_length(length: int, offset: int, max_positions: int) -> None:
+    if offset + length > max_positions:
+        raise ValueError(
+            f"sequence of {offset + length} positions exceeds max_positions={max_positions}"
+        )
 
 
 class PositionalEncoding(nn.Module):
@@ -26,15 +35,54 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, length: int, offset: int = 0) -> torch.Tensor:
         """Return the encodings of positions ``offset .. offset+length-1``: (length, d)."""
-        if offset + length > self.pe.size(0):
-            raise ValueError(
-                f"sequence of {offset + length} positions exceeds max_positions={self.pe.size(0)}"
-            )
+        _check_length(length, offset, self.pe.size(0))
         return self.pe[offset : offset + length]
 
 
+class LearnedPositionalEmbedding(nn.Module):
+    """A trained table of one vector per position (Gehring et al. 2017, ConvS2S; BERT and
+    fairseq's learned positions), initialised like fairseq's: N(0, d^-0.5)."""
+
+    def __init__(self, d_model: int, max_positions: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(max_positions, d_model))  # (P, d)
+        nn.init.normal_(self.weight, mean=0.0, std=d_model**-0.5)
+
+    def forward(self, length: int, offset: int = 0) -> torch.Tensor:
+        """Return the embeddings of positions ``offset .. offset+length-1``: (length, d)."""
+        _check_length(length, offset, self.weight.size(0))
+        return self.weight[offset : offset + length]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings (Su et al. 2021, RoFormer), applied to queries and keys.
+
+    Each pair of dimensions (j, j + d_k/2) of a query or key at position m is rotated by the
+    angle m·θ_j, θ_j = 10000^(-2j/d_k): the "rotate half" layout of GPT-NeoX (CTranslate2's
+    ``rotary_interleave=False``). Then q_m · k_n depends on the positions only through m - n.
+    """
+
+    def __init__(self, d_k: int, max_positions: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, d_k, 2, dtype=torch.float32) / d_k)  # (d_k/2,)
+        angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)  # (P, d_k): θ_j at j and j + d_k/2
+        self.register_buffer("cos", angles.cos(), persistent=False)  # (P, d_k)
+        self.register_buffer("sin", angles.sin(), persistent=False)  # (P, d_k)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x (..., T, d_k) at positions ``offset .. offset+T-1`` -> x rotated, same shape."""
+        t = x.size(-2)
+        _check_length(t, offset, self.cos.size(0))
+        cos = self.cos[offset : offset + t].to(x.dtype)  # (T, d_k)
+        sin = self.sin[offset : offset + t].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)  # (..., T, d_k/2) each
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
 class TransformerEmbedding(nn.Module):
-    """Token embedding scaled by √d_model, plus positional encoding, then dropout."""
+    """Token embedding scaled by √d_model, plus the positions (sinusoidal or learned; none
+    for ``rope``, whose positions enter the self-attention), then dropout."""
 
     def __init__(
         self,
@@ -43,18 +91,25 @@ class TransformerEmbedding(nn.Module):
         max_positions: int,
         dropout: float,
         padding_idx: int,
+        positions: str = "sinusoidal",
     ) -> None:
         super().__init__()
+        check_variant("positions", positions)
         self.d_model = d_model
         self.tokens = nn.Embedding(vocab_size, d_model, padding_idx=padding_idx)
         nn.init.normal_(self.tokens.weight, mean=0.0, std=d_model**-0.5)
         with torch.no_grad():
             self.tokens.weight[padding_idx].zero_()
-        self.positions = PositionalEncoding(d_model, max_positions)
+        self.positions: nn.Module | None = None
+        if positions == "sinusoidal":
+            self.positions = PositionalEncoding(d_model, max_positions)
+        elif positions == "learned":
+            self.positions = LearnedPositionalEmbedding(d_model, max_positions)
         self.dropout = Dropout(dropout)
 
     def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """ids: (B, T) -> (B, T, d)."""
         x = self.tokens(ids) * math.sqrt(self.d_model)
-        x = x + self.positions(ids.size(1), offset).to(x.dtype)
+        if self.positions is not None:
+            x = x + self.positions(ids.size(1), offset).to(x.dtype)
         return self.dropout(x)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from transformer_mt.model.cache import KVCache
-from transformer_mt.model.embedding import TransformerEmbedding
-from transformer_mt.model.layers import DecoderLayer, EncoderLayer
+from transformer_mt.model.embedding import RotaryEmbedding, TransformerEmbedding
+from transformer_mt.model.layers import DecoderLayer, EncoderLayer, make_norm
+from transformer_mt.model.variants import check_rope_head_size, check_variant
 
 
 def padding_mask(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -20,14 +22,21 @@ def padding_mask(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 class Encoder(nn.Module):
     """A stack of N identical encoder layers."""
 
-    def __init__(self, n_layers: int, norm_first: bool, d_model: int, **layer_args: Any) -> None:
+    def __init__(
+        self,
+        n_layers: int,
+        norm_first: bool,
+        d_model: int,
+        norm: str = "layernorm",
+        **layer_args: Any,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model=d_model, norm_first=norm_first, **layer_args)
+            EncoderLayer(d_model=d_model, norm_first=norm_first, norm=norm, **layer_args)
             for _ in range(n_layers)
         )
-        # Pre-norm stacks end with a LayerNorm; post-norm layers already end with one.
-        self.final_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
+        # Pre-norm stacks end with a norm; post-norm layers already end with one.
+        self.final_norm = make_norm(norm, d_model) if norm_first else nn.Identity()
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers:
@@ -38,13 +47,20 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """A stack of N identical decoder layers."""
 
-    def __init__(self, n_layers: int, norm_first: bool, d_model: int, **layer_args: Any) -> None:
+    def __init__(
+        self,
+        n_layers: int,
+        norm_first: bool,
+        d_model: int,
+        norm: str = "layernorm",
+        **layer_args: Any,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            DecoderLayer(d_model=d_model, norm_first=norm_first, **layer_args)
+            DecoderLayer(d_model=d_model, norm_first=norm_first, norm=norm, **layer_args)
             for _ in range(n_layers)
         )
-        self.final_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
+        self.final_norm = make_norm(norm, d_model) if norm_first else nn.Identity()
 
     def forward(
         self,
@@ -69,6 +85,11 @@ class Transformer(nn.Module):
     ``forward`` is the training path (teacher forcing, whole target at once);
     ``encode``, ``start_decoding`` and ``decode_step`` are the inference path, one target
     position at a time with a key/value cache.
+
+    The defaults are the paper's model. Architecture variants (``variants.VARIANTS``):
+    ``positions`` sinusoidal | learned | rope (rotary, in the encoder's and the decoder's
+    self-attention only), ``norm`` layernorm | rmsnorm (every norm of the model) and
+    ``activation`` relu | gelu | swiglu (see ``FeedForward``).
     """
 
     def __init__(
@@ -86,11 +107,22 @@ class Transformer(nn.Module):
         tie_embeddings: bool = True,
         max_positions: int = 256,
         pad_id: int = 0,
+        positions: str = "sinusoidal",
+        norm: str = "layernorm",
     ) -> None:
         super().__init__()
+        check_variant("positions", positions)
+        check_variant("norm", norm)
+        check_variant("activation", activation)
+        rotary = None
+        if positions == "rope":
+            check_rope_head_size(d_model, n_heads)
+            rotary = RotaryEmbedding(d_model // n_heads, max_positions)  # one for every layer
         self.pad_id = pad_id
         self.max_positions = max_positions
-        self.embedding = TransformerEmbedding(vocab_size, d_model, max_positions, dropout, pad_id)
+        self.embedding = TransformerEmbedding(
+            vocab_size, d_model, max_positions, dropout, pad_id, positions
+        )
         layer_args = dict(
             d_model=d_model,
             n_heads=n_heads,
@@ -99,6 +131,8 @@ class Transformer(nn.Module):
             attention_dropout=attention_dropout,
             activation=activation,
             norm_first=norm_first,
+            norm=norm,
+            rotary=rotary,
         )
         self.encoder = Encoder(n_encoder_layers, **layer_args)
         self.decoder = Decoder(n_decoder_layers, **layer_args)
@@ -192,6 +226,17 @@ class Transformer(nn.Module):
         """(total, trainable) parameter counts; tied weights are counted once."""
         params = list(self.parameters())
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def with_defaults(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """A ``model`` config section with every constructor argument it lacks at its default
+    (a checkpoint written before a key existed describes the same model as one with it)."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(Transformer).parameters.items()
+        if p.default is not inspect.Parameter.empty and name not in ("pad_id", "vocab_size")
+    }
+    return defaults | dict(model_cfg)
 
 
 def build_model(model_cfg: dict[str, Any], vocab_size: int, pad_id: int) -> Transformer:

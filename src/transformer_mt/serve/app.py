@@ -77,18 +77,21 @@ class LibreTranslateRequest(_Strict):
 
 
 class TranslateRequest(_Strict):
-    """/v1/translate: inputs and, optionally, search settings (else the server's)."""
+    """/v1/translate: inputs and, optionally, search settings (else the server's); a
+    multilingual model needs the ``target`` language."""
 
     inputs: list[str]
+    target: str | None = None
     beam_size: int | None = Field(None, ge=1, le=64)
     alpha: float | None = Field(None, ge=0, le=10)
     nbest: int | None = Field(None, ge=1, le=64)
 
 
 class AttentionRequest(_Strict):
-    """/v1/attention: one sentence."""
+    """/v1/attention: one sentence (and its ``target`` language, for a multilingual model)."""
 
     input: str
+    target: str | None = None
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -192,6 +195,19 @@ def _options(engine: Engine, limits: Limits, **given: Any) -> SearchOptions:
         raise ClientError(400, str(e)) from e
 
 
+def _target(engine: Engine, source: str, target: str | None) -> str | None:
+    """The target language to ask the model for; a 400 naming the model's directions if it
+    does not translate ``source`` into ``target``."""
+    if target is None and not engine.multilingual:
+        return None
+    if target is None:
+        raise ClientError(400, f"target: this model is multilingual; name one of {engine.targets}")
+    try:
+        return engine.check_direction(source, target)
+    except ValueError as e:
+        raise ClientError(400, str(e)) from e
+
+
 def create_app(
     engine: Engine, limits: Limits | None = None, executor: ThreadPoolExecutor | None = None
 ) -> FastAPI:
@@ -216,7 +232,7 @@ def create_app(
 
     app = FastAPI(
         title="transformer_mt",
-        summary=f"{engine.src_lang}→{engine.tgt_lang} translation with {engine.model_path}",
+        summary=f"{_directions(engine)} translation with {engine.model_path}",
         lifespan=lifespan,
     )
     app.state.engine, app.state.batcher, app.state.metrics = engine, batcher, metrics
@@ -244,8 +260,10 @@ def create_app(
     async def server_error(request: Request, e: Exception) -> JSONResponse:
         return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
 
-    async def translate_texts(texts: list[str], options: SearchOptions) -> list[Any]:
-        results = await batcher.translate(texts, options)
+    async def translate_texts(
+        texts: list[str], options: SearchOptions, tgt_lang: str | None
+    ) -> list[Any]:
+        results = await batcher.translate(texts, options, tgt_lang)
         metrics.sentences.inc(len(texts))
         return results
 
@@ -254,17 +272,12 @@ def create_app(
         """LibreTranslate-compatible: ``{"q", "source", "target", "alternatives"}`` ->
         ``{"translatedText", "alternatives"}`` (a list for a list of ``q``)."""
         req = _parse(LibreTranslateRequest, await _read_body(request, limits.max_body_bytes))
-        if req.source not in (engine.src_lang, "auto") or req.target != engine.tgt_lang:
-            raise ClientError(
-                400,
-                f"this model translates {engine.src_lang} to {engine.tgt_lang}, "
-                f"not {req.source} to {req.target}",
-            )
+        tgt_lang = _target(engine, req.source, req.target)
         texts = [req.q] if isinstance(req.q, str) else req.q
         _check_inputs(texts, limits, "q")
         nbest = 1 + req.alternatives
         options = _options(engine, limits, nbest=nbest) if req.alternatives else engine.options
-        results = await translate_texts(texts, options)
+        results = await translate_texts(texts, options, tgt_lang)
         best = [r[0][0] for r in results]
         body: dict[str, Any] = {"translatedText": best[0] if isinstance(req.q, str) else best}
         if req.alternatives:
@@ -279,10 +292,11 @@ def create_app(
         greedy search)."""
         req = _parse(TranslateRequest, await _read_body(request, limits.max_body_bytes))
         _check_inputs(req.inputs, limits, "inputs")
+        tgt_lang = _target(engine, "auto", req.target)
         options = _options(
             engine, limits, beam_size=req.beam_size, alpha=req.alpha, nbest=req.nbest
         )
-        results = await translate_texts(req.inputs, options)
+        results = await translate_texts(req.inputs, options, tgt_lang)
         outputs = [[{"text": text, "score": score} for text, score in r] for r in results]
         return JSONResponse(
             {"outputs": outputs, "beam_size": options.beam_size, "alpha": options.alpha}
@@ -297,9 +311,10 @@ def create_app(
         if engine.attention is None:
             raise ClientError(400, f"attention weights need --engine torch, not {engine.name}")
         _check_inputs([req.input], limits, "input")
+        tgt_lang = _target(engine, "auto", req.target)
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(
-            batcher.executor, engine.attention, req.input, engine.options
+            batcher.executor, engine.attention, req.input, engine.options, tgt_lang
         )
         metrics.sentences.inc()
         return JSONResponse(result)
@@ -311,8 +326,10 @@ def create_app(
             "status": "ok",
             "engine": engine.name,
             "model": engine.model_path,
-            "source": engine.src_lang,
-            "target": engine.tgt_lang,
+            "source": ",".join(engine.sources),
+            "target": ",".join(engine.targets),
+            "pairs": [f"{src}-{tgt}" for src, tgt in engine.pairs],
+            "multilingual": engine.multilingual,
             "beam_size": engine.options.beam_size,
             "alpha": engine.options.alpha,
         }
@@ -329,6 +346,10 @@ def create_app(
         return HTMLResponse(page_html)
 
     return app
+
+
+def _directions(engine: Engine) -> str:
+    return ", ".join(f"{src}→{tgt}" for src, tgt in engine.pairs)
 
 
 KNOWN_PATHS = {"/translate", "/v1/translate", "/v1/attention", "/health", "/metrics", "/", "/docs"}

@@ -2,9 +2,10 @@
 
 Requests put their sentences on a queue; one worker takes the first, then keeps taking more
 until the batch holds ``max_tokens`` source tokens or ``timeout`` seconds have passed since
-the first arrived, and decodes each group of sentences that share search options in one
-call, in a worker thread (the event loop keeps accepting requests meanwhile). Decoding does
-not depend on the batch, so each sentence gets exactly what it would get alone.
+the first arrived, and decodes each group of sentences that share search options (and, for
+a multilingual model, target language) in one call, in a worker thread (the event loop keeps
+accepting requests meanwhile). Decoding does not depend on the batch, so each sentence gets
+exactly what it would get alone.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from dataclasses import dataclass, field
 
 from transformer_mt.decoding.search import SearchOptions
 
-# An engine's decoding function: sentences and options -> per sentence, its n-best list of
-# (translation, score), best first (score None where the search has none: greedy).
-Decode = Callable[[list[str], SearchOptions], list[list[tuple[str, float | None]]]]
+# An engine's decoding function: sentences, options and target language (None: the model's
+# only one) -> per sentence, its n-best list of (translation, score), best first (score None
+# where the search has none: greedy).
+Decode = Callable[[list[str], SearchOptions, str | None], list[list[tuple[str, float | None]]]]
 
 
 @dataclass
@@ -27,6 +29,7 @@ class _Job:
     text: str
     tokens: int
     options: SearchOptions
+    tgt_lang: str | None
     future: asyncio.Future = field(repr=False)
 
 
@@ -66,11 +69,14 @@ class MicroBatcher:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def translate(
-        self, texts: list[str], options: SearchOptions
+        self, texts: list[str], options: SearchOptions, tgt_lang: str | None = None
     ) -> list[list[tuple[str, float | None]]]:
-        """The n-best lists of ``texts``, decoded along with whatever else is queued."""
+        """The n-best lists of ``texts`` (into ``tgt_lang``, for a multilingual model),
+        decoded along with whatever else is queued."""
         loop = asyncio.get_running_loop()
-        jobs = [_Job(t, self.count_tokens(t), options, loop.create_future()) for t in texts]
+        jobs = [
+            _Job(t, self.count_tokens(t), options, tgt_lang, loop.create_future()) for t in texts
+        ]
         for job in jobs:
             self.queue.put_nowait(job)
         return list(await asyncio.gather(*(job.future for job in jobs)))
@@ -92,15 +98,17 @@ class MicroBatcher:
                     break
                 batch.append(job)
                 tokens += job.tokens
-            groups: dict[SearchOptions, list[_Job]] = {}
+            groups: dict[tuple[SearchOptions, str | None], list[_Job]] = {}
             for job in batch:
                 if not job.future.done():  # not cancelled (its client went away)
-                    groups.setdefault(job.options, []).append(job)
-            for options, jobs in groups.items():
+                    groups.setdefault((job.options, job.tgt_lang), []).append(job)
+            for (options, tgt_lang), jobs in groups.items():
                 try:
                     self.on_batch(len(jobs))
                     texts = [job.text for job in jobs]
-                    results = await loop.run_in_executor(self.executor, self.decode, texts, options)
+                    results = await loop.run_in_executor(
+                        self.executor, self.decode, texts, options, tgt_lang
+                    )
                     for job, result in zip(jobs, results, strict=True):
                         if not job.future.done():
                             job.future.set_result(result)

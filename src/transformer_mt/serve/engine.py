@@ -24,12 +24,42 @@ class Engine:
 
     name: str  # torch | ctranslate2
     model_path: str
-    src_lang: str
-    tgt_lang: str
+    pairs: list[tuple[str, str]]  # the directions it was trained on
+    multilingual: bool  # sources carry a target-language tag: every request names a target
     options: SearchOptions  # the server's default search
-    decode: Callable[[list[str], SearchOptions], list[NBest]]
+    decode: Callable[[list[str], SearchOptions, str | None], list[NBest]]
     count_tokens: Callable[[str], int]
-    attention: Callable[[str, SearchOptions], dict[str, Any]] | None = None
+    attention: Callable[[str, SearchOptions, str | None], dict[str, Any]] | None = None
+
+    @property
+    def sources(self) -> list[str]:
+        """The languages it translates from."""
+        return list(dict.fromkeys(src for src, _ in self.pairs))
+
+    @property
+    def targets(self) -> list[str]:
+        """The languages it translates into."""
+        return list(dict.fromkeys(tgt for _, tgt in self.pairs))
+
+    def check_direction(self, source: str, target: str | None) -> str | None:
+        """The target language to ask the model for; ValueError saying which directions it
+        has. A multilingual model translates from any of its languages into any of its
+        target languages (zero-shot directions included); ``source`` may be "auto"."""
+        languages = set(self.sources) | set(self.targets)
+        if self.multilingual:
+            if target in self.targets and (source == "auto" or source in languages):
+                return target
+        elif (source, target) in [*self.pairs, ("auto", self.pairs[0][1])]:
+            return None
+        directions = ", ".join(f"{s}→{t}" for s, t in self.pairs)
+        raise ValueError(f"this model translates {directions}, not {source} to {target}")
+
+
+def data_pairs(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The directions of a checkpoint's (or export's) ``data`` config."""
+    if data.get("pairs"):
+        return [tuple(p.split("-", 1)) for p in data["pairs"]]  # type: ignore[misc]
+    return [(str(data.get("src_lang")), str(data.get("tgt_lang")))]
 
 
 def _quiet(index: int, length: int) -> None:
@@ -47,9 +77,14 @@ def torch_engine(
     tok = translator.tokenizer
     data = translator.config.get("data") or {}
 
-    def decode(texts: list[str], search: SearchOptions) -> list[NBest]:
+    def decode(texts: list[str], search: SearchOptions, tgt_lang: str | None) -> list[NBest]:
         hyps = translator.translate_ids(
-            texts, search, batch_size=batch_size, max_tokens=max_tokens, on_truncate=_quiet
+            texts,
+            search,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            on_truncate=_quiet,
+            tgt_lang=tgt_lang,
         )
         out: list[NBest] = []
         for nbest in hyps:
@@ -58,16 +93,17 @@ def torch_engine(
             out.append(list(zip(decoded, scores, strict=True)))
         return out
 
-    def attention(text: str, search: SearchOptions) -> dict[str, Any]:
-        src = encode_to_fit(tok, [text], translator.model.max_positions, _quiet)[0]
-        best = translator.translate_ids([text], search, on_truncate=_quiet)[0][0].tokens
-        return attention_item(translator.model, tok, src, best)
+    def attention(text: str, search: SearchOptions, tgt_lang: str | None) -> dict[str, Any]:
+        prefix = translator.source_prefix(tgt_lang)
+        src = encode_to_fit(tok, [text], translator.model.max_positions, _quiet, prefix)[0]
+        best = translator.translate_ids([text], search, on_truncate=_quiet, tgt_lang=tgt_lang)
+        return attention_item(translator.model, tok, src, best[0][0].tokens)
 
     return Engine(
         name="torch",
         model_path=str(translator.checkpoint),
-        src_lang=str(data.get("src_lang")),
-        tgt_lang=str(data.get("tgt_lang")),
+        pairs=data_pairs(data),
+        multilingual=bool(data.get("pairs")),
         options=options,
         decode=decode,
         count_tokens=lambda text: len(tok.encode([text])[0]) + 1,
@@ -82,16 +118,18 @@ def ctranslate2_engine(
     metadata = json.loads((path / METADATA_FILE).read_text())
     tok = translator.tokenizer
 
-    def decode(texts: list[str], search: SearchOptions) -> list[NBest]:
+    def decode(texts: list[str], search: SearchOptions, tgt_lang: str | None) -> list[NBest]:
         if search.beam_size == 1:  # greedy: no scores, as with the torch engine
-            return [[(text, None)] for text in translator.translate(texts, search)]
-        return [[(t, s) for t, s in n] for n in translator.translate_nbest(texts, search)]
+            greedy = translator.translate(texts, search, tgt_lang=tgt_lang)
+            return [[(text, None)] for text in greedy]
+        nbest = translator.translate_nbest(texts, search, tgt_lang=tgt_lang)
+        return [[(t, s) for t, s in n] for n in nbest]
 
     return Engine(
         name="ctranslate2",
         model_path=str(path),
-        src_lang=str(metadata.get("src_lang")),
-        tgt_lang=str(metadata.get("tgt_lang")),
+        pairs=data_pairs(metadata),
+        multilingual=bool(metadata.get("pairs")),
         options=options,
         decode=decode,
         count_tokens=lambda text: len(tok.encode([text])[0]) + 1,

@@ -10,6 +10,7 @@ import torch
 
 from transformer_mt.errors import CheckpointError
 from transformer_mt.formats.checkpoint import load_checkpoint, step_checkpoints
+from transformer_mt.model import with_defaults
 
 
 def last_checkpoints(run: Path, n: int) -> list[Path]:
@@ -42,7 +43,7 @@ def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
             first = state
             total = {k: v.to(torch.float64) for k, v in state["model"].items()}
         else:
-            if state["config"]["model"] != first["config"]["model"]:
+            if with_defaults(state["config"]["model"]) != with_defaults(first["config"]["model"]):
                 raise CheckpointError(f"{path}: model config differs from that of {paths[0]}")
             if not torch.equal(state["spm_model"], first["spm_model"]):
                 raise CheckpointError(f"{path}: SentencePiece model differs from {paths[0]}")

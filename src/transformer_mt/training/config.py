@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from transformer_mt.data.corpus import ROLES, corpora
+from transformer_mt.data.corpus import ROLES, corpora, is_multilingual, language_pairs
 from transformer_mt.decoding.search import is_length_penalty
 from transformer_mt.errors import ConfigError
+from transformer_mt.model.variants import VARIANTS, check_rope_head_size, check_variant
 from transformer_mt.training.precision import check_precision
 
 RESUME_MODES = ("auto", "never")
@@ -114,15 +115,63 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_model_variants(cfg, int(d_model), int(n_heads))
     check_precision(t.precision, device)
     check_resume(str(t.resume))
+    check_init_from(cfg)
     check_data(cfg)
+
+
+def check_model_variants(cfg: DictConfig, d_model: int, n_heads: int) -> None:
+    """``model.positions``, ``model.norm`` and ``model.activation`` name known variants (a
+    missing key is the model's default); rope needs an even head size."""
+    for key in VARIANTS:
+        value = OmegaConf.select(cfg, f"model.{key}")
+        if value is not None:
+            check_variant(key, value)
+    if OmegaConf.select(cfg, "model.positions") == "rope":
+        check_rope_head_size(d_model, n_heads)
 
 
 def check_resume(resume: str) -> None:
     """``trainer.resume`` is auto, never, or the path of an existing checkpoint file."""
     if resume not in RESUME_MODES and not Path(resume).is_file():
         raise ConfigError(f"trainer.resume={resume}: no such checkpoint file (or use auto | never)")
+
+
+def check_init_from(cfg: DictConfig) -> None:
+    """``trainer.init_from`` is null or an existing checkpoint file, and not combined with
+    ``trainer.resume=PATH`` (both would say where the run starts)."""
+    init_from = OmegaConf.select(cfg, "trainer.init_from")
+    if init_from is None:
+        return
+    if not Path(str(init_from)).is_file():
+        raise ConfigError(f"trainer.init_from={init_from}: no such checkpoint file")
+    resume = str(OmegaConf.select(cfg, "trainer.resume"))
+    if resume not in RESUME_MODES:
+        raise ConfigError(
+            f"trainer.init_from={init_from} and trainer.resume={resume} both name a checkpoint "
+            "to start from: init_from starts a new run from its weights, resume=PATH continues "
+            "its training; set one of them"
+        )
+
+
+def check_tokenizer_source(cfg: DictConfig) -> None:
+    """``data.tokenizer.from_checkpoint`` is a bool; true needs ``trainer.init_from`` (the
+    checkpoint whose SentencePiece model preparation reuses)."""
+    from_checkpoint = OmegaConf.select(cfg, "data.tokenizer.from_checkpoint", default=False)
+    if not isinstance(from_checkpoint, bool):
+        raise ConfigError(
+            f"data.tokenizer.from_checkpoint must be true or false, got {from_checkpoint!r}"
+        )
+    init_from = OmegaConf.select(cfg, "trainer.init_from")
+    if from_checkpoint and init_from is None:
+        raise ConfigError(
+            "data.tokenizer.from_checkpoint=true reuses the SentencePiece model of "
+            "trainer.init_from, which is null: set trainer.init_from=CKPT"
+        )
+    if from_checkpoint and not Path(str(init_from)).is_file():
+        raise ConfigError(f"trainer.init_from={init_from}: no such checkpoint file")
 
 
 def check_data(cfg: DictConfig) -> None:
@@ -137,10 +186,12 @@ def check_data(cfg: DictConfig) -> None:
     sample = _number(cfg, "data.tokenizer.sample_sentences")
     checks.append((sample >= 2, f"data.tokenizer.sample_sentences must be ≥ 2, got {sample}"))
     _number(cfg, "data.tokenizer.seed")
+    check_tokenizer_source(cfg)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if cfg.data.src_lang == cfg.data.tgt_lang:
+    language_pairs(cfg.data)  # data.pairs, when given, names every direction
+    if cfg.data.src_lang == cfg.data.tgt_lang and not is_multilingual(cfg.data):
         raise ConfigError(f"data.src_lang and data.tgt_lang are both '{cfg.data.src_lang}'")
     check_corpora(cfg.data)
 
@@ -157,13 +208,19 @@ def check_corpora(data_cfg: DictConfig) -> None:
             if fetched and data_cfg.get("url") and not (shared_dir and shared_dir.is_dir()):
                 continue
             for key in ("src_lang", "tgt_lang"):
-                here = corpus.side(data_cfg[key])
-                shared = shared_dir / f"{corpus.name}.{data_cfg[key]}.gz" if shared_dir else None
+                lang = getattr(corpus, key)
+                here = corpus.side(lang)
+                shared = shared_dir / f"{corpus.name}.{lang}.gz" if shared_dir else None
                 if here.is_file() or (fetched and shared is not None and shared.is_file()):
                     continue
                 where = f" or {shared}" if fetched and shared is not None else ""
                 plain = here.with_suffix("") if here.suffix == ".gz" else here
+                named = (
+                    f"data.pairs ({corpus.src_lang}-{corpus.tgt_lang})"
+                    if corpus.tag is not None
+                    else f"data.{key}={lang}"
+                )
                 raise ConfigError(
-                    f"data.{key}={data_cfg[key]}: data.{role} names {corpus.prefix}, but "
+                    f"{named}: data.{role} names {corpus.prefix}, but "
                     f"{plain} does not exist (nor {plain}.gz){where}"
                 )

@@ -10,10 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformer_mt.data.corpus import read_references
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.errors import CheckpointError
-from transformer_mt.evaluation.final import EvalSet, choose_final, evaluate_checkpoint
+from transformer_mt.evaluation.final import choose_final, eval_sets, evaluate_checkpoint
 from transformer_mt.formats.atomic import atomic_link
 from transformer_mt.formats.checkpoint import save_checkpoint, step_checkpoints
 from transformer_mt.formats.results import RunResults
@@ -101,8 +100,7 @@ def evaluate_candidates(
     checkpoint and sends its weights to the other ranks (no shared file system needed);
     each rank decodes its share of the sentences."""
     tcfg, data_cfg, ctx = setup.cfg.trainer, setup.cfg.data, setup.dist
-    valid = EvalSet(*read_references(data_cfg, "valid")[0])
-    tests = [EvalSet(*test) for test in read_references(data_cfg, "test")]
+    valid, tests = eval_sets(data_cfg, "valid"), eval_sets(data_cfg, "test")
     receiver = None  # on the other ranks, the architecture that receives rank 0's weights
     if not ctx.is_main:
         tok = setup.tokenizer

@@ -76,6 +76,12 @@ class Progress:
         if self.enabled:
             print(message, flush=True)
 
+    def note(self, tag: str, message: str, step: int = 0) -> None:
+        """Print a line and keep it as TensorBoard text under ``tag``."""
+        self.log(message)
+        if self.writer is not None:
+            self.writer.add_text(tag, message, step)
+
     def start_epoch(self, epoch: int, updates: int, done: int) -> None:
         """A bar for ``epoch`` with ``updates`` in all, ``done`` of them already run."""
         self.bar = tqdm(
@@ -112,14 +118,29 @@ class Progress:
                 self.writer.add_scalar(f"train/{name}", value, step)
 
     def validation(
-        self, step: int, epoch: int, loss: float, ppl: float, bleu: float, examples: list[str]
+        self,
+        step: int,
+        epoch: int,
+        loss: float,
+        ppl: float,
+        bleu: float,
+        examples: list[str],
+        bleu_by_set: dict[str, float] | None = None,
     ) -> None:
-        """A validation's line, its scalars under ``valid/`` and a few example translations."""
-        self.log(f"epoch {epoch} step {step}: val loss {loss:.3f} ppl {ppl:.2f} BLEU {bleu:.2f}")
+        """A validation's line, its scalars under ``valid/`` and a few example translations;
+        with several val sets (a multilingual model) also each one's BLEU."""
+        by_set = bleu_by_set if bleu_by_set and len(bleu_by_set) > 1 else {}
+        detail = f" (mean of {', '.join(f'{k} {b:.2f}' for k, b in by_set.items())})"
+        self.log(
+            f"epoch {epoch} step {step}: val loss {loss:.3f} ppl {ppl:.2f} BLEU {bleu:.2f}"
+            + (detail if by_set else "")
+        )
         if self.writer is not None:
             self.writer.add_scalar("valid/loss", loss, step)
             self.writer.add_scalar("valid/ppl", ppl, step)
             self.writer.add_scalar("valid/bleu", bleu, step)
+            for name, set_bleu in by_set.items():
+                self.writer.add_scalar(f"valid/bleu/{name}", set_bleu, step)
             self.writer.add_text("valid/examples", "\n\n".join(examples), step)
 
     def hparams(self, config: dict[str, Any], metrics: dict[str, float]) -> None:

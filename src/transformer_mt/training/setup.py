@@ -2,7 +2,9 @@
 device and process group, data, model, optimizer, schedule, scaler and the update step.
 
 Tests and benchmarks call :func:`build_training` with a model of their own, or use the
-steps one by one; nothing here needs a run directory.
+steps one by one; nothing here needs a run directory. With ``trainer.init_from`` the model
+starts from that checkpoint's weights (:mod:`transformer_mt.training.init_from`); a resumed
+run then overwrites them with its own (:class:`~transformer_mt.training.trainer.Trainer`).
 """
 
 from __future__ import annotations
@@ -13,15 +15,20 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from transformer_mt.data.corpus import read_references
 from transformer_mt.data.dataset import EncodedSplit, PreparedData
 from transformer_mt.data.prepare import prepare_data
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.device import resolve_device
-from transformer_mt.evaluation.final import EvalSet
+from transformer_mt.evaluation.final import EvalSet, eval_sets
 from transformer_mt.model import Transformer, build_model
 from transformer_mt.training import distributed as dist
 from transformer_mt.training.config import validate_config
+from transformer_mt.training.init_from import (
+    InitSource,
+    checkpoint_tokenizer,
+    initialise_from,
+    load_init_source,
+)
 from transformer_mt.training.loss import OutputLayerLoss
 from transformer_mt.training.precision import configure_matmul, grad_scaler, resolve_precision
 from transformer_mt.training.rng import seed_everything
@@ -40,9 +47,11 @@ class TrainingSetup:
     data: PreparedData
     train_split: EncodedSplit
     valid_split: EncodedSplit
-    valid: EvalSet  # raw val sentences for BLEU (the first trainer.valid_max_sentences)
+    valid: list[EvalSet]  # raw val sentences for BLEU (the first trainer.valid_max_sentences),
+    # one set, or one per direction of a multilingual model
     model: Transformer
     update: UpdateStep
+    init_source: InitSource | None = None  # trainer.init_from's checkpoint
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -55,9 +64,15 @@ def build_training(cfg: DictConfig, model: Transformer | None = None) -> Trainin
     initialised); ``model`` replaces the one the config describes (tests: checkpoints still
     record the config's ``model`` section)."""
     ctx, device = _setup_device(cfg)
-    data = _setup_data(cfg, ctx)
+    init_from = cfg.trainer.get("init_from")
+    source, weights = load_init_source(init_from) if init_from else (None, {})
+    data = _setup_data(cfg, ctx, checkpoint_tokenizer(cfg, source))
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    model = (model or _setup_model(config["model"], data.tokenizer)).to(device)
+    model = model or _setup_model(config["model"], data.tokenizer)
+    if source is not None:  # before data parallelism wraps the model
+        initialise_from(model, source, weights, config["model"], data.tokenizer)
+        config["lineage"] = source.lineage()  # carried by the run's checkpoints
+    model = model.to(device)
     optimizer = _setup_optimizer(cfg.optim, model, device)
     precision = resolve_precision(cfg.trainer.precision, device)
     update = UpdateStep(
@@ -83,6 +98,7 @@ def build_training(cfg: DictConfig, model: Transformer | None = None) -> Trainin
         valid=_setup_valid_set(cfg),
         model=model,
         update=update,
+        init_source=source,
     )
 
 
@@ -98,17 +114,16 @@ def _setup_device(cfg: DictConfig) -> tuple[dist.DistContext, torch.device]:
     return ctx, device
 
 
-def _setup_data(cfg: DictConfig, ctx: dist.DistContext) -> PreparedData:
-    """The prepared corpus: rank 0 builds the cache, the other ranks then read it."""
-    data = prepare_data(cfg.data) if ctx.is_main else None
+def _setup_data(cfg: DictConfig, ctx: dist.DistContext, spm_model: bytes | None) -> PreparedData:
+    """The prepared corpus (tokenized with ``spm_model`` when given): rank 0 builds the cache,
+    the other ranks then read it."""
+    data = prepare_data(cfg.data, spm_model=spm_model) if ctx.is_main else None
     dist.barrier(ctx)
-    return data if data is not None else prepare_data(cfg.data)
+    return data if data is not None else prepare_data(cfg.data, spm_model=spm_model)
 
 
-def _setup_valid_set(cfg: DictConfig) -> EvalSet:
-    name, src, ref = read_references(cfg.data, "valid")[0]
-    n = cfg.trainer.valid_max_sentences or len(src)
-    return EvalSet(name, src[:n], ref[:n])
+def _setup_valid_set(cfg: DictConfig) -> list[EvalSet]:
+    return eval_sets(cfg.data, "valid", cfg.trainer.valid_max_sentences)
 
 
 def _setup_model(model_cfg: dict[str, Any], tokenizer: Tokenizer) -> Transformer:

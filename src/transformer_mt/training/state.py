@@ -16,6 +16,7 @@ from typing import Any
 
 from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.formats.checkpoint import spm_bytes_to_tensor
+from transformer_mt.model import with_defaults
 from transformer_mt.training import distributed as dist
 from transformer_mt.training.rng import rng_state, set_rng_state
 from transformer_mt.training.step import UpdateStep
@@ -96,7 +97,7 @@ def restore_training(
     if "trainer" not in checkpoint or "optimizer" not in checkpoint:
         raise CheckpointError(f"{path} holds no training state (an averaged checkpoint?)")
     for section in ("model", "data"):
-        if _content(checkpoint["config"][section]) != _content(config[section]):
+        if _content(checkpoint["config"], section) != _content(config, section):
             raise ConfigError(
                 f"cannot resume from {path}: its {section} config differs from this "
                 f"run's ({section}.* must match; trainer.resume=never starts afresh)"
@@ -122,9 +123,19 @@ def restore_training(
     return TrainState.from_checkpoint(checkpoint)
 
 
-def _content(section: dict[str, Any]) -> dict[str, Any]:
-    """A config section without the settings that do not change results."""
-    return {k: v for k, v in section.items() if k not in ("num_workers",)}
+def _content(config: dict[str, Any], section: str) -> dict[str, Any]:
+    """A config section without the settings that do not change results, and with keys that
+    older checkpoints lack at their defaults: every model argument, ``data.pairs=[]`` and
+    ``data.tokenizer.from_checkpoint=false``."""
+    if section == "model":
+        return with_defaults(config["model"])
+    out = {k: v for k, v in config[section].items() if k not in ("num_workers",)}
+    if not out.get("pairs"):
+        out.pop("pairs", None)
+    tokenizer = out.get("tokenizer")
+    if isinstance(tokenizer, dict) and not tokenizer.get("from_checkpoint", False):
+        out["tokenizer"] = {k: v for k, v in tokenizer.items() if k != "from_checkpoint"}
+    return out
 
 
 __all__ = ["TrainState", "restore_training", "training_checkpoint"]

@@ -7,7 +7,9 @@ One *update* consumes ``world_size · update_freq`` token-budget batches (see
 state needed to continue bitwise identically (:mod:`transformer_mt.training.state`).
 Training stops at ``max_epochs``, ``max_steps``, early stopping (``patience``) or once
 ``max_minutes`` of training time are spent, whichever comes first; then the run is averaged
-and evaluated (:mod:`transformer_mt.training.finish`).
+and evaluated (:mod:`transformer_mt.training.finish`). A run with ``trainer.init_from``
+starts from that checkpoint's weights (:mod:`transformer_mt.training.init_from`) unless it
+resumes its own checkpoints: resuming wins.
 """
 
 from __future__ import annotations
@@ -69,19 +71,41 @@ class Trainer:
         self.clock_start: float | None = None  # clock() when this launch's loop began
         self.time_up = False  # trainer.max_minutes spent (decided by rank 0)
         self.first_step = 0  # the step this launch's loop began at
+        source = self.setup.init_source
         if (resume := self.find_resume_checkpoint()) is not None:
             path, checkpoint = resume
             self.state = s = restore_training(self.update, path, checkpoint, self.setup.config)
             self.ckpts.scores = dict(self.state.checkpoint_scores)
             self.saved_step = self.state.step
+            self.keep_lineage(checkpoint["config"])
             if self.dist.is_main:
                 print(f"resumed from {path} at epoch {s.epoch} step {s.step}", flush=True)
+                if source is not None:
+                    print(
+                        f"trainer.init_from={source.path} not applied again: this run "
+                        "continues from its own checkpoint (trainer.resume wins)",
+                        flush=True,
+                    )
         # TensorBoard events after the resumed step (from a crashed launch) are dropped.
         self.progress = Progress(
             self.run_dir / "tensorboard", self.dist.is_main, self.state.step + 1
         )
+        if source is not None and resume is None:
+            self.progress.note(
+                "run/init_from",
+                f"trainer.init_from: weights from {source.describe()}; optimizer, "
+                "learning-rate schedule and counters start afresh",
+            )
         total, trainable = self.model.num_parameters()
         self.progress.log(f"model parameters: {total:,} total, {trainable:,} trainable")
+
+    def keep_lineage(self, resumed_config: dict[str, Any]) -> None:
+        """A resumed run keeps the lineage its checkpoint records (where its weights came
+        from), not that of this launch's ``trainer.init_from``."""
+        if "lineage" in resumed_config:
+            self.setup.config["lineage"] = resumed_config["lineage"]
+        else:
+            self.setup.config.pop("lineage", None)
 
     def find_resume_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
         """The checkpoint ``trainer.resume`` asks for: this run's own newest good one first
@@ -149,7 +173,7 @@ class Trainer:
             self.dist,
         )
         examples = v.examples(setup.valid)
-        self.progress.validation(s.step, s.epoch, v.loss, v.ppl, v.bleu, examples)
+        self.progress.validation(s.step, s.epoch, v.loss, v.ppl, v.bleu, examples, v.bleu_by_set)
         s.validated_step, s.validated_bleu = s.step, v.bleu
         return v.bleu
 

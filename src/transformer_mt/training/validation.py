@@ -13,27 +13,28 @@ from transformer_mt.data.dataset import EncodedSplit
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.search import GREEDY
 from transformer_mt.decoding.translator import Translator
-from transformer_mt.evaluation.final import EvalSet, decode_and_score
+from transformer_mt.evaluation.final import EvalSet, decode_sets, mean_bleu
 from transformer_mt.training import distributed as dist
 from transformer_mt.training.step import UpdateStep
 
 
 @dataclass
 class Validation:
-    """One validation: per-token loss, perplexity, greedy BLEU and the hypotheses."""
+    """One validation: per-token loss, perplexity, greedy BLEU (the mean over the val sets:
+    a multilingual model's directions) and each set's BLEU and hypotheses."""
 
     loss: float
     ppl: float
     bleu: float
-    hypotheses: list[str]
+    bleu_by_set: dict[str, float]
+    hypotheses: list[list[str]]  # per val set
 
-    def examples(self, valid: EvalSet, n: int = 4) -> list[str]:
-        """The first ``n`` source, reference and hypothesis triples as Markdown."""
+    def examples(self, valid: list[EvalSet], n: int = 4) -> list[str]:
+        """The first ``n`` source, reference and hypothesis triples of each set as Markdown."""
         return [
             f"**src** {src}  \n**ref** {ref}  \n**hyp** {hyp}"
-            for src, ref, hyp in zip(
-                valid.sources[:n], valid.references[:n], self.hypotheses[:n], strict=True
-            )
+            for data, hyps in zip(valid, self.hypotheses, strict=True)
+            for src, ref, hyp in zip(data.sources[:n], data.references[:n], hyps[:n], strict=True)
         ]
 
 
@@ -74,15 +75,22 @@ def validate(
     update: UpdateStep,
     tokenizer: Tokenizer,
     split: EncodedSplit,
-    valid: EvalSet,
+    valid: list[EvalSet],
     max_tokens: int,
     batch_size: int,
     ctx: dist.DistContext | None = None,
 ) -> Validation:
-    """Loss and perplexity of the encoded split, greedy BLEU on the raw sentences; in a job
-    of several processes every rank takes its share and gets the same results."""
+    """Loss and perplexity of the encoded split, greedy BLEU on the raw sentences of each
+    val set (their mean is the BLEU that chooses checkpoints); in a job of several
+    processes every rank takes its share and gets the same results."""
     ctx = ctx or dist.DistContext()
     loss, ppl = validation_loss(update, tokenizer, split, max_tokens, ctx)
     translator = dist.ShardedTranslator(Translator(update.model, tokenizer, update.device), ctx)
-    decoded = decode_and_score(translator, valid, GREEDY, batch_size, metrics=("bleu",))
-    return Validation(loss, ppl, decoded.bleu, decoded.hypotheses)
+    decoded = decode_sets(translator, valid, GREEDY, batch_size, metrics=("bleu",))
+    return Validation(
+        loss,
+        ppl,
+        mean_bleu(decoded),
+        {data.name: d.bleu for data, d in zip(valid, decoded, strict=True)},
+        [d.hypotheses for d in decoded],
+    )

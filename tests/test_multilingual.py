@@ -1,0 +1,220 @@
+"""One model for several directions: language pairs in the config, target-language tags on
+the sources, one SentencePiece model over every language, per-direction evaluation."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from omegaconf import OmegaConf
+
+from conftest import WORDS, run_cli, write_gz
+from test_data import data_config
+from transformer_mt.data.corpus import corpora, language_pairs, target_tags
+from transformer_mt.data.prepare import prepare_data
+from transformer_mt.decoding import SearchOptions, Translator
+from transformer_mt.decoding.greedy import greedy_search
+from transformer_mt.decoding.translator import encode_to_fit
+from transformer_mt.errors import ConfigError, UserError
+from transformer_mt.serve.app import create_app
+from transformer_mt.serve.engine import torch_engine
+
+LANGS = {"en": str, "xx": str.upper, "yy": lambda s: " ".join(reversed(s.split()))}
+
+
+def multiway_corpus(raw: Path, n_train: int = 300) -> None:
+    """en, xx (upper-cased) and yy (words reversed) versions of the same sentences."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", 12), ("test_2016_flickr", 12)):
+        en = [" ".join(rng.choice(WORDS, size=rng.integers(2, 7))) for _ in range(n)]
+        for lang, fn in LANGS.items():
+            write_gz(raw / f"{split}.{lang}.gz", "".join(fn(s) + "\n" for s in en).encode())
+
+
+def multilingual_config(root: Path, pairs: list[str], **overrides: object) -> OmegaConf:
+    multiway_corpus(root / "raw")
+    cfg = data_config(root / "raw", root / "prepared", **overrides)
+    cfg.src_lang, cfg.tgt_lang, cfg.pairs = "mul", "mul", pairs
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        (["en-xx", "en"], r"data.pairs\[1\] must name two different languages"),
+        (["en-en"], r"data.pairs\[0\]"),
+        (["en-xx", "en-xx"], r"data.pairs\[1\]: en-xx is listed twice"),
+        ("en-xx", "a list of 'src-tgt' strings"),
+    ],
+)
+def test_bad_pairs_are_config_errors_naming_the_entry(
+    tmp_path: Path, pairs: object, message: str
+) -> None:
+    cfg = data_config(tmp_path, tmp_path)
+    cfg.pairs = pairs
+    with pytest.raises(ConfigError, match=message):
+        language_pairs(cfg)
+
+
+def test_each_path_is_one_corpus_per_direction_with_its_target_tag(tmp_path: Path) -> None:
+    bilingual = data_config(tmp_path / "raw", tmp_path)
+    assert language_pairs(bilingual) == [("en", "xx")] and target_tags(bilingual) == []
+    [one] = corpora(bilingual, "test")
+    assert (one.tag, one.label) == (None, "test_2016_flickr")  # bilingual: as before
+
+    cfg = multilingual_config(tmp_path, ["en-xx", "en-yy", "xx-en"])
+    assert target_tags(cfg) == ["<2xx>", "<2yy>", "<2en>"]
+    tests = corpora(cfg, "test")
+    assert [(c.src_lang, c.tgt_lang, c.tag) for c in tests] == [
+        ("en", "xx", "<2xx>"),
+        ("en", "yy", "<2yy>"),
+        ("xx", "en", "<2en>"),
+    ]
+    assert [c.label for c in tests] == [
+        f"test_2016_flickr.{p}" for p in ("en-xx", "en-yy", "xx-en")
+    ]
+    zero_shot = corpora(cfg, "valid", pairs=[("xx", "yy")])[0]
+    assert (zero_shot.src_path.name, zero_shot.tgt_path.name, zero_shot.tag) == (
+        "val.xx.gz",
+        "val.yy.gz",
+        "<2yy>",
+    )
+
+
+def test_prepared_sources_start_with_their_target_tag(tmp_path: Path) -> None:
+    pairs = ["en-xx", "en-yy", "xx-en"]
+    data = prepare_data(multilingual_config(tmp_path, pairs, **{"tokenizer.vocab_size": 80}))
+    tok = data.tokenizer
+    tags = [tok.piece_id(t) for t in ("<2xx>", "<2yy>", "<2en>")]
+    assert None not in tags and len(set(tags)) == 3  # each tag is one piece of its own
+    assert data.meta["sides"] == ["src", "tgt"] and data.meta["pairs"] == pairs
+    train = data.split("train")
+    assert len(train) == 3 * 300  # every pair of every direction (none filtered here)
+    en = tmp_path / "raw" / "train.en.gz"
+    en_lines = gzip.decompress(en.read_bytes()).decode().splitlines()
+    for k, (tag, fn) in enumerate([(tags[0], LANGS["xx"]), (tags[1], LANGS["yy"]), (tags[2], str)]):
+        src, tgt = train.pair(k * 300 + 5)  # sentence 5 of direction k
+        assert src[0] == tag
+        assert tok.decode([tgt.tolist()])[0] == fn(en_lines[5])
+    src_text = tok.decode([train.pair(2 * 300 + 5)[0][1:].tolist()])[0]
+    assert src_text == LANGS["xx"](en_lines[5])  # xx-en: the source side is the xx file
+    valid = data.split("valid")
+    assert len(valid) == 3 * 12 and valid.pair(12)[0][0] == tags[1]
+
+
+PAIRS = ["en-xx", "xx-en", "en-yy"]
+
+
+@pytest.fixture(scope="module")
+def multilingual_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained on three directions, with the final evaluation; its run dir."""
+    root = tmp_path_factory.mktemp("multilingual")
+    multiway_corpus(root / "raw", n_train=200)
+    run_dir = root / "run"
+    train = run_cli(
+        "tmt-train",
+        "model=tiny",
+        "data.corpus=synthetic",
+        "data.src_lang=mul",
+        "data.tgt_lang=mul",
+        f"data.pairs=[{','.join(PAIRS)}]",
+        f"data.raw_dir={root / 'raw'}",
+        "data.shared_dir=null",
+        "data.url=null",
+        f"data.prepared_dir={root / 'prepared'}",
+        "data.tokenizer.vocab_size=70",
+        "trainer.max_tokens=512",
+        "trainer.max_steps=40",
+        "trainer.valid_max_sentences=4",
+        "trainer.final_beam_size=2",
+        "trainer.final_alpha=[0.6,1.0]",
+        "trainer.average_last=null",
+        "trainer.device=cpu",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "val.en-xx" in train.stdout  # each direction's BLEU in the validation line
+    return run_dir
+
+
+def test_training_evaluates_every_direction(multilingual_run: Path) -> None:
+    results = json.loads((multilingual_run / "results.json").read_text())
+    final = results["checkpoints"][results["final"]]
+    assert sorted(final["test"]) == sorted(f"test_2016_flickr.{p}" for p in PAIRS)
+    assert sorted(final["valid_sets"]) == sorted(f"val.{p}" for p in PAIRS)
+    mean = sum(s["bleu"] for s in final["valid_sets"].values()) / 3
+    assert final["valid"]["bleu"] == pytest.approx(mean)  # α is chosen on the mean
+    assert final["valid"]["signature"].startswith("mean of 3 sets|nrefs:1")
+
+
+def test_the_tag_asks_for_the_target_language(multilingual_run: Path) -> None:
+    translator = Translator.from_checkpoint(multilingual_run / "checkpoints" / "final.pt")
+    tok = translator.tokenizer
+    assert translator.source_prefix("yy") == [tok.piece_id("<2yy>")]
+    ids = encode_to_fit(tok, ["a dog", ""], 64, prefix=translator.source_prefix("xx"))
+    assert ids[0] == [tok.piece_id("<2xx>"), *tok.encode(["a dog"])[0]] and ids[1] == []
+    with pytest.raises(UserError, match=r"no target language: .* translates into xx, en, yy"):
+        translator.translate(["a dog"])
+    with pytest.raises(UserError, match="target language 'zz'"):
+        translator.translate(["a dog"], tgt_lang="zz")
+    # What the model reads: the tag, then the sentence and EOS.
+    greedy = SearchOptions(beam_size=1)
+    for lang in ("xx", "yy", "en"):
+        ids = [*translator.source_prefix(lang), *tok.encode(["a red ball"])[0], tok.eos_id]
+        direct = greedy_search(translator.model, torch.tensor([ids]), tok.bos_id, tok.eos_id)
+        by_lang = translator.translate_ids(["a red ball"], greedy, tgt_lang=lang)
+        assert by_lang[0][0].tokens == direct[0]
+
+
+def test_evaluate_scores_directions_zero_shot_and_pivot(multilingual_run: Path) -> None:
+    final = multilingual_run / "checkpoints" / "final.pt"
+    every = run_cli("tmt-evaluate", str(final), "--split", "test", "--beam", "2", "--json")
+    assert every.returncode == 0, every.stderr
+    rows = [json.loads(line) for line in every.stdout.splitlines()]
+    assert [r["split"] for r in rows] == [f"test_2016_flickr.{p}" for p in PAIRS]
+    assert all(r["signature"].startswith("nrefs:1") for r in rows)
+    assert Path(rows[1]["hypotheses"]).name.endswith(".en")  # xx-en: English hypotheses
+    zero = run_cli("tmt-evaluate", str(final), "--split", "test", "--pairs", "xx-yy", "--json")
+    assert zero.returncode == 0, zero.stderr
+    assert json.loads(zero.stdout)["split"] == "test_2016_flickr.xx-yy"
+    pivot = run_cli(
+        "tmt-evaluate", str(final), "--split", "test", "--pairs", "xx-yy", "--pivot", "en", "--json"
+    )
+    assert pivot.returncode == 0, pivot.stderr
+    assert json.loads(pivot.stdout)["split"] == "test_2016_flickr.xx-yy.via-en"
+    bad = run_cli("tmt-evaluate", str(final), "--pairs", "xx")
+    assert bad.returncode != 0 and "--pairs: 'xx'" in bad.stderr
+
+
+def test_translate_and_serve_take_the_target_language(multilingual_run: Path) -> None:
+    final = multilingual_run / "checkpoints" / "final.pt"
+    lines = ["a dog runs", "the red ball"]
+    out = run_cli("tmt-translate", str(final), "--tgt-lang", "yy", stdin="\n".join(lines) + "\n")
+    assert out.returncode == 0, out.stderr
+    translator = Translator.from_checkpoint(final)
+    search = translator.search_options()
+    assert out.stdout.splitlines() == translator.translate(lines, search, tgt_lang="yy")
+    missing = run_cli("tmt-translate", str(final), stdin="a dog\n")
+    assert missing.returncode != 0 and "--tgt-lang" in missing.stderr
+    with TestClient(create_app(torch_engine(translator, search))) as client:
+        health = client.get("/health").json()
+        assert health["multilingual"] and health["pairs"] == PAIRS
+        body = {"q": lines, "source": "auto", "target": "yy"}
+        answer = client.post("/translate", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["translatedText"] == out.stdout.splitlines()
+        v1 = client.post("/v1/translate", json={"inputs": lines[:1], "target": "xx"}).json()
+        assert (
+            v1["outputs"][0][0]["text"] == translator.translate(lines[:1], search, tgt_lang="xx")[0]
+        )
+        no_target = client.post("/v1/translate", json={"inputs": lines})
+        assert no_target.status_code == 400 and "multilingual" in no_target.json()["error"]
+        wrong = client.post("/translate", json={"q": "a", "source": "en", "target": "zz"})
+        assert wrong.status_code == 400 and "en→xx, xx→en, en→yy" in wrong.json()["error"]
+        attention = client.post("/v1/attention", json={"input": "a dog", "target": "yy"}).json()
+        assert attention["source_tokens"][0] == "<2yy>"
