@@ -113,6 +113,19 @@ def test_v1_translate_nbest_scores_and_settings(client: TestClient) -> None:
     assert greedy["outputs"][0][0]["score"] is None
 
 
+def test_attention_explains_the_translation_of_the_search_asked_for(client: TestClient) -> None:
+    for line in sentences(12, seed=5):
+        wide = client.post("/v1/translate", json={"inputs": [line], "nbest": 6}).json()
+        asked = {"input": line, "beam_size": wide["beam_size"], "alpha": wide["alpha"]}
+        item = client.post("/v1/attention", json=asked).json()
+        assert item["translation"] == wide["outputs"][0][0]["text"]
+        default = client.post("/v1/translate", json={"inputs": [line]}).json()
+        plain = client.post("/v1/attention", json={"input": line}).json()
+        assert plain["translation"] == default["outputs"][0][0]["text"]
+    bad = client.post("/v1/attention", json={"input": "a dog", "beam_size": 0})
+    assert bad.status_code == 400 and "beam_size" in bad.json()["error"]
+
+
 def test_attention_endpoint_returns_every_layer_and_head(client: TestClient) -> None:
     r = client.post("/v1/attention", json={"input": "the red ball"})
     assert r.status_code == 200, r.text
@@ -231,3 +244,5 @@ def test_translate_writes_a_standalone_attention_page(checkpoint: Path, tmp_path
     # the empty line has no attention; the others explain what was printed for them
     assert [item["translation"] for item in items] == [printed[0], printed[2]]
     assert items[0]["source_tokens"][-1] == "</s>"
+    assert [item["line"] for item in items] == [1, 3]  # input line numbers, blank lines counted
+    assert f'<option value="1">3. {printed[2]}</option>' in html

@@ -227,13 +227,12 @@ def translate_stream(
             write_attention_maps(translator, stripped, hyps, first, args)
         if explored is not None:
             tok = translator.tokenizer
-            for src_ids, candidates in zip(
-                source_ids(translator, stripped, args), hyps, strict=True
+            for offset, (src_ids, candidates) in enumerate(
+                zip(source_ids(translator, stripped, args), hyps, strict=True)
             ):
                 if src_ids:
-                    explored.append(
-                        attention_item(translator.model, tok, src_ids, candidates[0].tokens)
-                    )
+                    item = attention_item(translator.model, tok, src_ids, candidates[0].tokens)
+                    explored.append(item | {"line": first + offset})
         first += len(lines)
 
 

@@ -88,10 +88,14 @@ class TranslateRequest(_Strict):
 
 
 class AttentionRequest(_Strict):
-    """/v1/attention: one sentence (and its ``target`` language, for a multilingual model)."""
+    """/v1/attention: one sentence (and its ``target`` language, for a multilingual model);
+    ``beam_size`` and ``alpha`` (else the server's) pick the translation it explains, as
+    they would in /v1/translate."""
 
     input: str
     target: str | None = None
+    beam_size: int | None = Field(None, ge=1, le=64)
+    alpha: float | None = Field(None, ge=0, le=10)
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -312,9 +316,10 @@ def create_app(
             raise ClientError(400, f"attention weights need --engine torch, not {engine.name}")
         _check_inputs([req.input], limits, "input")
         tgt_lang = _target(engine, "auto", req.target)
+        options = _options(engine, limits, beam_size=req.beam_size, alpha=req.alpha, nbest=1)
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(
-            batcher.executor, engine.attention, req.input, engine.options, tgt_lang
+            batcher.executor, engine.attention, req.input, options, tgt_lang
         )
         metrics.sentences.inc()
         return JSONResponse(result)

@@ -25,7 +25,8 @@ def page() -> str:
 
 def standalone_html(items: list[dict[str, Any]], title: str = "attention") -> str:
     """One self-contained HTML file exploring the attention of ``items`` (each as
-    ``/v1/attention`` returns it), with a selector between the sentences; opens offline."""
+    ``/v1/attention`` returns it, with its input ``line`` number), with a selector between
+    the sentences; opens offline."""
     # No "<", ">" or "&" inside the script element: nothing in the data can end it early.
     data = (
         json.dumps(items, ensure_ascii=False)
@@ -33,8 +34,8 @@ def standalone_html(items: list[dict[str, Any]], title: str = "attention") -> st
         .replace(">", "\\u003e")
         .replace("&", "\\u0026")
     )
-    options = "".join(
-        f'<option value="{i}">{i + 1}. {_escape(item["translation"])}</option>'
+    options = "".join(  # numbered by input line where known (blank lines have no item)
+        f'<option value="{i}">{item.get("line", i + 1)}. {_escape(item["translation"])}</option>'
         for i, item in enumerate(items)
     )
     return _inline(
