@@ -51,7 +51,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def client(checkpoint: Path) -> TestClient:
     engine = torch_engine(Translator.from_checkpoint(checkpoint), SEARCH)
-    limits = Limits(max_chars=200, max_inputs=8, batch_timeout_ms=50)
+    limits = Limits(max_chars=200, max_inputs=8, batch_timeout_ms=50, max_attention_tokens=20)
     with TestClient(create_app(engine, limits)) as c:
         yield c
 
@@ -124,6 +124,8 @@ def test_attention_explains_the_translation_of_the_search_asked_for(client: Test
         assert plain["translation"] == default["outputs"][0][0]["text"]
     bad = client.post("/v1/attention", json={"input": "a dog", "beam_size": 0})
     assert bad.status_code == 400 and "beam_size" in bad.json()["error"]
+    long = client.post("/v1/attention", json={"input": " ".join(["dog"] * 30)})
+    assert long.status_code == 413 and "at most 20" in long.json()["error"]
 
 
 def test_attention_endpoint_returns_every_layer_and_head(client: TestClient) -> None:

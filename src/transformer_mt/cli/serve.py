@@ -47,9 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     s.add_argument("--max-chars", type=int, default=2000, help="characters per input")
     s.add_argument("--max-inputs", type=int, default=64, help="inputs per request")
+    s.add_argument(
+        "--max-attention-tokens",
+        type=int,
+        default=128,
+        help="source subwords /v1/attention explains (its answer grows with their square)",
+    )
     s.add_argument("--nbest", type=int, default=1, help="default n-best size")
     args = parse_decoding_args(p, argv)
-    for flag in ("max_batch_tokens", "max_chars", "max_inputs", "port"):
+    for flag in ("max_batch_tokens", "max_chars", "max_inputs", "max_attention_tokens", "port"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be ≥ 1")
     if args.batch_timeout_ms < 0:
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     limits = Limits(
         max_chars=args.max_chars,
+        max_attention_tokens=args.max_attention_tokens,
         max_inputs=args.max_inputs,
         max_batch_tokens=args.max_batch_tokens,
         batch_timeout_ms=args.batch_timeout_ms,

@@ -44,6 +44,7 @@ class Limits:
     max_batch_tokens: int = 4096  # source tokens per decoding batch
     batch_timeout_ms: float = 5.0  # how long the first sentence of a batch waits for others
     max_beam: int = 16
+    max_attention_tokens: int = 128  # source subwords /v1/attention explains (answer ∝ square)
 
     @property
     def max_body_bytes(self) -> int:
@@ -315,6 +316,13 @@ def create_app(
         if engine.attention is None:
             raise ClientError(400, f"attention weights need --engine torch, not {engine.name}")
         _check_inputs([req.input], limits, "input")
+        n_tokens = engine.count_tokens(req.input)
+        if n_tokens > limits.max_attention_tokens:
+            raise ClientError(
+                413,
+                f"input: {n_tokens} subwords; attention weights are returned for at most "
+                f"{limits.max_attention_tokens}",
+            )
         tgt_lang = _target(engine, "auto", req.target)
         options = _options(engine, limits, beam_size=req.beam_size, alpha=req.alpha, nbest=1)
         loop = asyncio.get_running_loop()
