@@ -218,3 +218,25 @@ def test_translate_and_serve_take_the_target_language(multilingual_run: Path) ->
         assert wrong.status_code == 400 and "en→xx, xx→en, en→yy" in wrong.json()["error"]
         attention = client.post("/v1/attention", json={"input": "a dog", "target": "yy"}).json()
         assert attention["source_tokens"][0] == "<2yy>"
+
+
+def test_the_ctranslate2_export_takes_the_target_language(
+    multilingual_run: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("ctranslate2")
+    from transformer_mt.export.ctranslate2 import export_ctranslate2
+    from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
+
+    final = multilingual_run / "checkpoints" / "final.pt"
+    ct2 = CTranslate2Translator.from_dir(export_ctranslate2(final, tmp_path / "ct2"))
+    translator = Translator.from_checkpoint(final)
+    lines = ["a dog runs", "the red ball on the street", "a child sits", "the cat with a man"]
+    greedy = SearchOptions(beam_size=1)
+    seen = set()
+    for lang in ("xx", "en", "yy"):  # greedy search: the same tokens as ours
+        expected = translator.translate(lines, greedy, tgt_lang=lang)
+        assert ct2.translate(lines, greedy, tgt_lang=lang) == expected
+        seen.add(tuple(expected))
+    assert len(seen) == 3  # the tag changes the output: CTranslate2 reads it too
+    with pytest.raises(UserError, match="no target language"):
+        ct2.translate(lines, greedy)
