@@ -138,11 +138,16 @@ def multilingual_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"hydra.run.dir={run_dir}",
     )
     assert train.returncode == 0, train.stderr[-3000:]
-    assert "val.en-xx" in train.stdout  # each direction's BLEU in the validation line
+    (run_dir / "stdout.txt").write_text(train.stdout)
     return run_dir
 
 
 def test_training_evaluates_every_direction(multilingual_run: Path) -> None:
+    # Each validation line: "... BLEU 1.23 (mean of val.en-xx 0.50, val.xx-en 2.00, ...)"
+    stdout = (multilingual_run / "stdout.txt").read_text().splitlines()
+    line = [x for x in stdout if "val loss" in x][-1]
+    logged = [item.rsplit(" ", 1)[0] for item in line.split("(mean of ")[1][:-1].split(", ")]
+    assert logged == [f"val.{p}" for p in PAIRS]
     results = json.loads((multilingual_run / "results.json").read_text())
     final = results["checkpoints"][results["final"]]
     assert sorted(final["test"]) == sorted(f"test_2016_flickr.{p}" for p in PAIRS)
@@ -162,6 +167,14 @@ def test_the_tag_asks_for_the_target_language(multilingual_run: Path) -> None:
         translator.translate(["a dog"])
     with pytest.raises(UserError, match="target language 'zz'"):
         translator.translate(["a dog"], tgt_lang="zz")
+    # A model built in memory (training's validation: no config) reads the same tags.
+    bare = Translator(translator.model, tok, translator.device)
+    assert (
+        bare.source_prefix("yy") == translator.source_prefix("yy")
+        and bare.source_prefix(None) == []
+    )
+    with pytest.raises(UserError, match="target language 'zz'"):
+        bare.translate(["a dog"], tgt_lang="zz")
     # What the model reads: the tag, then the sentence and EOS.
     greedy = SearchOptions(beam_size=1)
     for lang in ("xx", "yy", "en"):

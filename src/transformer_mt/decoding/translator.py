@@ -218,18 +218,23 @@ def length_batches(
 def source_prefix(tokenizer: Tokenizer, data: dict[str, Any], tgt_lang: str | None) -> list[int]:
     """The ids that lead every source of a model trained on ``data`` (its config section):
     ``[id of <2de>]`` for a multilingual model asked for ``tgt_lang`` de, nothing for a
-    bilingual one (whose own target language may be named). UserError for a language the
-    model does not translate into, or a multilingual model asked for none."""
+    bilingual one (whose own target language may be named). Without ``data`` (a model built
+    in memory, as during training) the tokenizer decides: a language whose tag it has gets
+    it. UserError for a language the model does not translate into, or a multilingual model
+    asked for none."""
     targets = list(dict.fromkeys(p.split("-", 1)[1] for p in data.get("pairs") or []))
-    if not targets:
+    if data and not targets:  # a bilingual model
         if tgt_lang is not None and tgt_lang != data.get("tgt_lang", tgt_lang):
             raise UserError(f"this model translates into {data.get('tgt_lang')}, not {tgt_lang}")
         return []
+    if tgt_lang is None and not targets:
+        return []
     tag = tokenizer.piece_id(target_tag(tgt_lang)) if tgt_lang is not None else None
-    if tag is None:
+    if tag is None or (targets and tgt_lang not in targets):
         asked = "no target language" if tgt_lang is None else f"target language {tgt_lang!r}"
+        known = ", ".join(targets) if targets else "the languages its tokenizer has tags for"
         raise UserError(
-            f"{asked}: this multilingual model translates into {', '.join(targets)} "
+            f"{asked}: this multilingual model translates into {known} "
             "(name one, e.g. tmt-translate --tgt-lang)"
         )
     return [tag]
