@@ -148,6 +148,8 @@ def test_training_evaluates_every_direction(multilingual_run: Path) -> None:
     line = [x for x in stdout if "val loss" in x][-1]
     logged = [item.rsplit(" ", 1)[0] for item in line.split("(mean of ")[1][:-1].split(", ")]
     assert logged == [f"val.{p}" for p in PAIRS]
+    for name in [*(f"val.{p}" for p in PAIRS), *(f"test_2016_flickr.{p}" for p in PAIRS)]:
+        assert any(x.startswith(f"  {name} (beam 2") and "nrefs:1" in x for x in stdout), name
     results = json.loads((multilingual_run / "results.json").read_text())
     final = results["checkpoints"][results["final"]]
     assert sorted(final["test"]) == sorted(f"test_2016_flickr.{p}" for p in PAIRS)

@@ -72,7 +72,9 @@ def report(result: TrainResult) -> str:
         f"(chosen on val; use this one)"
     )
     search = f"beam {final.beam_size}, α {final.alpha:g}"
-    for name, s in [("val", final.valid), *final.test.items()]:
+    valid = "val, mean of the directions" if final.valid_sets else "val"
+    rows = [(valid, final.valid), *final.valid_sets.items(), *final.test.items()]
+    for name, s in rows:  # a multilingual run: a row per direction
         lines.append(f"  {name} ({search}): BLEU {s.bleu:.2f} chrF {s.chrf:.2f}  [{s.signature}]")
     return "\n".join(lines)
 
