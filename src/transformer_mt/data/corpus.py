@@ -238,12 +238,13 @@ def _paths(value: Any, key: str) -> list[str]:
 
 def language_pairs(data_cfg: Any) -> list[tuple[str, str]]:
     """The translation directions of a ``data`` config: ``data.pairs`` (``["en-de", ...]``,
-    a multilingual model) or else the one pair ``data.src_lang`` → ``data.tgt_lang``."""
+    a multilingual model) or else the one pair ``data.src_lang`` → ``data.tgt_lang``; a config
+    or a checkpoint's plain dict."""
     value = data_cfg.get("pairs") or []
     if isinstance(value, str) or not all(isinstance(p, str) for p in value):
         raise ConfigError(f"data.pairs must be a list of 'src-tgt' strings, got {value!r}")
     if not value:
-        return [(str(data_cfg.src_lang), str(data_cfg.tgt_lang))]
+        return [(str(data_cfg.get("src_lang")), str(data_cfg.get("tgt_lang")))]
     pairs = []
     for i, item in enumerate(value):
         src, sep, tgt = item.partition("-")

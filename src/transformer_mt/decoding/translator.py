@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from transformer_mt.data.batching import pad
-from transformer_mt.data.corpus import target_tag
+from transformer_mt.data.corpus import is_multilingual, language_pairs, target_tag
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.beam import Hypothesis, beam_search
 from transformer_mt.decoding.greedy import greedy_search
@@ -222,7 +222,8 @@ def source_prefix(tokenizer: Tokenizer, data: dict[str, Any], tgt_lang: str | No
     in memory, as during training) the tokenizer decides: a language whose tag it has gets
     it. UserError for a language the model does not translate into, or a multilingual model
     asked for none."""
-    targets = list(dict.fromkeys(p.split("-", 1)[1] for p in data.get("pairs") or []))
+    pairs = language_pairs(data) if is_multilingual(data) else []
+    targets = list(dict.fromkeys(tgt for _, tgt in pairs))
     if data and not targets:  # a bilingual model
         if tgt_lang is not None and tgt_lang != data.get("tgt_lang", tgt_lang):
             raise UserError(f"this model translates into {data.get('tgt_lang')}, not {tgt_lang}")

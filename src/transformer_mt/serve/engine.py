@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformer_mt.data.corpus import language_pairs
 from transformer_mt.decoding.attention_maps import attention_item
 from transformer_mt.decoding.search import SearchOptions
 from transformer_mt.decoding.translator import Translator, encode_to_fit
@@ -55,13 +56,6 @@ class Engine:
         raise ValueError(f"this model translates {directions}, not {source} to {target}")
 
 
-def data_pairs(data: dict[str, Any]) -> list[tuple[str, str]]:
-    """The directions of a checkpoint's (or export's) ``data`` config."""
-    if data.get("pairs"):
-        return [tuple(p.split("-", 1)) for p in data["pairs"]]  # type: ignore[misc]
-    return [(str(data.get("src_lang")), str(data.get("tgt_lang")))]
-
-
 def _quiet(index: int, length: int) -> None:
     """Over-long inputs are truncated, as by tmt-translate, without a warning per request."""
 
@@ -102,7 +96,7 @@ def torch_engine(
     return Engine(
         name="torch",
         model_path=str(translator.checkpoint),
-        pairs=data_pairs(data),
+        pairs=language_pairs(data),
         multilingual=bool(data.get("pairs")),
         options=options,
         decode=decode,
@@ -128,7 +122,7 @@ def ctranslate2_engine(
     return Engine(
         name="ctranslate2",
         model_path=str(path),
-        pairs=data_pairs(metadata),
+        pairs=language_pairs(metadata),
         multilingual=bool(metadata.get("pairs")),
         options=options,
         decode=decode,
