@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup data prepare train evaluate bench bench-decode bench-prepare bench-serve test lint clean
+.PHONY: setup data prepare train evaluate bench bench-decode bench-prepare bench-serve bench-variants test lint clean
 CKPT   ?= runs/multi30k_en-de/default/checkpoints/final.pt
 
 setup: $(STAMP)
@@ -33,6 +33,9 @@ evaluate: setup  ## [CKPT=path/to/final.pt] [ARGS="--split test"]
 
 bench: data  ## training throughput: ours vs a plain nn.Transformer loop (ARGS=--json)
 	$(BIN)/python scripts/bench_train.py $(ARGS)
+
+bench-variants: data  ## training tokens/s of each model.* variant against the default model (ARGS=--json)
+	$(BIN)/python scripts/bench_variants.py $(ARGS)
 
 bench-decode: setup  ## decoding speed on test_2016_flickr of CKPT (default: make train's final.pt)
 	$(BIN)/python scripts/bench_decode.py --checkpoint $(CKPT) $(ARGS)

@@ -1,0 +1,101 @@
+"""Training speed of the architecture variants (``make bench-variants``): the trainer's update
+step of the default model and of each ``model.*`` variant, on the same real Multi30k batches,
+in one process; the variants alternate batch by batch, so all see the same state of the
+machine. Prints target tokens/s, the ratio to the default model and parameter counts. With
+--json the last line is one JSON object. Timings are printed, never asserted.
+
+    python scripts/bench_variants.py [--steps 20] [--warmup 3] [--json] [OVERRIDE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+from bench_train import timed_side_by_side  # scripts/ is the script's own directory
+from transformer_mt.cli.common import config_dir, register_resolvers
+from transformer_mt.data.batching import Batch, collate, token_batches
+from transformer_mt.training.setup import TrainingSetup, build_training
+
+# The rows of docs/experiments.md's variant table: name -> the overrides that make it.
+VARIANTS: dict[str, list[str]] = {
+    "paper (default)": [],
+    "learned positions": ["model.positions=learned"],
+    "RoPE": ["model.positions=rope"],
+    "RMSNorm": ["model.norm=rmsnorm"],
+    "SwiGLU": ["model.activation=swiglu"],
+    "all three": ["model.positions=rope", "model.norm=rmsnorm", "model.activation=swiglu"],
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=20, help="timed updates per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed updates per variant first")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--json", action="store_true", help="end with one JSON object")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every variant")
+    return p.parse_args()
+
+
+def setup_variant(overrides: list[str]) -> TrainingSetup:
+    """The trainer's objects for the default recipe with ``overrides`` (no run directory)."""
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["trainer.final_eval=false", "trainer.resume=never", *overrides],
+        )
+    torch.manual_seed(cfg.seed)
+    return build_training(cfg)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    register_resolvers()
+    setups = {name: setup_variant([*args.overrides, *o]) for name, o in VARIANTS.items()}
+    first = next(iter(setups.values()))
+    tok, split = first.tokenizer, first.train_split
+    rng = np.random.default_rng(first.cfg.seed)
+    batches = token_batches(split.src_lengths, split.tgt_lengths, first.cfg.trainer.max_tokens, rng)
+    batches = batches[: args.warmup + args.steps]
+
+    def make(idx: np.ndarray) -> Batch:
+        return collate(split, idx, tok.pad_id, tok.bos_id, tok.eos_id)
+
+    def stepper(setup: TrainingSetup) -> Callable[[Batch], None]:
+        return lambda b: setup.update([(b, 1.0)], b.n_tgt_tokens)
+
+    step_s, _, tokens = timed_side_by_side(
+        batches, make, {name: stepper(s) for name, s in setups.items()}, args.warmup, first.device
+    )
+    base = tokens / step_s["paper (default)"]
+    rows = [
+        {
+            "variant": name,
+            "overrides": VARIANTS[name],
+            "parameters": setups[name].model.num_parameters()[0],
+            "tokens_per_s": tokens / step_s[name],
+            "vs_default": tokens / step_s[name] / base,
+        }
+        for name in setups
+    ]
+    print(
+        f"{args.steps} timed updates per variant, {args.threads} threads, {tokens:,} target tokens"
+    )
+    print(f"{'variant':<20}{'parameters':>12}{'tokens/s':>10}{'× default':>11}")
+    for r in rows:
+        print(
+            f"{r['variant']:<20}{r['parameters']:>12,}{r['tokens_per_s']:>10,.0f}{r['vs_default']:>11.2f}"
+        )
+    if args.json:
+        print(json.dumps({"threads": args.threads, "steps": args.steps, "variants": rows}))
+
+
+if __name__ == "__main__":
+    main()
