@@ -13,6 +13,7 @@ from conftest import small_transformer
 from transformer_mt.model import Dropout, MultiHeadAttention, PositionalEncoding
 from transformer_mt.model.attention import ScaledDotProductAttention
 from transformer_mt.model.dropout import keep_mask, positive
+from transformer_mt.model.packed import PackedLinear, inner_product
 
 
 def copy_into_reference(ours: MultiHeadAttention, ref: nn.MultiheadAttention) -> None:
@@ -296,3 +297,56 @@ def test_logits_at_positions_are_those_rows_of_the_full_logits() -> None:
     positions = torch.tensor([0, 1, 2, 5, 6, 10, 14])
     full = model(src, tgt_in).reshape(-1, 50)  # (B·T, V)
     torch.testing.assert_close(model(src, tgt_in, positions), full[positions])
+
+
+def test_packed_projection_is_f_linear_row_invariant_and_a_snapshot() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 32)
+    x = torch.randn(70, 32)
+    project = PackedLinear(weight, rows=70)
+    full = project(x)
+    torch.testing.assert_close(full, F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    for rows in (1, 3, 8, 17):  # a row's logits do not depend on the rows beside it
+        assert torch.equal(project(x[:rows]), full[:rows])
+    with torch.no_grad():
+        weight.mul_(-2.0)  # a later change of the weight (an optimizer step)
+    assert torch.equal(project(x), full)  # the batch's snapshot
+    torch.testing.assert_close(PackedLinear(weight, 70)(x), -2.0 * full, atol=1e-5, rtol=1e-5)
+    # Where packing does not apply, it is F.linear itself: other dtypes.
+    half = PackedLinear(weight.bfloat16(), 70)
+    assert half.packed is None and torch.equal(
+        half(x.bfloat16()), F.linear(x.bfloat16(), weight.bfloat16())
+    )
+
+
+def test_decoding_after_an_optimizer_step_uses_the_new_weights() -> None:
+    """Fused Adam changes weights without bumping their version: a decoding batch must not
+    reuse a projection packed before the step (validation during training)."""
+    model = small_transformer()
+    src = torch.randint(4, 50, (2, 5))
+    tokens = torch.full((2,), 1)
+
+    def first_step_logits() -> torch.Tensor:
+        with torch.inference_mode():
+            memory, mask = model.encode(src)
+            return model.decode_step(tokens, model.start_decoding(memory, mask, 1, 4))
+
+    before = first_step_logits()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    model(src, torch.randint(4, 50, (2, 4))).sum().backward()
+    optimizer.step()
+    after = first_step_logits()
+    memory, mask = model.encode(src)
+    with torch.no_grad():
+        want = model.decode(tokens[:, None], memory, mask)[:, 0]
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, want, atol=1e-5, rtol=1e-5)
+
+
+def test_inner_product_is_the_matrix_product_for_any_weight_layout() -> None:
+    torch.manual_seed(0)
+    grad, weight = torch.randn(50, 300), torch.randn(300, 16)  # (N, V), (V, d)
+    want = grad.double() @ weight.double()
+    got = inner_product(grad, weight.t())  # a transposed view, as the loss's backward passes
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    assert torch.equal(inner_product(grad, weight.t().contiguous()), got)

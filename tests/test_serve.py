@@ -4,6 +4,7 @@ while the server goes on serving."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,8 @@ from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.formats.checkpoint import save_checkpoint, spm_bytes_to_tensor
 from transformer_mt.serve.app import Limits, create_app
-from transformer_mt.serve.engine import torch_engine
+from transformer_mt.serve.batcher import MicroBatcher
+from transformer_mt.serve.engine import NBest, torch_engine
 from transformer_mt.serve.html import standalone_html
 
 SEARCH = SearchOptions(beam_size=3, alpha=1.0)
@@ -248,3 +250,34 @@ def test_translate_writes_a_standalone_attention_page(checkpoint: Path, tmp_path
     assert items[0]["source_tokens"][-1] == "</s>"
     assert [item["line"] for item in items] == [1, 3]  # input line numbers, blank lines counted
     assert f'<option value="1">3. {printed[2]}</option>' in html
+
+
+def test_a_batch_waits_for_the_clients_it_answered_and_a_lone_client_never_waits() -> None:
+    sizes: list[int] = []
+
+    def decode(texts: list[str], options: SearchOptions, tgt: str | None) -> list[NBest]:
+        sizes.append(len(texts))
+        return [[(t.upper(), None)] for t in texts]
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(decode, len, timeout=5.0)  # long: a wait would show
+        batcher.start()
+        one = SearchOptions(beam_size=1)
+
+        async def client(text: str, delay: float = 0.0) -> str:
+            await asyncio.sleep(delay)
+            return (await batcher.translate([text], one))[0][0][0]
+
+        # One client alone: answered, it sends again, and is decoded without waiting for
+        # the sentence that arrives 0.3 s later.
+        await client("a")
+        assert await asyncio.gather(client("b"), client("c", 0.3)) == ["B", "C"]
+        # Four at once: one client is expected back, and is, so the four are decoded at once.
+        assert await asyncio.gather(*(client(t) for t in "defg")) == list("DEFG")
+        # Their four clients come back, two of them later: one batch waits for all four.
+        late = [client("h"), client("i"), client("j", 0.2), client("k", 0.2)]
+        assert await asyncio.gather(*late) == list("HIJK")
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert sizes == [1, 1, 1, 4, 4]

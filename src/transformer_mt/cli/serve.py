@@ -8,8 +8,9 @@
 Endpoints: POST /translate (LibreTranslate's), POST /v1/translate (n-best with scores),
 POST /v1/attention (every attention weight for one sentence; --engine torch), GET /health,
 GET /metrics (Prometheus), GET /docs (OpenAPI), GET / (the web page). Sentences of concurrent
-requests are decoded together, in batches of at most --max-batch-tokens source tokens
-gathered for at most --batch-timeout-ms; each gets what tmt-translate gives it. Decoding
+requests are decoded together, in batches of at most --max-batch-tokens source tokens; a
+batch waits at most --batch-timeout-ms for the clients the last batch answered to send again
+(see serve.batcher); each sentence gets what tmt-translate gives it. Decoding
 flags are tmt-translate's and set the server's default search (a request may change the
 beam, α and n-best).
 """
@@ -17,6 +18,7 @@ beam, α and n-best).
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,7 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s = p.add_argument_group("serving")
     s.add_argument("--max-batch-tokens", type=int, default=4096, help="source tokens per batch")
     s.add_argument(
-        "--batch-timeout-ms", type=float, default=5.0, help="how long a batch waits to fill"
+        "--batch-timeout-ms",
+        type=float,
+        default=5.0,
+        help="the longest a batch waits for the last batch's clients to send again",
     )
     s.add_argument("--max-chars", type=int, default=2000, help="characters per input")
     s.add_argument("--max-inputs", type=int, default=64, help="inputs per request")
@@ -104,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     app = create_app(engine, limits, executor)
+    # What is loaded now lives as long as the server: freezing it keeps the garbage
+    # collector's full passes (run from whichever thread allocates) from walking it again.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

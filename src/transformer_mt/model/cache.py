@@ -10,6 +10,7 @@ touches them; they change only when finished sentences leave the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ class KVCache:
     source_kv: torch.Tensor  # (L, 2, N, H, S, d_k): the source's, for cross-attention
     source_bias: torch.Tensor  # (N, 1, 1, S): 0 at source tokens, -inf at padding
     qkv: list[tuple[torch.Tensor, torch.Tensor | None]]  # per layer: Q, K, V weights stacked
+    project: Callable[[torch.Tensor], torch.Tensor]  # decoder states (R, d) -> logits (R, V)
     group: int = 1  # decoder rows per sentence (the beam size)
     rows: int = 0  # decoder rows in use
     length: int = 0  # positions decoded so far

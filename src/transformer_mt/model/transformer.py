@@ -11,6 +11,7 @@ from torch import nn
 from transformer_mt.model.cache import KVCache
 from transformer_mt.model.embedding import RotaryEmbedding, TransformerEmbedding
 from transformer_mt.model.layers import DecoderLayer, EncoderLayer, make_norm
+from transformer_mt.model.packed import PackedLinear
 from transformer_mt.model.variants import check_rope_head_size, check_variant
 
 
@@ -195,7 +196,8 @@ class Transformer(nn.Module):
     ) -> KVCache:
         """An empty cache for decoding ``group`` rows per sentence (the beam size) for at
         most ``max_steps`` positions (default: the model's positions); it holds the source's
-        cross-attention keys and values, computed here once."""
+        cross-attention keys and values, computed here once, and the output projection,
+        packed for the batch (``model.packed``)."""
         layers = self.decoder.layers
         n, s, _ = memory.shape
         attn = layers[0].self_attn
@@ -210,7 +212,8 @@ class Transformer(nn.Module):
             )
             for layer in layers
         ]
-        return KVCache(self_kv, source_kv, bias, qkv, group=group, rows=n * group)
+        project = PackedLinear(self.output_projection.weight, n * group)
+        return KVCache(self_kv, source_kv, bias, qkv, project, group=group, rows=n * group)
 
     def decode_step(self, last_tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One incremental decoding step: the tokens produced at the previous step (R,) ->
@@ -220,7 +223,7 @@ class Transformer(nn.Module):
         y = self.embedding(last_tokens[:, None], cache.length)[:, 0]  # (R, d)
         y = self.decoder.step(y, cache)
         cache.length += 1
-        return self.output_projection(y).float()
+        return cache.project(y).float()
 
     def num_parameters(self) -> tuple[int, int]:
         """(total, trainable) parameter counts; tied weights are counted once."""

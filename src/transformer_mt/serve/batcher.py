@@ -1,11 +1,17 @@
 """Micro-batching: sentences of concurrent requests decoded together.
 
-Requests put their sentences on a queue; one worker takes the first, then keeps taking more
-until the batch holds ``max_tokens`` source tokens or ``timeout`` seconds have passed since
-the first arrived, and decodes each group of sentences that share search options (and, for
-a multilingual model, target language) in one call, in a worker thread (the event loop keeps
-accepting requests meanwhile). Decoding does not depend on the batch, so each sentence gets
-exactly what it would get alone.
+Requests put their sentences on a queue; one worker takes what is queued (at most
+``max_tokens`` source tokens) and decodes each group of sentences that share search options
+(and, for a multilingual model, target language) in one call, in a worker thread (the event
+loop keeps accepting requests meanwhile). Decoding does not depend on the batch, so each
+sentence gets exactly what it would get alone.
+
+How long a batch waits to fill: clients that send their next sentence once answered (a
+closed loop, such as a tool translating a document line by line) come back just after their
+batch. So a batch waits, for at most ``timeout`` seconds, until as many sentences have
+arrived since the last batch was answered as that batch held; a lone client, whose next
+sentence is the one awaited, never waits. Without the wait, 32 such clients settle into two
+alternating half batches: those queued while the other half decodes.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ class MicroBatcher:
         # One thread does all the model's work; best the one that loaded it (see tmt-serve).
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.worker: asyncio.Task | None = None
+        self.arrived = 0  # sentences queued so far
+        self.answered = 0  # sentences in the last batch answered
+        self.arrived_then = 0  # ``arrived`` when it was answered
 
     def start(self) -> None:
         """Start the worker (in the running event loop)."""
@@ -79,6 +88,7 @@ class MicroBatcher:
         ]
         for job in jobs:
             self.queue.put_nowait(job)
+        self.arrived += len(jobs)
         return list(await asyncio.gather(*(job.future for job in jobs)))
 
     async def _run(self) -> None:
@@ -87,17 +97,20 @@ class MicroBatcher:
             batch = [await self.queue.get()]
             tokens, deadline = batch[0].tokens, time.monotonic() + self.timeout
             while tokens < self.max_tokens:
+                # Wait only for the sentences of the last batch's clients still to come back.
+                expected = self.arrived - self.arrived_then < self.answered
                 left = deadline - time.monotonic()
                 try:
                     job = (
-                        self.queue.get_nowait()
-                        if left <= 0
-                        else await asyncio.wait_for(self.queue.get(), left)
+                        await asyncio.wait_for(self.queue.get(), left)
+                        if expected and left > 0
+                        else self.queue.get_nowait()
                     )
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):  # the same class from 3.11 on
                     break
                 batch.append(job)
                 tokens += job.tokens
+            self.answered, self.arrived_then = 0, self.arrived
             groups: dict[tuple[SearchOptions, str | None], list[_Job]] = {}
             for job in batch:
                 if not job.future.done():  # not cancelled (its client went away)
@@ -112,6 +125,8 @@ class MicroBatcher:
                     for job, result in zip(jobs, results, strict=True):
                         if not job.future.done():
                             job.future.set_result(result)
+                    self.answered += len(jobs)
+                    self.arrived_then = self.arrived
                 except Exception as e:  # these requests fail; the worker goes on
                     for job in jobs:
                         if not job.future.done():
