@@ -13,7 +13,7 @@ from conftest import small_transformer
 from transformer_mt.model import Dropout, MultiHeadAttention, PositionalEncoding
 from transformer_mt.model.attention import ScaledDotProductAttention
 from transformer_mt.model.dropout import keep_mask, positive
-from transformer_mt.model.packed import PackedLinear, inner_product
+from transformer_mt.model.packed import PackedLinear
 
 
 def copy_into_reference(ours: MultiHeadAttention, ref: nn.MultiheadAttention) -> None:
@@ -341,12 +341,3 @@ def test_decoding_after_an_optimizer_step_uses_the_new_weights() -> None:
         want = model.decode(tokens[:, None], memory, mask)[:, 0]
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, want, atol=1e-5, rtol=1e-5)
-
-
-def test_inner_product_is_the_matrix_product_for_any_weight_layout() -> None:
-    torch.manual_seed(0)
-    grad, weight = torch.randn(50, 300), torch.randn(300, 16)  # (N, V), (V, d)
-    want = grad.double() @ weight.double()
-    got = inner_product(grad, weight.t())  # a transposed view, as the loss's backward passes
-    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
-    assert torch.equal(inner_product(grad, weight.t().contiguous()), got)

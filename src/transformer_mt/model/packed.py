@@ -1,17 +1,11 @@
-"""Products with the output matrix through oneDNN's inner product on CPU.
+"""The output projection of a decoding step through oneDNN's inner product on CPU.
 
-The (V, d) output matrix makes the largest products of the model, and two of them have shapes
-that oneDNN's inner-product kernel runs faster than ``torch.mm`` (Intel MKL) on the CPUs
-measured here (docs/benchmarks.md):
-
-- a decoding step's logits, a few hundred rows times the matrix, with the matrix reordered
-  into oneDNN's blocked layout once per batch decoded (``PackedLinear``). Each row's result
-  is then also the same whatever the number of rows beside it;
-- the training backward's gradient with respect to the decoder states, (N, V) · (V, d), whose
-  inner dimension is the vocabulary (``inner_product``).
-
-Elsewhere (CUDA, other dtypes, autocast, a torch without oneDNN) both are the plain ``torch``
-product.
+The (V, d) output matrix makes the largest product of a decoding step: a few hundred rows
+times the matrix. With the matrix reordered into oneDNN's blocked layout once per batch
+decoded, oneDNN's inner-product kernel runs it faster than ``F.linear`` (Intel MKL) on the
+CPUs measured here (docs/benchmarks.md), and each row's result is the same whatever the
+number of rows beside it. Elsewhere (CUDA, other dtypes, autocast, a torch without oneDNN) it
+is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -31,13 +25,6 @@ def _onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
     )
-
-
-def inner_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) x, (M, K) weight (any strides) -> x · weightᵀ (N, M), not differentiable."""
-    if not _onednn_usable(x, weight):
-        return x.mm(weight.t())
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 class PackedLinear:

@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from transformer_mt.model.packed import inner_product
-
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision logits; fp32 and fp64 stay as they are."""
@@ -152,9 +150,8 @@ class _ProjectedLabelSmoothedCrossEntropy(torch.autograd.Function):
         hidden, weight, lprobs, gold_index, keep = ctx.saved_tensors
         grad = _logit_gradient_(lprobs, gold_index, keep, grad_loss, grad_nll, ctx.epsilon, lprobs)
         grad = grad.to(hidden.dtype)  # (N, V)
-        # The products of autograd's backward of hidden @ weight.t(); the first, whose inner
-        # dimension is the vocabulary, through oneDNN on CPU (faster there; see model.packed).
-        grad_hidden = inner_product(grad, weight.t()) if ctx.needs_input_grad[0] else None  # (N, d)
+        # The same products (and operand layouts) as autograd's backward of hidden @ weight.t().
+        grad_hidden = grad.mm(weight) if ctx.needs_input_grad[0] else None  # (N, d)
         grad_weight = grad.t().mm(hidden) if ctx.needs_input_grad[1] else None  # (V, d)
         return grad_hidden, grad_weight, None, None, None, None
 
