@@ -12,6 +12,7 @@ must get a 4xx, and good requests afterwards, which must get the offline transla
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import re
 import shlex
@@ -20,8 +21,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,17 +72,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_client = threading.local()  # each client thread's HTTP connection
+
+
 def post(url: str, body: bytes, timeout: float = 120) -> tuple[int, bytes, float]:
-    """(status, body, seconds) of one POST."""
-    request = urllib.request.Request(url, body, {"content-type": "application/json"})
+    """(status, body, seconds) of one POST, on the calling thread's kept-alive connection
+    (HTTP/1.1, as a browser or a requests.Session client keeps it), opened again if the
+    server closed it."""
+    parts = urllib.parse.urlsplit(url)
     start = time.perf_counter()
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            return r.status, r.read(), time.perf_counter() - start
-    except urllib.error.HTTPError as e:
-        return e.code, e.read(), time.perf_counter() - start
-    except (urllib.error.URLError, ConnectionError) as e:  # no answer at all
-        return 0, str(e).encode(), time.perf_counter() - start
+    for attempt in range(2):
+        conn = getattr(_client, "conn", None)
+        if conn is None:
+            conn = _client.conn = http.client.HTTPConnection(
+                parts.hostname, parts.port, timeout=timeout
+            )
+        try:
+            conn.request("POST", parts.path, body, {"content-type": "application/json"})
+            response = conn.getresponse()
+            data = response.read()
+            if response.will_close:
+                conn.close()
+                _client.conn = None
+            return response.status, data, time.perf_counter() - start
+        except (http.client.HTTPException, OSError) as e:  # closed by the server, or no answer
+            conn.close()
+            _client.conn = None
+            if attempt:
+                return 0, str(e).encode(), time.perf_counter() - start
+    raise AssertionError("unreachable")
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -149,7 +169,7 @@ def main() -> None:
 
         levels = []
         for clients in [int(c) for c in args.levels.split(",")]:
-            count = n // 4 if clients == 1 else n
+            count = n
             before = batch_stats(url)
 
             def one(i: int) -> tuple[int, str, float]:

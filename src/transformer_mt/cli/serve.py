@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument(
         "--batch-timeout-ms",
         type=float,
-        default=5.0,
+        default=50.0,
         help="the longest a batch waits for the last batch's clients to send again",
     )
     s.add_argument("--max-chars", type=int, default=2000, help="characters per input")

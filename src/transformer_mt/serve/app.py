@@ -42,7 +42,7 @@ class Limits:
     max_chars: int = 2000  # characters per input sentence
     max_inputs: int = 64  # sentences per request
     max_batch_tokens: int = 4096  # source tokens per decoding batch
-    batch_timeout_ms: float = 5.0  # the longest a batch waits for the last one's clients
+    batch_timeout_ms: float = 50.0  # the longest a batch waits for the last one's clients
     max_beam: int = 16
     max_attention_tokens: int = 128  # source subwords /v1/attention explains (answer ∝ square)
 
