@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from transformer_mt.decoding.search import PrefixCache
 from transformer_mt.model import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,3 +124,31 @@ def small_transformer(**overrides: object) -> Transformer:
     args: dict[str, object] = dict(vocab_size=50, pad_id=0, **SMALL_MODEL_CONFIG)
     args.update(overrides)
     return Transformer(**args).eval()  # type: ignore[arg-type]
+
+
+class FakeDecoder:
+    """An ``IncrementalDecoder`` with next-token probabilities (over 8 ids) set by hand as a
+    function of the prefix (BOS excluded); a prefix not in ``table`` gets ``default``."""
+
+    pad_id = 0  # PAD; the tests' ids are PAD, UNK, BOS, EOS = 0, 1, 2, 3
+    max_positions = 100
+
+    def __init__(
+        self, table: dict[tuple[int, ...], dict[int, float]], default: dict[int, float]
+    ) -> None:
+        self.table, self.default = table, default
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(src.size(0), src.size(1), 1), (src != 0)[:, None, None, :]
+
+    def start_decoding(self, memory, memory_mask, group, max_steps) -> PrefixCache:
+        prefix = torch.empty(memory.size(0) * group, 0, dtype=torch.long)
+        return PrefixCache(prefix, memory, memory_mask, group)
+
+    def decode_step(self, last: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
+        cache.prefix = torch.cat([cache.prefix, last[:, None]], 1)
+        out = torch.full((cache.prefix.size(0), 8), -math.inf)
+        for row, tokens in enumerate(cache.prefix[:, 1:].tolist()):
+            for token, p in self.table.get(tuple(tokens), self.default).items():
+                out[row, token] = math.log(p)
+        return out

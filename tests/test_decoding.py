@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_MODEL_CONFIG, WORDS, small_transformer
+from conftest import SMALL_MODEL_CONFIG, WORDS, FakeDecoder, small_transformer
 from transformer_mt.data.batching import pad
 from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_mt.decoding import (
@@ -26,7 +26,6 @@ from transformer_mt.decoding import (
 from transformer_mt.decoding.attention_maps import cross_attention, write_attention_map
 from transformer_mt.decoding.beam import place_survivors
 from transformer_mt.decoding.search import (
-    PrefixCache,
     UncachedDecoder,
     argmax,
     block_repeated_ngrams,
@@ -39,34 +38,6 @@ from transformer_mt.model import Transformer
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 A, B, C, D = 4, 5, 6, 7
-
-
-class FakeDecoder:
-    """Next-token probabilities set by hand as a function of the prefix (BOS excluded);
-    a prefix not in ``table`` gets ``default``."""
-
-    pad_id = PAD
-    max_positions = 100
-
-    def __init__(
-        self, table: dict[tuple[int, ...], dict[int, float]], default: dict[int, float]
-    ) -> None:
-        self.table, self.default = table, default
-
-    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.zeros(src.size(0), src.size(1), 1), (src != PAD)[:, None, None, :]
-
-    def start_decoding(self, memory, memory_mask, group, max_steps) -> PrefixCache:
-        prefix = torch.empty(memory.size(0) * group, 0, dtype=torch.long)
-        return PrefixCache(prefix, memory, memory_mask, group)
-
-    def decode_step(self, last: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
-        cache.prefix = torch.cat([cache.prefix, last[:, None]], 1)
-        out = torch.full((cache.prefix.size(0), 8), -math.inf)
-        for row, tokens in enumerate(cache.prefix[:, 1:].tolist()):
-            for token, p in self.table.get(tuple(tokens), self.default).items():
-                out[row, token] = math.log(p)
-        return out
 
 
 SRC = torch.tensor([[A, B, C, EOS]])  # the fake decoder ignores the source

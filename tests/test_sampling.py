@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_MODEL_CONFIG, WORDS, small_transformer
+from conftest import SMALL_MODEL_CONFIG, WORDS, FakeDecoder, small_transformer
 from transformer_mt.cli import translate as translate_cli
 from transformer_mt.data.batching import pad
 from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_mt.decoding import SearchOptions, Translator, greedy_search, sample_search
-from transformer_mt.decoding.search import PrefixCache
 from transformer_mt.errors import UserError
 from transformer_mt.formats.checkpoint import save_checkpoint, spm_bytes_to_tensor
 from transformer_mt.model import Transformer
@@ -56,29 +55,6 @@ def translator() -> Translator:
 def lines(n: int, seed: int = 1) -> list[str]:
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, size=rng.integers(1, 12))) for _ in range(n)]
-
-
-class FixedDecoder:
-    """The same next-token probabilities at every step, whatever the source and prefix."""
-
-    pad_id = PAD
-    max_positions = 100
-
-    def __init__(self, probs: dict[int, float]) -> None:
-        self.logits = torch.full((8,), -math.inf)
-        for token, p in probs.items():
-            self.logits[token] = math.log(p)
-
-    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.zeros(src.size(0), src.size(1), 1), (src != PAD)[:, None, None, :]
-
-    def start_decoding(self, memory, memory_mask, group, max_steps) -> PrefixCache:
-        prefix = torch.empty(memory.size(0) * group, 0, dtype=torch.long)
-        return PrefixCache(prefix, memory, memory_mask, group)
-
-    def decode_step(self, last: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
-        cache.prefix = torch.cat([cache.prefix, last[:, None]], 1)
-        return self.logits.expand(cache.prefix.size(0), -1).clone()
 
 
 def test_the_same_seed_gives_the_same_samples_and_other_seeds_others(
@@ -204,12 +180,12 @@ def test_scores_are_the_models_log_probabilities(model: Transformer) -> None:
 
 def test_min_len_and_the_output_budget_hold_for_every_sample() -> None:
     src = torch.tensor([[A, B, A, EOS]])
-    loves_eos = FixedDecoder({EOS: 0.9, A: 0.1})
+    loves_eos = FakeDecoder({}, default={EOS: 0.9, A: 0.1})
     free = sample_search(loves_eos, src, BOS, EOS, sampling(nbest=50))[0]  # type: ignore[arg-type]
     assert sum(not h.tokens for h in free) > 30  # most stop at once ...
     held = sample_search(loves_eos, src, BOS, EOS, sampling(nbest=50, min_len=4))[0]  # type: ignore[arg-type]
     assert all(len(h.tokens) >= 3 for h in held)  # ... unless min_len forbids EOS
-    never_stops = FixedDecoder({A: 0.5, B: 0.5 - 1e-9, EOS: 1e-9})
+    never_stops = FakeDecoder({}, default={A: 0.5, B: 0.5 - 1e-9, EOS: 1e-9})
     options = sampling(nbest=20, max_len_a=0.5, max_len_b=3)  # ⌊0.5·4⌋ + 3 = 5 with EOS
     capped = sample_search(never_stops, src, BOS, EOS, options)[0]  # type: ignore[arg-type]
     assert all(len(h.tokens) == 4 and set(h.tokens) <= {A, B} for h in capped)
