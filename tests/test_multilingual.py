@@ -15,7 +15,13 @@ from omegaconf import OmegaConf
 
 from conftest import WORDS, run_cli, write_gz
 from test_data import data_config
-from transformer_mt.data.corpus import corpora, language_pairs, target_tags
+from transformer_mt.data.corpus import (
+    ParallelCorpus,
+    corpora,
+    language_pairs,
+    stream_chunks,
+    target_tags,
+)
 from transformer_mt.data.prepare import prepare_data
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.decoding.greedy import greedy_search
@@ -84,6 +90,22 @@ def test_each_path_is_one_corpus_per_direction_with_its_target_tag(tmp_path: Pat
         "val.yy.gz",
         "<2yy>",
     )
+
+
+def test_max_train_pairs_keeps_the_first_pairs_of_each_direction(tmp_path: Path) -> None:
+    for lang in ("en", "xx", "yy"):
+        (tmp_path / f"a.{lang}").write_text("".join(f"a{i} {lang}\n" for i in range(5)))
+        (tmp_path / f"b.{lang}").write_text("".join(f"b{i} {lang}\n" for i in range(5)))
+    # Two paths per direction, read in chunks of 2 lines: the cap spans paths and chunks.
+    sources = [ParallelCorpus(tmp_path / p, "en", t) for t in ("xx", "yy") for p in "ab"]
+
+    def kept(max_pairs: int | None) -> list[tuple[str, str, int]]:
+        chunks = stream_chunks(sources, max_pairs, size=2)
+        return [(c.tgt_lang, c.name, src.count(b"\n")) for c, _, src, _ in chunks]
+
+    per_direction = [("a", 2), ("a", 2), ("a", 1), ("b", 2)]  # 7 = 5 of a, then 2 of b
+    assert kept(7) == [(t, *c) for t in ("xx", "yy") for c in per_direction]
+    assert sum(n for *_, n in kept(None)) == 20
 
 
 def test_prepared_sources_start_with_their_target_tag(tmp_path: Path) -> None:

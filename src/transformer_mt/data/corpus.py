@@ -14,6 +14,7 @@ al. 2017, "Google's Multilingual Neural Machine Translation System").
 from __future__ import annotations
 
 import gzip
+import math
 import itertools
 import shutil
 import sys
@@ -129,20 +130,23 @@ def stream_chunks(
     sources: list[ParallelCorpus], max_pairs: int | None, size: int = 20_000
 ) -> Iterator[tuple[ParallelCorpus, int, bytes, bytes]]:
     """``(corpus, first line, source bytes, target bytes)`` chunks of ``size`` lines of the
-    corpora in order, stopping after ``max_pairs`` pairs (see :meth:`ParallelCorpus.chunks`)."""
-    left = max_pairs
+    corpora in order, the first ``max_pairs`` pairs of each direction (language pair) only
+    (see :meth:`ParallelCorpus.chunks`)."""
+    left: dict[tuple[str, str], float] = {}  # pairs each direction may still give
     for corpus in sources:
+        direction = (corpus.src_lang, corpus.tgt_lang)
+        left.setdefault(direction, math.inf if max_pairs is None else max_pairs)
+        if left[direction] <= 0:
+            continue
         for first, src, tgt in corpus.chunks(size):
-            if left is not None:
-                if left <= 0:
-                    return
-                n = src.count(b"\n")
-                if n > left:
-                    src, tgt, n = _head(src, left), _head(tgt, left), left
-                left -= n
+            n = src.count(b"\n")
+            if n > left[direction]:
+                n = int(left[direction])
+                src, tgt = _head(src, n), _head(tgt, n)
+            left[direction] -= n
             yield corpus, first, src, tgt
-            if left == 0:
-                return
+            if left[direction] <= 0:
+                break
 
 
 def _head(data: bytes, n: int) -> bytes:
