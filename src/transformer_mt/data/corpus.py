@@ -14,8 +14,8 @@ al. 2017, "Google's Multilingual Neural Machine Translation System").
 from __future__ import annotations
 
 import gzip
-import math
 import itertools
+import math
 import shutil
 import sys
 import urllib.request
