@@ -29,6 +29,7 @@ from transformer_mt.decoding.search import (
     UncachedDecoder,
     argmax,
     block_repeated_ngrams,
+    compaction_order,
     top_k,
 )
 from transformer_mt.errors import UserError
@@ -162,6 +163,15 @@ def test_survivors_stay_in_their_parents_row_when_they_can() -> None:
     assert slots[0].tolist() == [2, 1, 0, 4, 3]  # first of parent 2 stays at 2, second moves
     assert slots[1].tolist() == [0, 1, 2, 3, 4]  # nobody moves
     assert slots[2].tolist() == [3, 0, 1, 2, 4]
+
+
+def test_compaction_keeps_survivors_in_place_and_fills_gaps_from_the_end() -> None:
+    stay = np.array([True, False, True, False, True, True, False, True])
+    order = compaction_order(stay)
+    assert order.tolist() == [0, 5, 2, 7, 4]  # 0, 2, 4 stay; 5 and 7 fill the gaps 1 and 3
+    assert sorted(order.tolist()) == np.nonzero(stay)[0].tolist()
+    assert compaction_order(np.ones(3, dtype=bool)).tolist() == [0, 1, 2]
+    assert compaction_order(np.array([False, False, True])).tolist() == [2]
 
 
 def random_model(vocab_size: int = 30) -> Transformer:

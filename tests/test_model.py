@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,23 +189,24 @@ def test_incremental_decoding_equals_full_decoding() -> None:
 
 def test_beam_rows_share_the_source_and_follow_reordering() -> None:
     """With G rows per sentence, each row attends to its own sentence's source; moving and
-    keeping rows carries their prefixes along."""
+    keeping rows (in any order) carries their prefixes and sources along."""
     model = small_transformer().eval()
-    src = torch.randint(4, 50, (2, 6))
+    src = torch.randint(4, 50, (3, 6))
     src[1, 4:] = 0
-    tgt = torch.randint(4, 50, (6, 4))  # 3 rows per sentence
-    full = model(src.repeat_interleave(3, dim=0), tgt)  # (6, 4, V)
+    tgt = torch.randint(4, 50, (9, 4))  # 3 rows per sentence
+    full = model(src.repeat_interleave(3, dim=0), tgt)  # (9, 4, V)
     memory, mask = model.encode(src)
     cache = model.start_decoding(memory, mask, group=3, max_steps=5)
     for step in range(3):
         logits = model.decode_step(tgt[:, step], cache)
         torch.testing.assert_close(logits, full[:, step], atol=1e-5, rtol=1e-5)
-    # Row 4 takes over row 3's prefix; then sentence 0 (rows 0-2) leaves the batch.
+    # Row 4 takes over row 3's prefix; then sentence 0 (rows 0-2) leaves the batch and
+    # sentence 2 moves into its place.
     cache.move_rows(torch.tensor([4]), torch.tensor([3]))
-    cache.keep(torch.tensor([3, 4, 5]), torch.tensor([1]))
-    moved = tgt[3:].clone()
-    moved[1, :3] = tgt[3, :3]
-    expected = model(src[1:].repeat_interleave(3, dim=0), moved)[:, 3]
+    cache.keep(np.array([6, 7, 8, 3, 4, 5]), np.array([2, 1]))
+    moved = tgt[[6, 7, 8, 3, 3, 5]].clone()
+    moved[4, 3] = tgt[4, 3]
+    expected = model(src[[2, 1]].repeat_interleave(3, dim=0), moved)[:, 3]
     torch.testing.assert_close(
         model.decode_step(moved[:, 3], cache), expected, atol=1e-5, rtol=1e-5
     )

@@ -23,6 +23,7 @@ from transformer_mt.decoding.search import (
     IncrementalDecoder,
     SearchOptions,
     apply_constraints,
+    compaction_order,
     max_output_lengths,
     to_device,
     top_k,
@@ -132,10 +133,10 @@ def beam_search(
         cache.move_rows(to_device(moved, device), to_device(parent_rows.ravel()[moved], device))
         if done.all():
             break
-        if done.any():  # drop finished sentences from the batch
-            stay = np.nonzero(~done)[0]
+        if done.any():  # drop finished sentences from the batch; the last ones fill the gaps
+            stay = compaction_order(~done)
             rows = (stay[:, None] * k + np.arange(k)).ravel()
-            cache.keep(to_device(rows, device), to_device(stay, device))
+            cache.keep(rows, stay)
             alive, new_scores, next_tokens = alive[stay], new_scores[stay], next_tokens[stay]
             history = history[rows]
         scores = to_device(new_scores, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from transformer_mt.decoding.search import (
@@ -10,12 +11,14 @@ from transformer_mt.decoding.search import (
     SearchOptions,
     apply_constraints,
     argmax,
+    compaction_order,
     max_output_lengths,
     to_device,
 )
 
 # Finished sentences leave the batch once they are at least this fraction of it: each
-# removal copies the cache, so removing them one by one would cost more than it saves.
+# removal moves rows of the cache and costs a few operations, more than one finished row
+# decoding on for a few steps.
 COMPACT_FRACTION = 0.125
 
 
@@ -57,9 +60,9 @@ def greedy_search(
         if not running:
             break
         if len(alive) - len(running) >= max(1, COMPACT_FRACTION * len(alive)):
-            keep = to_device(running, device)
-            cache.keep(keep, keep)
-            alive = [alive[r] for r in running]
-            tokens = tokens.index_select(0, keep)
+            order = compaction_order(np.isin(np.arange(len(alive)), running))
+            cache.keep(order, order)  # the last rows fill the gaps
+            alive = [alive[r] for r in order]
+            tokens = tokens.index_select(0, to_device(order, device))
             running = list(range(len(alive)))
     return [[t for t in out if t != eos_id] for out in outputs]

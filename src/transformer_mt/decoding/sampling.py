@@ -27,6 +27,7 @@ from transformer_mt.decoding.search import (
     IncrementalDecoder,
     SearchOptions,
     apply_constraints,
+    compaction_order,
     max_output_lengths,
     to_device,
     top_k,
@@ -135,9 +136,10 @@ def sample_search(
         if not running:
             break
         if len(alive) - len(running) >= max(1, COMPACT_FRACTION * len(alive)):
-            keep = to_device(running, device)
-            cache.keep(keep, keep)
-            alive = [alive[r] for r in running]
+            order = compaction_order(np.isin(np.arange(len(alive)), running))
+            cache.keep(order, order)
+            alive = [alive[r] for r in order]
+            keep = to_device(order, device)
             tokens, uniforms = tokens.index_select(0, keep), uniforms.index_select(0, keep)
             running = list(range(len(alive)))
     hyps = [

@@ -117,7 +117,7 @@ class DecodingCache(Protocol):
     def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Row ``dst[i]`` takes over the decoded prefix of row ``src[i]`` (beam reordering)."""
 
-    def keep(self, rows: torch.Tensor, sentences: torch.Tensor) -> None:
+    def keep(self, rows: np.ndarray, sentences: np.ndarray) -> None:
         """Keep decoder rows ``rows`` and source sentences ``sentences``, in that order."""
 
 
@@ -173,6 +173,18 @@ def block_repeated_ngrams(lprobs: torch.Tensor, history: Sequence[Sequence[int]]
     if rows:
         device = lprobs.device
         lprobs[to_device(np.array(rows), device), to_device(np.array(banned), device)] = -torch.inf
+
+
+def compaction_order(stay: np.ndarray) -> np.ndarray:
+    """Which entries fill the first ``m`` positions when the ``m`` entries marked in ``stay``
+    (bool, one per position) are kept: those already among the first ``m`` stay where they
+    are, the others move into the gaps in order. Caches copy only the entries that move."""
+    kept = np.nonzero(stay)[0]
+    m = kept.size
+    order = np.arange(m)
+    gaps = np.nonzero(~stay[:m])[0]
+    order[gaps] = kept[kept >= m]  # as many kept entries beyond m as gaps before it
+    return order
 
 
 def to_device(values: Sequence[int] | np.ndarray, device: torch.device) -> torch.Tensor:
@@ -255,11 +267,15 @@ class PrefixCache:
         """Row ``dst[i]`` takes over the prefix of row ``src[i]``."""
         self.prefix[dst] = self.prefix[src]
 
-    def keep(self, rows: torch.Tensor, sentences: torch.Tensor) -> None:
+    def keep(self, rows: np.ndarray, sentences: np.ndarray) -> None:
         """Keep prefixes ``rows`` and sources ``sentences``."""
-        self.prefix = self.prefix.index_select(0, rows)
-        self.memory = self.memory.index_select(0, sentences)
-        self.memory_mask = self.memory_mask.index_select(0, sentences)
+        rows_t, sentences_t = (
+            to_device(rows, self.prefix.device),
+            to_device(sentences, self.prefix.device),
+        )
+        self.prefix = self.prefix.index_select(0, rows_t)
+        self.memory = self.memory.index_select(0, sentences_t)
+        self.memory_mask = self.memory_mask.index_select(0, sentences_t)
 
 
 class UncachedDecoder:

@@ -13,7 +13,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+
+def _moves(order: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ``i`` takes entry ``order[i]``: the (destinations, sources) of the entries that
+    change position, on ``device``."""
+    dst = np.nonzero(order != np.arange(order.size))[0]
+    src = order[dst]
+    return (
+        torch.from_numpy(dst).to(device, non_blocking=True),
+        torch.from_numpy(src).to(device, non_blocking=True),
+    )
 
 
 @dataclass
@@ -21,33 +33,44 @@ class KVCache:
     """Keys and values of one batch being decoded: R decoder rows for N sentences (R = N·G)."""
 
     self_kv: torch.Tensor  # (L, 2, R_0, H, T_max, d_k): decoded positions; rows [:R] in use
-    source_kv: torch.Tensor  # (L, 2, N, H, S, d_k): the source's, for cross-attention
-    source_bias: torch.Tensor  # (N, 1, 1, S): 0 at source tokens, -inf at padding
+    source_kv: torch.Tensor  # (L, 2, N_0, H, S, d_k): the source's; sentences [:N] in use
+    source_bias: torch.Tensor  # (N_0, 1, 1, S): 0 at source tokens, -inf at padding
     qkv: list[tuple[torch.Tensor, torch.Tensor | None]]  # per layer: Q, K, V weights stacked
     project: Callable[[torch.Tensor], torch.Tensor]  # decoder states (R, d) -> logits (R, V)
     group: int = 1  # decoder rows per sentence (the beam size)
     rows: int = 0  # decoder rows in use
+    sentences: int = 0  # source sentences in use
     length: int = 0  # positions decoded so far
 
     def layer_self(self, layer: int) -> torch.Tensor:
         """(2, R, H, T_max, d_k): layer ``layer``'s self-attention keys and values."""
         return self.self_kv[layer, :, : self.rows]
 
+    def layer_source(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s cross-attention keys and values (2, N, H, S, d_k) and the source
+        mask's additive bias (N, 1, 1, S)."""
+        return self.source_kv[layer, :, : self.sentences], self.source_bias[: self.sentences]
+
     def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Beam reordering: row ``dst[i]`` takes over the decoded prefix of row ``src[i]``.
 
-        Only rows whose hypothesis changed are copied. No row in ``dst`` may be in ``src``:
-        a row that another hypothesis takes over is one no survivor descends from."""
+        Only rows whose hypothesis changed are copied; the sources are read before any row is
+        written."""
         if dst.numel():
             past = self.self_kv[:, :, :, :, : self.length]  # (L, 2, R_0, H, t, d_k)
             past.index_copy_(2, dst, past.index_select(2, src))
 
-    def keep(self, rows: torch.Tensor, sentences: torch.Tensor) -> None:
-        """Keep decoder rows ``rows`` and source rows ``sentences`` (finished sentences leave
-        the batch), in that order."""
-        t = self.length
-        kept = self.self_kv[:, :, :, :, :t].index_select(2, rows)  # (L, 2, R', H, t, d_k)
-        self.self_kv[:, :, : rows.numel(), :, :t] = kept
-        self.rows = rows.numel()
-        self.source_kv = self.source_kv.index_select(2, sentences)
-        self.source_bias = self.source_bias.index_select(0, sentences)
+    def keep(self, rows: np.ndarray, sentences: np.ndarray) -> None:
+        """Keep decoder rows ``rows`` and source sentences ``sentences`` (finished sentences
+        leave the batch), in that order: row ``i`` takes row ``rows[i]``'s prefix. Only the
+        entries that change position are copied, so an order that leaves the survivors in
+        place and moves the last ones into the gaps (``decoding.search.compaction_order``)
+        costs a copy per sentence that left instead of a copy of the cache."""
+        device = self.self_kv.device
+        self.move_rows(*_moves(np.asarray(rows, dtype=np.int64), device))
+        self.rows = len(rows)
+        dst, src = _moves(np.asarray(sentences, dtype=np.int64), device)
+        if dst.numel():
+            self.source_kv.index_copy_(2, dst, self.source_kv.index_select(2, src))
+            self.source_bias.index_copy_(0, dst, self.source_bias.index_select(0, src))
+        self.sentences = len(sentences)

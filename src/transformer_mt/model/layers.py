@@ -159,6 +159,6 @@ class DecoderLayer(nn.Module):
         t = cache.length
         self_kv, qkv = cache.layer_self(layer), cache.qkv[layer]
         y = self.sublayer1(y, lambda h: self.self_attn.step_self(h, self_kv, t, qkv))
-        source = cache.source_kv[layer]
-        y = self.sublayer2(y, lambda h: self.cross_attn.step_cross(h, source, cache.source_bias))
+        source, bias = cache.layer_source(layer)
+        y = self.sublayer2(y, lambda h: self.cross_attn.step_cross(h, source, bias))
         return self.sublayer3(y, self.feed_forward)
