@@ -212,6 +212,22 @@ def test_beam_rows_share_the_source_and_follow_reordering() -> None:
     )
 
 
+def test_caches_alive_together_have_their_own_buffers_and_a_dead_ones_is_reused() -> None:
+    model = small_transformer().eval()
+    src, tgt = torch.randint(4, 50, (2, 6)), torch.randint(4, 50, (2, 4))
+    memory, mask = model.encode(src)
+    first = model.start_decoding(memory, mask, max_steps=4)
+    second = model.start_decoding(memory, mask, max_steps=4)  # while the first is alive
+    assert first.self_kv.data_ptr() != second.self_kv.data_ptr()
+    for step in range(4):  # interleaved, the two caches do not disturb each other
+        torch.testing.assert_close(
+            model.decode_step(tgt[:, step], first), model.decode_step(tgt[:, step], second)
+        )
+    reused = first.self_kv.data_ptr()
+    del first, second
+    assert model.start_decoding(memory, mask, max_steps=4).self_kv.data_ptr() == reused
+
+
 def test_tied_embeddings_and_parameter_count() -> None:
     tied, untied = small_transformer(tie_embeddings=True), small_transformer(tie_embeddings=False)
     assert tied.output_projection.weight is tied.embedding.tokens.weight

@@ -6,15 +6,61 @@ whole output budget, never concatenated. Its cross-attention needs the source's 
 values: they are computed once per batch, one copy per sentence, shared by the sentence's
 ``group`` consecutive decoder rows (its beam hypotheses), so reordering hypotheses never
 touches them; they change only when finished sentences leave the batch.
+
+On CPU the self-attention buffer is reused from batch to batch (one per thread, lent to one
+cache at a time): a fresh buffer of tens of megabytes is memory the kernel maps page by page
+as decoding first writes it, which cost beam search about 5% of its time.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+class _Workspace(threading.local):
+    """This thread's self-attention buffer, and the cache it is lent to (if still alive)."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.borrower: weakref.ref[KVCache] | None = None
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialized tensor of ``shape`` with ``like``'s dtype and device: a view of the
+        buffer on CPU unless a live cache holds it, else a new one."""
+        in_use = self.borrower is not None and self.borrower() is not None
+        if like.device.type != "cpu" or in_use:
+            return like.new_empty(shape)
+        numel, buffer = math.prod(shape), self.buffer
+        if (
+            buffer is None
+            or buffer.numel() < numel
+            or buffer.dtype != like.dtype
+            or buffer.is_inference() != torch.is_inference_mode_enabled()  # writable here
+        ):
+            buffer = self.buffer = like.new_empty(numel)
+        return buffer[:numel].view(shape)
+
+    def lend(self, cache: KVCache) -> None:
+        """Mark the buffer as used by ``cache`` if its self-attention tensor is a view of it."""
+        buffer = self.buffer
+        if buffer is not None and cache.self_kv.data_ptr() == buffer.data_ptr():
+            self.borrower = weakref.ref(cache)
+
+
+_WORKSPACE = _Workspace()
+
+
+def self_attention_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Uninitialized storage for a cache's ``self_kv``; on CPU this thread's reusable buffer
+    when no live cache holds it (``KVCache`` marks it held when built on it)."""
+    return _WORKSPACE.take(shape, like)
 
 
 def _moves(order: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +87,9 @@ class KVCache:
     rows: int = 0  # decoder rows in use
     sentences: int = 0  # source sentences in use
     length: int = 0  # positions decoded so far
+
+    def __post_init__(self) -> None:
+        _WORKSPACE.lend(self)
 
     def layer_self(self, layer: int) -> torch.Tensor:
         """(2, R, H, T_max, d_k): layer ``layer``'s self-attention keys and values."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transformer_mt.model.cache import KVCache
+from transformer_mt.model.cache import KVCache, self_attention_buffer
 from transformer_mt.model.embedding import RotaryEmbedding, TransformerEmbedding
 from transformer_mt.model.layers import DecoderLayer, EncoderLayer, make_norm
 from transformer_mt.model.packed import PackedLinear
@@ -202,7 +202,8 @@ class Transformer(nn.Module):
         n, s, _ = memory.shape
         attn = layers[0].self_attn
         steps = self.max_positions if max_steps is None else min(max_steps, self.max_positions)
-        self_kv = memory.new_empty(len(layers), 2, n * group, attn.n_heads, steps, attn.d_k)
+        shape = (len(layers), 2, n * group, attn.n_heads, steps, attn.d_k)
+        self_kv = self_attention_buffer(shape, memory)
         source_kv = torch.stack([layer.cross_attn.source_keys_values(memory) for layer in layers])
         bias = torch.zeros(n, 1, 1, s, dtype=memory.dtype, device=memory.device)
         bias.masked_fill_(~memory_mask, -torch.inf)
