@@ -143,7 +143,7 @@ class FakeDecoder:
 
     def start_decoding(self, memory, memory_mask, group, max_steps) -> PrefixCache:
         prefix = torch.empty(memory.size(0) * group, 0, dtype=torch.long)
-        return PrefixCache(prefix, memory, memory_mask, group)
+        return PrefixCache(prefix, memory, memory_mask)
 
     def decode_step(self, last: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
         cache.prefix = torch.cat([cache.prefix, last[:, None]], 1)

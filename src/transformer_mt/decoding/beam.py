@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from transformer_mt.decoding.search import (
     BEAM,
@@ -79,30 +80,35 @@ def beam_search(
         ).tolist()
     )
     cache = model.start_decoding(memory, memory_mask, k, int(budget.max()))
+    # The K hypotheses of a sentence start identical (BOS): the first step decodes one row
+    # per sentence, and its survivors spread to K rows.
+    cache.keep(np.arange(batch) * k, np.arange(batch))
     special = (model.pad_id, bos_id, eos_id)
 
-    alive = np.arange(batch)  # the sentence of each live row of k hypotheses
-    scores = torch.zeros(batch, k, device=device)  # cumulative log-probs of live beams
-    scores[:, 1:] = -torch.inf  # all beams start identical: keep one
-    history = np.zeros((batch * k, 0), dtype=np.int64)  # tokens of each hypothesis
-    tokens = torch.full((batch * k,), bos_id, dtype=torch.long, device=device)
+    alive = np.arange(batch)  # the sentence of each live row block
+    width = 1  # rows per sentence this step: 1, then K
+    scores = torch.zeros(batch, width, device=device)  # cumulative log-probs of live beams
+    history = np.zeros((batch, 0), dtype=np.int64)  # tokens of each hypothesis
+    tokens = torch.full((batch,), bos_id, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
 
     for step in range(int(budget.max())):
         n = alive.size
-        logits = model.decode_step(tokens, cache)  # (n·K, V)
+        logits = model.decode_step(tokens, cache)  # (n·width, V)
         lprobs = torch.log_softmax(logits, dim=-1, out=logits)  # in place, row by row
         vocab = lprobs.size(-1)
         limit = step + 1 >= budget[alive]  # (n,) out of budget: finished after this step
-        at_limit = np.nonzero(np.repeat(limit, k))[0].tolist()
+        at_limit = np.nonzero(np.repeat(limit, width))[0].tolist()
         past = history.tolist() if options.no_repeat_ngram else []  # for n-gram blocking only
         apply_constraints(lprobs, past, at_limit, step, special, options)
-        candidates = lprobs.add_(scores.view(-1, 1)).view(n, k * vocab)  # scores + log-probs
+        candidates = lprobs.add_(scores.view(-1, 1)).view(n, width * vocab)  # scores + log-probs
+        if candidates.size(1) < 2 * k:  # a vocabulary smaller than 2K: pad with impossibles
+            candidates = F.pad(candidates, (0, 2 * k - candidates.size(1)), value=-torch.inf)
         top_scores, top_index = top_k(candidates, 2 * k)  # (n, 2K)
         # The step's one host copy (float64 holds every index exactly).
         top = torch.stack([top_scores.double(), top_index.double()]).cpu().numpy()
         top_scores_np, top_index_np = top[0].astype(np.float32), top[1].astype(np.int64)
-        top_beam, top_token = top_index_np // vocab, top_index_np % vocab
+        top_beam, top_token = np.minimum(top_index_np // vocab, width - 1), top_index_np % vocab
         is_eos = top_token == eos_id
 
         # Finish EOS candidates ranked within the top K.
@@ -112,7 +118,7 @@ def beam_search(
             hyps = finished[alive[row]]
             if len(hyps) >= k:
                 continue
-            prefix = history[row * k + top_beam[row, rank]].tolist()
+            prefix = history[row * width + top_beam[row, rank]].tolist()
             log_prob = float(top_scores_np[row, rank])
             hyps.append(
                 Hypothesis(prefix, log_prob / length_penalty(len(prefix) + 1, alpha), log_prob)
@@ -127,18 +133,17 @@ def beam_search(
         order = np.argsort(slots, axis=1)  # the survivor in each slot
         new_scores = np.take_along_axis(np.take_along_axis(top_scores_np, keep, 1), order, 1)
         next_tokens = np.take_along_axis(np.take_along_axis(top_token, keep, 1), order, 1)
-        parent_rows = np.take_along_axis(parents, order, 1) + k * np.arange(n)[:, None]
+        parent_rows = np.take_along_axis(parents, order, 1) + width * np.arange(n)[:, None]
         history = np.concatenate([history[parent_rows.ravel()], next_tokens.reshape(-1, 1)], 1)
-        moved = np.nonzero(parent_rows.ravel() != np.arange(n * k))[0]
-        cache.move_rows(to_device(moved, device), to_device(parent_rows.ravel()[moved], device))
         if done.all():
             break
-        if done.any():  # drop finished sentences from the batch; the last ones fill the gaps
-            stay = compaction_order(~done)
-            rows = (stay[:, None] * k + np.arange(k)).ravel()
-            cache.keep(rows, stay)
-            alive, new_scores, next_tokens = alive[stay], new_scores[stay], next_tokens[stay]
-            history = history[rows]
+        # Row i·K + j takes its parent's cached prefix; finished sentences leave the batch,
+        # the last ones filling their places. One cache update, copying only what moves.
+        stay = compaction_order(~done) if done.any() else np.arange(n)
+        cache.keep(parent_rows[stay].ravel(), stay)
+        alive, new_scores, next_tokens = alive[stay], new_scores[stay], next_tokens[stay]
+        history = history[(stay[:, None] * k + np.arange(k)).ravel()]
+        width = k
         scores = to_device(new_scores, device)
         tokens = to_device(next_tokens.reshape(-1), device)
 

@@ -114,11 +114,10 @@ GREEDY = SearchOptions(beam_size=1)
 class DecodingCache(Protocol):
     """What a search does to the state of a batch being decoded."""
 
-    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Row ``dst[i]`` takes over the decoded prefix of row ``src[i]`` (beam reordering)."""
-
     def keep(self, rows: np.ndarray, sentences: np.ndarray) -> None:
-        """Keep decoder rows ``rows`` and source sentences ``sentences``, in that order."""
+        """Row ``i`` takes over the decoded prefix of row ``rows[i]`` (beam reordering; a row
+        may be taken by several: a prefix spread to several hypotheses) and sentence ``i``
+        the source of sentence ``sentences[i]`` (finished sentences leave the batch)."""
 
 
 class IncrementalDecoder(Protocol):
@@ -131,7 +130,9 @@ class IncrementalDecoder(Protocol):
 
     def start_decoding(
         self, memory: torch.Tensor, memory_mask: torch.Tensor, group: int, max_steps: int
-    ) -> DecodingCache: ...
+    ) -> DecodingCache:
+        """A cache of ``group`` rows per sentence (``keep`` may narrow it and spread it back)."""
+        ...
 
     def decode_step(self, last_tokens: torch.Tensor, cache: Any) -> torch.Tensor:
         """Next-token logits (R, V): fp32, contiguous, the caller's to modify in place."""
@@ -261,11 +262,6 @@ class PrefixCache:
     prefix: torch.Tensor  # (R, t) tokens fed so far (BOS first)
     memory: torch.Tensor  # (N, S, d)
     memory_mask: torch.Tensor  # (N, 1, 1, S)
-    group: int
-
-    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Row ``dst[i]`` takes over the prefix of row ``src[i]``."""
-        self.prefix[dst] = self.prefix[src]
 
     def keep(self, rows: np.ndarray, sentences: np.ndarray) -> None:
         """Keep prefixes ``rows`` and sources ``sentences``."""
@@ -300,13 +296,13 @@ class UncachedDecoder:
         """No prefix yet; ``group`` rows per sentence."""
         rows = memory.size(0) * group
         prefix = torch.empty(rows, 0, dtype=torch.long, device=memory.device)
-        return PrefixCache(prefix, memory, memory_mask, group)
+        return PrefixCache(prefix, memory, memory_mask)
 
     def decode_step(self, last_tokens: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
         """Append ``last_tokens`` to the prefixes, decode all of them again, and return the
         last position's logits (R, V)."""
         cache.prefix = torch.cat([cache.prefix, last_tokens[:, None]], dim=1)
-        g = cache.group
+        g = cache.prefix.size(0) // cache.memory.size(0)  # rows per sentence
         memory = cache.memory.repeat_interleave(g, dim=0)
         mask = cache.memory_mask.repeat_interleave(g, dim=0)
         return self.model.decode(cache.prefix, memory, mask)[:, -1].float().contiguous()

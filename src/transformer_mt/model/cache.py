@@ -76,14 +76,14 @@ def _moves(order: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch
 
 @dataclass
 class KVCache:
-    """Keys and values of one batch being decoded: R decoder rows for N sentences (R = N·G)."""
+    """Keys and values of one batch being decoded: R decoder rows for N sentences, the rows
+    of a sentence consecutive (its beam hypotheses), as many for every sentence."""
 
     self_kv: torch.Tensor  # (L, 2, R_0, H, T_max, d_k): decoded positions; rows [:R] in use
     source_kv: torch.Tensor  # (L, 2, N_0, H, S, d_k): the source's; sentences [:N] in use
     source_bias: torch.Tensor  # (N_0, 1, 1, S): 0 at source tokens, -inf at padding
     qkv: list[tuple[torch.Tensor, torch.Tensor | None]]  # per layer: Q, K, V weights stacked
     project: Callable[[torch.Tensor], torch.Tensor]  # decoder states (R, d) -> logits (R, V)
-    group: int = 1  # decoder rows per sentence (the beam size)
     rows: int = 0  # decoder rows in use
     sentences: int = 0  # source sentences in use
     length: int = 0  # positions decoded so far
@@ -105,16 +105,18 @@ class KVCache:
 
         Only rows whose hypothesis changed are copied; the sources are read before any row is
         written."""
-        if dst.numel():
+        if dst.numel() and self.length:
             past = self.self_kv[:, :, :, :, : self.length]  # (L, 2, R_0, H, t, d_k)
             past.index_copy_(2, dst, past.index_select(2, src))
 
     def keep(self, rows: np.ndarray, sentences: np.ndarray) -> None:
-        """Keep decoder rows ``rows`` and source sentences ``sentences`` (finished sentences
-        leave the batch), in that order: row ``i`` takes row ``rows[i]``'s prefix. Only the
-        entries that change position are copied, so an order that leaves the survivors in
-        place and moves the last ones into the gaps (``decoding.search.compaction_order``)
-        costs a copy per sentence that left instead of a copy of the cache."""
+        """Row ``i`` takes row ``rows[i]``'s decoded prefix (beam reordering; several rows
+        may take the same one) and sentence ``i`` the source of sentence ``sentences[i]``
+        (finished sentences leave the batch). At most ``R_0`` rows. Only the entries that
+        change position are copied, so keeping survivors in place and moving the last
+        sentences into the gaps (``decoding.search.compaction_order``) copies a row per
+        hypothesis that moved, not the cache.
+        """
         device = self.self_kv.device
         self.move_rows(*_moves(np.asarray(rows, dtype=np.int64), device))
         self.rows = len(rows)

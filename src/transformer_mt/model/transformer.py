@@ -214,9 +214,7 @@ class Transformer(nn.Module):
             for layer in layers
         ]
         project = PackedLinear(self.output_projection.weight, n * group)
-        return KVCache(
-            self_kv, source_kv, bias, qkv, project, group=group, rows=n * group, sentences=n
-        )
+        return KVCache(self_kv, source_kv, bias, qkv, project, rows=n * group, sentences=n)
 
     def decode_step(self, last_tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One incremental decoding step: the tokens produced at the previous step (R,) ->
