@@ -11,15 +11,9 @@ from transformer_mt.decoding.search import (
     SearchOptions,
     apply_constraints,
     argmax,
-    compaction_order,
+    leave_batch,
     max_output_lengths,
-    to_device,
 )
-
-# Finished sentences leave the batch once they are at least this fraction of it: each
-# removal moves rows of the cache and costs a few operations, more than one finished row
-# decoding on for a few steps.
-COMPACT_FRACTION = 0.125
 
 
 @torch.inference_mode()
@@ -42,8 +36,7 @@ def greedy_search(
         src, model.pad_id, options.max_len_a, options.max_len_b, model.max_positions
     ).tolist()
     cache = model.start_decoding(memory, memory_mask, 1, max(budget))
-    alive = list(range(batch))  # the sentence of each decoder row
-    running = list(alive)  # rows still decoding (a finished row decodes on until compaction)
+    alive = np.arange(batch)  # the sentence of each decoder row
     outputs: list[list[int]] = [[] for _ in range(batch)]
     tokens = torch.full((batch,), bos_id, dtype=torch.long, device=device)
     special = (model.pad_id, bos_id, eos_id)
@@ -54,15 +47,12 @@ def greedy_search(
         apply_constraints(logits, history, at_limit, step, special, options)
         tokens = argmax(logits)
         chosen = tokens.tolist()  # the step's one host copy
-        for r in running:
-            outputs[alive[r]].append(chosen[r])
-        running = [r for r in running if chosen[r] != eos_id]
-        if not running:
+        for s, token in zip(alive.tolist(), chosen, strict=True):
+            outputs[s].append(token)
+        finished = np.array(chosen) == eos_id
+        if finished.all():
             break
-        if len(alive) - len(running) >= max(1, COMPACT_FRACTION * len(alive)):
-            order = compaction_order(np.isin(np.arange(len(alive)), running))
-            cache.keep(order, order)  # the last rows fill the gaps
-            alive = [alive[r] for r in order]
-            tokens = tokens.index_select(0, to_device(order, device))
-            running = list(range(len(alive)))
+        if finished.any():  # finished sentences leave the batch
+            order, (tokens,) = leave_batch(cache, finished, tokens)
+            alive = alive[order]
     return [[t for t in out if t != eos_id] for out in outputs]

@@ -22,14 +22,12 @@ import numpy as np
 import torch
 
 from transformer_mt.decoding.beam import Hypothesis
-from transformer_mt.decoding.greedy import COMPACT_FRACTION
 from transformer_mt.decoding.search import (
     IncrementalDecoder,
     SearchOptions,
     apply_constraints,
-    compaction_order,
+    leave_batch,
     max_output_lengths,
-    to_device,
     top_k,
 )
 
@@ -93,7 +91,7 @@ def sample_search(
     ``log_prob`` are both its log-probability, EOS included, under the model itself (as
     fairseq reports): temperature 1, no top-k/top-p truncation, as beam search scores.
     Each (sentence, sample) is one decoder row, decoded as greedy search decodes its rows,
-    finished rows leaving the batch in groups.
+    finished rows leaving the batch.
     """
     n = options.nbest
     batch, device = src.size(0), src.device
@@ -112,8 +110,7 @@ def sample_search(
         noise[r, :b] = stream_uniforms(options.seed, streams[r // n], r % n, b)
     uniforms = torch.from_numpy(noise).to(device)  # (R, T) float64
     cache = model.start_decoding(memory, memory_mask, 1, steps)
-    alive = list(range(batch * n))  # the (sentence, sample) of each decoder row
-    running = list(alive)  # rows still decoding (a finished row decodes on until compaction)
+    alive = np.arange(batch * n)  # the (sentence, sample) of each decoder row
     outputs: list[list[int]] = [[] for _ in alive]
     log_probs = [0.0 for _ in alive]
     tokens = torch.full((len(alive),), bos_id, dtype=torch.long, device=device)
@@ -128,20 +125,16 @@ def sample_search(
         tokens = draw(probs, index, uniforms[:, step])
         log_p = logits.gather(1, tokens[:, None])[:, 0] - log_z  # (R,) log P(token | prefix)
         host = torch.stack([tokens.double(), log_p.double()]).cpu().numpy()  # one host copy
-        chosen, step_lp = host[0].astype(np.int64).tolist(), host[1].tolist()
-        for r in running:
-            outputs[alive[r]].append(chosen[r])
-            log_probs[alive[r]] += step_lp[r]
-        running = [r for r in running if chosen[r] != eos_id]
-        if not running:
+        chosen = host[0].astype(np.int64)
+        for s, token, lp in zip(alive.tolist(), chosen.tolist(), host[1].tolist(), strict=True):
+            outputs[s].append(token)
+            log_probs[s] += lp
+        finished = chosen == eos_id
+        if finished.all():
             break
-        if len(alive) - len(running) >= max(1, COMPACT_FRACTION * len(alive)):
-            order = compaction_order(np.isin(np.arange(len(alive)), running))
-            cache.keep(order, order)
-            alive = [alive[r] for r in order]
-            keep = to_device(order, device)
-            tokens, uniforms = tokens.index_select(0, keep), uniforms.index_select(0, keep)
-            running = list(range(len(alive)))
+        if finished.any():  # finished rows leave the batch
+            order, (tokens, uniforms) = leave_batch(cache, finished, tokens, uniforms)
+            alive = alive[order]
     hyps = [
         Hypothesis([t for t in out if t != eos_id], lp, lp)
         for out, lp in zip(outputs, log_probs, strict=True)

@@ -188,6 +188,17 @@ def compaction_order(stay: np.ndarray) -> np.ndarray:
     return order
 
 
+def leave_batch(
+    cache: DecodingCache, finished: np.ndarray, *rows: torch.Tensor
+) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """Finished decoder rows (``finished``: bool, one per row) leave the batch of a search with
+    one row per sentence: the cache keeps the others, the last ones moved into the gaps.
+    Returns the kept rows' former positions and each of ``rows`` (per-row tensors) kept."""
+    order = compaction_order(~finished)
+    cache.keep(order, order)
+    return order, [t.index_select(0, to_device(order, t.device)) for t in rows]
+
+
 def to_device(values: Sequence[int] | np.ndarray, device: torch.device) -> torch.Tensor:
     """Host numbers -> a tensor on ``device``, copied without waiting for the device."""
     return torch.from_numpy(np.ascontiguousarray(values)).to(device, non_blocking=True)
