@@ -8,9 +8,11 @@ checkpoint and print, from one run, sentences/s and target tokens/s of
 
 with ratios to bare CTranslate2 fp32 of the same search, BLEU, and how many translations
 equal this project's. Beam search uses ``--alpha``, else the length penalty the checkpoint's
-run tuned on val (as ``tmt-evaluate`` does), else the default α. Each timing is the best of
-``--repeat`` runs, after one warm-up batch, in a process of its own (engines sharing a
-process slow each other down); on CUDA the device is synchronized around it.
+run tuned on val (as ``tmt-evaluate`` does), else the default α. Each row runs in a process
+of its own (engines sharing a process slow each other down), warms up on one batch, and keeps
+the best of ``--repeat`` timed runs; the rows take turns, one run each per round, so the
+ratios are side by side on the same state of the machine. On CUDA the device is synchronized
+around each run.
 
     python scripts/bench_decode.py --checkpoint runs/multi30k_en-de/default/checkpoints/final.pt
     python scripts/bench_decode.py --device cuda --batch-size 128
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -80,43 +83,83 @@ def timed(fn: Callable[[], list[str]], repeat: int, cuda: bool) -> tuple[list[st
     return out, best
 
 
-def run_row(row: dict[str, Any]) -> tuple[list[str], float]:
-    """One row, in a fresh process: load its engine, warm up on one batch, time ``repeat``
-    runs over all sentences. (Engines sharing a process slow each other down: with a torch
-    model loaded beside it, CTranslate2 decoded 2.5 times slower here.)"""
+def load_engine(row: dict[str, Any]) -> Callable[[list[str]], list[str]]:
+    """The row's engine, loaded in this process: sentences in, translations out."""
     torch.set_num_threads(row["threads"])
     src, bs, options = row["src"], row["batch_size"], row["options"]
     engine, device, threads = row["engine"], row["device"], row["threads"]
-    run: Callable[[list[str]], list[str]]
     if engine in ("ours", "ours, no cache"):
         ours = Translator.from_checkpoint(row["checkpoint"], device=device)
         if engine == "ours, no cache":
             ours = Translator(ours.model, ours.tokenizer, ours.device, ours.config, use_cache=False)
-        run = lambda sentences: ours.translate(sentences, options, batch_size=bs)  # noqa: E731
-    elif engine == "--engine ctranslate2":
+        return lambda sentences: ours.translate(sentences, options, batch_size=bs)
+    if engine == "--engine ctranslate2":
         ct2 = CTranslate2Translator.from_dir(row["export"], device=device, intra_threads=threads)
-        run = lambda sentences: ct2.translate(sentences, options, batch_size=bs)  # noqa: E731
-    else:  # bare CTranslate2: pieces in, pieces out, as its users call it
-        compute_type = "int8" if engine.endswith("int8") else "float32"
-        bare = import_ctranslate2().Translator(
-            row["export"], device=device, compute_type=compute_type, intra_threads=threads
+        return lambda sentences: ct2.translate(sentences, options, batch_size=bs)
+    # bare CTranslate2: pieces in, pieces out, as its users call it
+    compute_type = "int8" if engine.endswith("int8") else "float32"
+    bare = import_ctranslate2().Translator(
+        row["export"], device=device, compute_type=compute_type, intra_threads=threads
+    )
+    sp = Tokenizer((Path(row["export"]) / SPM_FILE).read_bytes()).sp  # no torch model here
+    pieces = {s: sp.encode(s, out_type=str) for s in src}
+
+    def run(sentences: list[str]) -> list[str]:
+        outputs = bare.translate_batch(
+            [pieces[s] for s in sentences],
+            max_batch_size=bs,
+            beam_size=options.beam_size,
+            length_penalty=options.alpha or NO_EARLY_EXIT,
+            max_decoding_length=row["max_length"],
+            max_input_length=0,
         )
-        sp = Tokenizer((Path(row["export"]) / SPM_FILE).read_bytes()).sp  # no torch model here
-        pieces = {s: sp.encode(s, out_type=str) for s in src}
+        return [sp.decode_pieces(r.hypotheses[0]) for r in outputs]
 
-        def run(sentences: list[str]) -> list[str]:
-            outputs = bare.translate_batch(
-                [pieces[s] for s in sentences],
-                max_batch_size=bs,
-                beam_size=options.beam_size,
-                length_penalty=options.alpha or NO_EARLY_EXIT,
-                max_decoding_length=row["max_length"],
-                max_input_length=0,
-            )
-            return [sp.decode_pieces(r.hypotheses[0]) for r in outputs]
+    return run
 
-    run(src[:bs])  # warm-up: first-call allocations and kernels
-    return timed(lambda: run(src), row["repeat"], device.startswith("cuda"))
+
+def serve_row(row: dict[str, Any], conn: Connection) -> None:
+    """A worker process for one row: load its engine and warm up on one batch, then time one
+    run over all sentences each time the parent asks. (Engines sharing a process slow each
+    other down: with a torch model loaded beside it, CTranslate2 decoded 2.5 times slower.)"""
+    run = load_engine(row)
+    run(row["src"][: row["batch_size"]])  # warm-up: first-call allocations and kernels
+    conn.send("ready")
+    while conn.recv() == "run":
+        conn.send(timed(lambda: run(row["src"]), 1, row["device"].startswith("cuda")))
+
+
+def time_rows(rows: dict[str, dict[str, Any]], repeat: int) -> dict[str, tuple[list[str], float]]:
+    """Each row's output and best time. Every row runs in a process of its own, loaded once;
+    the rows take turns, one timed run each per round, so a slow stretch of a shared machine
+    falls on all of them instead of on whichever row ran then."""
+    spawn = multiprocessing.get_context("spawn")
+    workers: dict[str, tuple[Any, Connection]] = {}
+    best: dict[str, tuple[list[str], float]] = {}
+    try:
+        for name, row in rows.items():
+            parent, child = spawn.Pipe()
+            process = spawn.Process(target=serve_row, args=(row, child), daemon=True)
+            process.start()
+            workers[name] = (process, parent)
+            if parent.recv() != "ready":
+                raise RuntimeError(f"{name}: the worker did not start")
+        for round_ in range(repeat):
+            names = list(rows)
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                if round_ >= rows[name]["repeat"]:
+                    continue
+                workers[name][1].send("run")
+                hyps, seconds = workers[name][1].recv()
+                if name not in best or seconds < best[name][1]:
+                    best[name] = (hyps, seconds)
+                time.sleep(0.5)  # the last run's OpenMP threads stop spinning
+            print(f"  round {round_ + 1}/{repeat} done", file=sys.stderr, flush=True)
+    finally:
+        for process, conn in workers.values():
+            conn.send("stop")
+            process.join(timeout=30)
+    return best
 
 
 def main() -> None:
@@ -151,7 +194,6 @@ def main() -> None:
         rows.insert(len(ENGINES) + 1, ("beam 5", beam5, "ours, no cache"))
 
     results = {}
-    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         export = Path(tmp) / "ct2"
         try:
@@ -160,9 +202,8 @@ def main() -> None:
         except (UserError, RuntimeError, ValueError) as e:  # no ctranslate2, or not here
             print(f"CTranslate2 rows skipped: {e}", file=sys.stderr)
             rows = [r for r in rows if r[2].startswith("ours")]
-        for search, options, engine in rows:
-            name = f"{search}, {engine}"
-            row = {
+        settings = {
+            f"{search}, {engine}": {
                 "engine": engine,
                 "options": options,
                 "src": src,
@@ -174,8 +215,9 @@ def main() -> None:
                 "max_length": budget - 1,
                 "repeat": 1 if engine == "ours, no cache" else args.repeat,
             }
-            with spawn.Pool(1) as pool:
-                hyps, seconds = pool.apply(run_row, (row,))
+            for search, options, engine in rows
+        }
+        for name, (hyps, seconds) in time_rows(settings, args.repeat).items():
             tokens = sum(len(t) + 1 for t in tok.encode(hyps))  # subwords + EOS
             results[name] = {
                 "seconds": seconds,
@@ -185,6 +227,7 @@ def main() -> None:
                 "hyps": hyps,
             }
             print(f"  {name}: {seconds:.2f} s", file=sys.stderr, flush=True)
+        results = {name: results[name] for name in settings}  # rows in table order
 
     print(
         f"\n{len(src)} sentences of {args.split}, {args.device}, {args.threads} threads, "
