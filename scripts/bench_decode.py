@@ -151,10 +151,10 @@ def time_rows(rows: dict[str, dict[str, Any]], repeat: int) -> dict[str, tuple[l
                     continue
                 workers[name][1].send("run")
                 hyps, seconds = workers[name][1].recv()
+                print(f"  round {round_ + 1}, {name}: {seconds:.2f} s", file=sys.stderr, flush=True)
                 if name not in best or seconds < best[name][1]:
                     best[name] = (hyps, seconds)
                 time.sleep(0.5)  # the last run's OpenMP threads stop spinning
-            print(f"  round {round_ + 1}/{repeat} done", file=sys.stderr, flush=True)
     finally:
         for process, conn in workers.values():
             conn.send("stop")
@@ -226,7 +226,6 @@ def main() -> None:
                 "bleu": score(hyps, ref, ("bleu",))["bleu"].score,
                 "hyps": hyps,
             }
-            print(f"  {name}: {seconds:.2f} s", file=sys.stderr, flush=True)
         results = {name: results[name] for name in settings}  # rows in table order
 
     print(

@@ -36,6 +36,7 @@ def greedy_search(
         src, model.pad_id, options.max_len_a, options.max_len_b, model.max_positions
     ).tolist()
     cache = model.start_decoding(memory, memory_mask, 1, max(budget))
+    limits = np.array(budget)  # each sentence's budget
     alive = np.arange(batch)  # the sentence of each decoder row
     outputs: list[list[int]] = [[] for _ in range(batch)]
     tokens = torch.full((batch,), bos_id, dtype=torch.long, device=device)
@@ -43,7 +44,7 @@ def greedy_search(
     for step in range(max(budget)):
         logits = model.decode_step(tokens, cache)  # (R, V)
         history = [outputs[s] for s in alive] if options.no_repeat_ngram else []
-        at_limit = [r for r, s in enumerate(alive) if step + 1 >= budget[s]]
+        at_limit = np.nonzero(step + 1 >= limits[alive])[0].tolist()
         apply_constraints(logits, history, at_limit, step, special, options)
         tokens = argmax(logits)
         chosen = tokens.tolist()  # the step's one host copy

@@ -104,7 +104,7 @@ def sample_search(
         src, model.pad_id, options.max_len_a, options.max_len_b, model.max_positions
     ).tolist()
     budget = [b for b in budget for _ in range(n)]  # one row per (sentence, sample)
-    steps = max(budget)
+    steps, limits = max(budget), np.array(budget)
     noise = np.zeros((batch * n, steps))
     for r, b in enumerate(budget):
         noise[r, :b] = stream_uniforms(options.seed, streams[r // n], r % n, b)
@@ -119,7 +119,7 @@ def sample_search(
         logits = model.decode_step(tokens, cache)  # (R, V)
         log_z = torch.logsumexp(logits, dim=1)  # (R,) the model's own normalizer
         history = [outputs[s] for s in alive] if options.no_repeat_ngram else []
-        at_limit = [r for r, s in enumerate(alive) if step + 1 >= budget[s]]
+        at_limit = np.nonzero(step + 1 >= limits[alive])[0].tolist()
         apply_constraints(logits, history, at_limit, step, special, options)
         probs, index = filter_probs(logits, options.topk, options.topp, options.temperature)
         tokens = draw(probs, index, uniforms[:, step])
