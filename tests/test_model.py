@@ -202,7 +202,7 @@ def test_beam_rows_share_the_source_and_follow_reordering() -> None:
         torch.testing.assert_close(logits, full[:, step], atol=1e-5, rtol=1e-5)
     # Row 4 takes over row 3's prefix; then sentence 0 (rows 0-2) leaves the batch and
     # sentence 2 moves into its place.
-    cache.move_rows(torch.tensor([4]), torch.tensor([3]))
+    cache.keep(np.array([0, 1, 2, 3, 3, 5, 6, 7, 8]), np.arange(3))
     cache.keep(np.array([6, 7, 8, 3, 4, 5]), np.array([2, 1]))
     moved = tgt[[6, 7, 8, 3, 3, 5]].clone()
     moved[4, 3] = tgt[4, 3]

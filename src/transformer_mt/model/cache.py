@@ -63,15 +63,15 @@ def self_attention_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.T
     return _WORKSPACE.take(shape, like)
 
 
-def _moves(order: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position ``i`` takes entry ``order[i]``: the (destinations, sources) of the entries that
-    change position, on ``device``."""
+def _reorder(x: torch.Tensor, dim: int, order: np.ndarray) -> None:
+    """In place, position ``i`` of ``x`` along ``dim`` takes entry ``order[i]``; only the
+    entries that change position are copied, their sources read before any is written."""
     dst = np.nonzero(order != np.arange(order.size))[0]
-    src = order[dst]
-    return (
-        torch.from_numpy(dst).to(device, non_blocking=True),
-        torch.from_numpy(src).to(device, non_blocking=True),
-    )
+    if dst.size:
+        src = torch.from_numpy(order[dst]).to(x.device, non_blocking=True)
+        x.index_copy_(
+            dim, torch.from_numpy(dst).to(x.device, non_blocking=True), x.index_select(dim, src)
+        )
 
 
 @dataclass
@@ -100,15 +100,6 @@ class KVCache:
         mask's additive bias (N, 1, 1, S)."""
         return self.source_kv[layer, :, : self.sentences], self.source_bias[: self.sentences]
 
-    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Beam reordering: row ``dst[i]`` takes over the decoded prefix of row ``src[i]``.
-
-        Only rows whose hypothesis changed are copied; the sources are read before any row is
-        written."""
-        if dst.numel() and self.length:
-            past = self.self_kv[:, :, :, :, : self.length]  # (L, 2, R_0, H, t, d_k)
-            past.index_copy_(2, dst, past.index_select(2, src))
-
     def keep(self, rows: np.ndarray, sentences: np.ndarray) -> None:
         """Row ``i`` takes row ``rows[i]``'s decoded prefix (beam reordering; several rows
         may take the same one) and sentence ``i`` the source of sentence ``sentences[i]``
@@ -117,11 +108,11 @@ class KVCache:
         sentences into the gaps (``decoding.search.compaction_order``) copies a row per
         hypothesis that moved, not the cache.
         """
-        device = self.self_kv.device
-        self.move_rows(*_moves(np.asarray(rows, dtype=np.int64), device))
+        if self.length:
+            past = self.self_kv[:, :, :, :, : self.length]  # (L, 2, R_0, H, t, d_k)
+            _reorder(past, 2, np.asarray(rows, dtype=np.int64))
         self.rows = len(rows)
-        dst, src = _moves(np.asarray(sentences, dtype=np.int64), device)
-        if dst.numel():
-            self.source_kv.index_copy_(2, dst, self.source_kv.index_select(2, src))
-            self.source_bias.index_copy_(0, dst, self.source_bias.index_select(0, src))
+        sentences = np.asarray(sentences, dtype=np.int64)
+        _reorder(self.source_kv, 2, sentences)
+        _reorder(self.source_bias, 0, sentences)
         self.sentences = len(sentences)
