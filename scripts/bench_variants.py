@@ -32,6 +32,7 @@ VARIANTS: dict[str, list[str]] = {
     "RoPE (default)": ["model.positions=rope"],
     "RMSNorm": [*PAPER, "model.norm=rmsnorm"],
     "SwiGLU": [*PAPER, "model.activation=swiglu"],
+    "RoPE + SwiGLU": ["model.positions=rope", "model.activation=swiglu"],
     "all three": ["model.positions=rope", "model.norm=rmsnorm", "model.activation=swiglu"],
 }
 
