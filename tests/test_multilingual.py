@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import WORDS, run_cli, write_gz
 from test_data import data_config
+from transformer_mt.cli.common import config_dir
 from transformer_mt.data.corpus import (
     ParallelCorpus,
     corpora,
@@ -22,11 +24,11 @@ from transformer_mt.data.corpus import (
     stream_chunks,
     target_tags,
 )
-from transformer_mt.data.prepare import prepare_data
+from transformer_mt.data.prepare import prepare_data, prepared_name
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.decoding.greedy import greedy_search
 from transformer_mt.decoding.translator import encode_to_fit
-from transformer_mt.errors import ConfigError, UserError
+from transformer_mt.errors import ConfigError, CorpusError, UserError
 from transformer_mt.serve.app import create_app
 from transformer_mt.serve.engine import torch_engine
 
@@ -127,6 +129,135 @@ def test_prepared_sources_start_with_their_target_tag(tmp_path: Path) -> None:
     assert src_text == LANGS["xx"](en_lines[5])  # xx-en: the source side is the xx file
     valid = data.split("valid")
     assert len(valid) == 3 * 12 and valid.pair(12)[0][0] == tags[1]
+
+
+def split_corpus(raw: Path) -> None:
+    """Two corpora that are not aligned across languages: a.{en,xx} and b.{en,yy} (other
+    English sentences), each with its own val set."""
+    rng = np.random.default_rng(1)
+    for prefix, lang in (("a", "xx"), ("b", "yy")):
+        for split, n in (("train", 40 if lang == "xx" else 30), ("val", 5)):
+            en = [" ".join(rng.choice(WORDS, size=rng.integers(2, 7))) for _ in range(n)]
+            write_gz(raw / f"{prefix}_{split}.en.gz", "".join(s + "\n" for s in en).encode())
+            tgt = "".join(LANGS[lang](s) + "\n" for s in en).encode()
+            write_gz(raw / f"{prefix}_{split}.{lang}.gz", tgt)
+
+
+def split_config(root: Path, **entries: object) -> OmegaConf:
+    split_corpus(root / "raw")
+    sizes = {"tokenizer.vocab_size": 80, "filter.max_ratio": 100.0}  # nothing filtered
+    cfg = data_config(root / "raw", root / "prepared", **sizes)
+    raw = root / "raw"
+    cfg.src_lang, cfg.tgt_lang, cfg.pairs = "mul", "mul", ["en-xx", "xx-en", "en-yy"]
+    cfg.train = [
+        {"path": str(raw / "a_train"), "pairs": ["en-xx", "xx-en"]},
+        {"path": str(raw / "b_train"), "pairs": ["en-yy"]},
+    ]
+    cfg.valid = [
+        {"path": str(raw / "a_val"), "pairs": ["en-xx", "xx-en"]},
+        {"path": str(raw / "b_val"), "pairs": ["en-yy"]},
+    ]
+    cfg.test = []
+    for key, value in entries.items():
+        cfg[key] = value
+    return cfg
+
+
+def test_a_corpus_may_serve_only_the_directions_it_lists(tmp_path: Path) -> None:
+    cfg = split_config(tmp_path)
+    train = corpora(cfg, "train")
+    assert [(c.name, c.src_lang, c.tgt_lang, c.tag) for c in train] == [
+        ("a_train", "en", "xx", "<2xx>"),
+        ("a_train", "xx", "en", "<2en>"),
+        ("b_train", "en", "yy", "<2yy>"),
+    ]
+    assert [c.label for c in corpora(cfg, "valid")] == ["a_val.en-xx", "a_val.xx-en", "b_val.en-yy"]
+    data = prepare_data(cfg)
+    assert len(data.split("train")) == 40 + 40 + 30 and len(data.split("valid")) == 3 * 5
+    tok, train_split = data.tokenizer, data.split("train")
+    b_en = gzip.decompress((tmp_path / "raw" / "b_train.en.gz").read_bytes()).decode()
+    src, tgt = train_split.pair(80 + 7)  # sentence 7 of en-yy, the third direction
+    assert src[0] == tok.piece_id("<2yy>")
+    assert tok.decode([tgt.tolist()])[0] == LANGS["yy"](b_en.splitlines()[7])
+    # the cache is named by what each direction reads, not by how the entries are written
+    raw = tmp_path / "raw"
+    regrouped = split_config(tmp_path)
+    regrouped.train = [
+        {"path": str(raw / "a_train"), "pairs": ["en-xx"]},
+        {"path": str(raw / "b_train"), "pairs": ["en-yy"]},
+        {"path": str(raw / "a_train"), "pairs": ["xx-en"]},
+    ]
+    assert prepared_name(regrouped) == prepared_name(cfg)
+    regrouped.train[2].pairs = ["en-xx", "xx-en"]  # a_train twice for en-xx
+    assert prepared_name(regrouped) != prepared_name(cfg)
+    regrouped.train[1].pairs = ["en-yy", "en-xx"]  # b_train has no .xx file: named
+    with pytest.raises(CorpusError, match=r"b_train\.xx"):
+        prepare_data(regrouped)
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (
+            {"train": [{"path": "/c/a", "pairs": ["en-xx", "de-en"]}]},
+            r"data.train: /c/a is listed for de-en, not in data.pairs",
+        ),
+        (
+            {"train": [{"path": "/c/a", "pairs": ["en-xx", "xx-en"]}]},
+            r"data.train names no corpus for en-yy",
+        ),
+        (
+            {"valid": ["/c/v", {"path": "/c/w", "pairs": ["en-yy"]}]},
+            r"data.valid must name one corpus for en-yy, got 2",
+        ),
+        (
+            {"train": [{"path": "/c/a", "pairs": ["en-xx"], "langs": 1}]},
+            r"data.train\[0\]: unknown key 'langs'",
+        ),
+        (
+            {"train": [{"path": "/c/a", "pairs": ["en_xx"]}]},
+            r"data.train\[0\].pairs\[0\] must name two different",
+        ),
+        (
+            {"train": [{"path": "/c/a", "pairs": []}]},
+            r"data.train\[0\].pairs must be a non-empty list",
+        ),
+        ({"train": [{"pairs": ["en-xx"]}]}, r"data.train\[0\].path must be a path"),
+        ({"train": [3]}, r"data.train\[0\] must be a path or a \{path"),
+    ],
+)
+def test_bad_corpus_entries_are_config_errors_naming_the_key(
+    tmp_path: Path, entries: dict, message: str
+) -> None:
+    cfg = split_config(tmp_path, **entries)
+    with pytest.raises(ConfigError, match=message):
+        for role in ("train", "valid", "test"):
+            corpora(cfg, role)
+
+
+def test_corpus_entries_come_from_the_command_line_and_need_pairs(tmp_path: Path) -> None:
+    entry = f"{{path:{tmp_path}/a_train,pairs:[en-xx,xx-en]}}"
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["data=text", "data.src_lang=mul", "data.tgt_lang=mul",
+                       "data.pairs=[en-xx,xx-en]", f"data.train=[{entry}]",
+                       f"data.valid={tmp_path}/a_val"],
+        )  # fmt: skip
+        bilingual = compose(
+            "train", overrides=["data=text", "data.src_lang=en", "data.tgt_lang=xx",
+                                f"data.train=[{entry}]", f"data.valid={tmp_path}/a_val"],
+        )  # fmt: skip
+    assert [(c.name, c.src_lang, c.tgt_lang) for c in corpora(cfg.data, "train")] == [
+        ("a_train", "en", "xx"),
+        ("a_train", "xx", "en"),
+    ]
+    with pytest.raises(ConfigError, match=r"data.train\[0\].pairs needs a multilingual config"):
+        corpora(bilingual.data, "train")
+    # a test set may name a direction that is not trained, for tmt-evaluate --pairs
+    cfg.data.test = [{"path": f"{tmp_path}/t", "pairs": ["en-yy"]}]
+    assert corpora(cfg.data, "test") == []
+    assert [c.label for c in corpora(cfg.data, "test", pairs=[("en", "yy")])] == ["t.en-yy"]
 
 
 PAIRS = ["en-xx", "xx-en", "en-yy"]

@@ -8,7 +8,10 @@ plain text or gzip (``P.<lang>.gz``), one sentence a line, the two aligned line 
 A multilingual config lists language pairs, ``data.pairs: [en-de, en-fr, de-en, ...]``: each
 path prefix then names one corpus per pair (``P.en`` with ``P.de``, ``P.en`` with ``P.fr``,
 ...), and every source sentence starts with its target language's tag, ``<2de>`` (Johnson et
-al. 2017, "Google's Multilingual Neural Machine Translation System").
+al. 2017, "Google's Multilingual Neural Machine Translation System"). An entry may instead be
+``{path: P, pairs: [en-de, de-en]}``, a corpus for those directions only (one that is not
+aligned across every language, or synthetic data for some directions). Every direction needs
+a training corpus and exactly one val corpus.
 """
 
 from __future__ import annotations
@@ -225,19 +228,61 @@ def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str]
     return src, tgt
 
 
-def _paths(value: Any, key: str) -> list[str]:
-    """A config value that names one path or a list of them, as a list of strings."""
-    if isinstance(value, str):
-        return [value]
+Pairs = tuple[tuple[str, str], ...]
+
+
+def _parse_pair(item: Any, key: str) -> tuple[str, str]:
+    """``"src-tgt"`` -> ``("src", "tgt")``; ConfigError naming ``key`` otherwise."""
+    src, sep, tgt = item.partition("-") if isinstance(item, str) else ("", "", "")
+    if not sep or not src or not tgt or "-" in tgt or src == tgt:
+        raise ConfigError(f"{key} must name two different languages as 'src-tgt', got {item!r}")
+    return src, tgt
+
+
+def _entries(value: Any, key: str, data_cfg: Any) -> list[tuple[str, Pairs | None]]:
+    """A ``data.<role>`` value as ``(path, pairs)`` entries: a path or a list of them, each
+    serving every direction (``pairs`` None), or, in a multilingual config, a mapping
+    ``{path: P, pairs: [en-de, de-en]}`` that serves only the directions it lists (corpora
+    that are not aligned across all languages, or synthetic data for some directions)."""
     if value is None:
         return []
+    items = [value] if isinstance(value, str) or _is_mapping(value) else _as_list(value, key)
+    entries: list[tuple[str, Pairs | None]] = []
+    for i, item in enumerate(items):
+        where = key if isinstance(value, str) or _is_mapping(value) else f"{key}[{i}]"
+        if isinstance(item, str) and item:
+            entries.append((item, None))
+            continue
+        if not _is_mapping(item):
+            raise ConfigError(
+                f"{where} must be a path or a {{path: P, pairs: [src-tgt, ...]}} mapping, "
+                f"got {item!r}"
+            )
+        unknown = sorted(set(item) - {"path", "pairs"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r} (a corpus has path, pairs)")
+        path = item.get("path")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{where}.path must be a path, got {path!r}")
+        if not is_multilingual(data_cfg):
+            raise ConfigError(f"{where}.pairs needs a multilingual config (data.pairs)")
+        listed = item.get("pairs")
+        if isinstance(listed, str) or not listed:
+            raise ConfigError(f"{where}.pairs must be a non-empty list of 'src-tgt' directions")
+        pairs = tuple(_parse_pair(p, f"{where}.pairs[{j}]") for j, p in enumerate(listed))
+        entries.append((path, pairs))
+    return entries
+
+
+def _is_mapping(value: Any) -> bool:
+    return hasattr(value, "keys") and hasattr(value, "get")
+
+
+def _as_list(value: Any, key: str) -> list[Any]:
     try:
-        items = list(value)
+        return list(value)
     except TypeError:
-        items = [value]
-    if not all(isinstance(p, str) and p for p in items):
-        raise ConfigError(f"{key} must be a path or a list of paths, got {value!r}")
-    return items
+        raise ConfigError(f"{key} must be a path or a list of paths, got {value!r}") from None
 
 
 def language_pairs(data_cfg: Any) -> list[tuple[str, str]]:
@@ -251,14 +296,10 @@ def language_pairs(data_cfg: Any) -> list[tuple[str, str]]:
         return [(str(data_cfg.get("src_lang")), str(data_cfg.get("tgt_lang")))]
     pairs = []
     for i, item in enumerate(value):
-        src, sep, tgt = item.partition("-")
-        if not sep or not src or not tgt or "-" in tgt or src == tgt:
-            raise ConfigError(
-                f"data.pairs[{i}] must name two different languages as 'src-tgt', got {item!r}"
-            )
-        if (src, tgt) in pairs:
+        pair = _parse_pair(item, f"data.pairs[{i}]")
+        if pair in pairs:
             raise ConfigError(f"data.pairs[{i}]: {item} is listed twice")
-        pairs.append((src, tgt))
+        pairs.append(pair)
     return pairs
 
 
@@ -290,20 +331,40 @@ def corpora(
     value = data_cfg.get(role)
     if value is None and data_cfg.get(f"{role}_split"):  # checkpoints of earlier versions
         value = str(Path(data_cfg.raw_dir) / data_cfg[f"{role}_split"])
-    paths = _paths(value, f"data.{role}")
-    if role != "test" and not paths:
-        raise ConfigError(f"data.{role} names no corpus")
-    if role == "valid" and len(paths) > 1:
-        raise ConfigError(f"data.valid must be one path, got {len(paths)}")
-    names = [Path(p).name for p in paths]
-    if role == "test" and len(set(names)) < len(names):  # reports name test sets by file
-        raise ConfigError(f"data.test: two test sets have the same file name: {paths}")
+    key = f"data.{role}"
+    entries = _entries(value, key, data_cfg)
+    if role != "test" and not entries:
+        raise ConfigError(f"{key} names no corpus")
     multilingual = is_multilingual(data_cfg)
-    return [
-        ParallelCorpus(Path(p), src, tgt, target_tag(tgt) if multilingual else None)
-        for src, tgt in (language_pairs(data_cfg) if pairs is None else pairs)
-        for p in paths
+    trained = language_pairs(data_cfg)
+    for path, only in entries:
+        outside = [f"{s}-{t}" for s, t in only or () if (s, t) not in trained]
+        if role != "test" and outside:  # a test set may be for a zero-shot direction
+            raise ConfigError(f"{key}: {path} is listed for {outside[0]}, not in data.pairs")
+    directions = trained if pairs is None else pairs
+    out = [
+        ParallelCorpus(Path(path), src, tgt, target_tag(tgt) if multilingual else None)
+        for src, tgt in directions
+        for path, only in entries
+        if only is None or (src, tgt) in only
     ]
+    if role == "train":
+        for src, tgt in directions:
+            if not any((c.src_lang, c.tgt_lang) == (src, tgt) for c in out):
+                raise ConfigError(f"{key} names no corpus for {src}-{tgt} (data.pairs)")
+    if role == "valid":
+        for src, tgt in directions:
+            named = [str(c.prefix) for c in out if (c.src_lang, c.tgt_lang) == (src, tgt)]
+            if len(named) != 1 and not multilingual:
+                raise ConfigError(f"{key} must be one path, got {len(named)}")
+            if len(named) != 1:
+                raise ConfigError(
+                    f"{key} must name one corpus for {src}-{tgt}, got {len(named)}: {named}"
+                )
+    labels = [c.label for c in out]
+    if role == "test" and len(set(labels)) < len(labels):  # reports name test sets by file
+        raise ConfigError(f"{key}: two test sets have the same file name: {labels}")
+    return out
 
 
 def read_references(data_cfg: Any, role: str) -> list[tuple[str, list[str], list[str]]]:

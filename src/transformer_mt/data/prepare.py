@@ -67,8 +67,11 @@ def _settings(data_cfg: DictConfig, spm_model: bytes | None = None) -> dict[str,
     settings["tokenizer"].pop("from_checkpoint", None)  # the hash below stands for it
     if spm_model is not None:
         settings["tokenizer"]["spm_model_sha256"] = hashlib.sha256(spm_model).hexdigest()
-    for role in ("train", "valid"):
-        settings[role] = [str(c.prefix.resolve()) for c in corpora(data_cfg, role)]
+    for role in ("train", "valid"):  # each corpus with its direction, in a multilingual config
+        settings[role] = [
+            str(c.prefix.resolve()) + ("" if c.tag is None else f" {c.src_lang}-{c.tgt_lang}")
+            for c in corpora(data_cfg, role)
+        ]
     return settings
 
 
