@@ -17,24 +17,31 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 from bench_train import timed_side_by_side  # scripts/ is the script's own directory
 from transformer_mt.cli.common import config_dir, register_resolvers
 from transformer_mt.data.batching import Batch, collate, token_batches
 from transformer_mt.training.setup import TrainingSetup, build_training
 
-# The rows of docs/experiments.md's variant table: name -> the overrides that make it, each one
-# change from the paper's model (the default recipe's model has rotary positions).
-PAPER = ["model.positions=sinusoidal"]
-VARIANTS: dict[str, list[str]] = {
-    "paper": PAPER,
-    "learned positions": ["model.positions=learned"],
-    "RoPE (default)": ["model.positions=rope"],
-    "RMSNorm": [*PAPER, "model.norm=rmsnorm"],
-    "SwiGLU": [*PAPER, "model.activation=swiglu"],
-    "RoPE + SwiGLU": ["model.positions=rope", "model.activation=swiglu"],
-    "all three": ["model.positions=rope", "model.norm=rmsnorm", "model.activation=swiglu"],
+# The rows of docs/experiments.md's variant table: name -> the variant keys that differ from the
+# paper's model. Every row sets all three keys, so the rows do not depend on the recipe's
+# default model; the one equal to it is marked "(default)".
+PAPER = {"positions": "sinusoidal", "norm": "layernorm", "activation": "relu"}
+VARIANTS: dict[str, dict[str, str]] = {
+    "paper": {},
+    "learned positions": {"positions": "learned"},
+    "RoPE": {"positions": "rope"},
+    "RMSNorm": {"norm": "rmsnorm"},
+    "SwiGLU": {"activation": "swiglu"},
+    "RoPE + SwiGLU": {"positions": "rope", "activation": "swiglu"},
+    "all three": {"positions": "rope", "norm": "rmsnorm", "activation": "swiglu"},
 }
+
+
+def variant_overrides(name: str) -> list[str]:
+    """The Hydra overrides of row ``name``: all three variant keys."""
+    return [f"model.{key}={value}" for key, value in (PAPER | VARIANTS[name]).items()]
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,13 +54,17 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def compose_recipe(overrides: list[str]) -> DictConfig:
+    """The default recipe's config with ``overrides``."""
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        return compose(
+            "train", overrides=["trainer.final_eval=false", "trainer.resume=never", *overrides]
+        )
+
+
 def setup_variant(overrides: list[str]) -> TrainingSetup:
     """The trainer's objects for the default recipe with ``overrides`` (no run directory)."""
-    with initialize_config_dir(config_dir(), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=["trainer.final_eval=false", "trainer.resume=never", *overrides],
-        )
+    cfg = compose_recipe(overrides)
     torch.manual_seed(cfg.seed)
     return build_training(cfg)
 
@@ -62,7 +73,12 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     register_resolvers()
-    setups = {name: setup_variant([*args.overrides, *o]) for name, o in VARIANTS.items()}
+    setups = {name: setup_variant([*args.overrides, *variant_overrides(name)]) for name in VARIANTS}
+    default = compose_recipe(args.overrides).model
+    label = {
+        name: f"{name} (default)" if all(default[k] == v for k, v in (PAPER | o).items()) else name
+        for name, o in VARIANTS.items()
+    }
     first = next(iter(setups.values()))
     tok, split = first.tokenizer, first.train_split
     rng = np.random.default_rng(first.cfg.seed)
@@ -81,8 +97,8 @@ def main() -> None:
     base = tokens / step_s["paper"]
     rows = [
         {
-            "variant": name,
-            "overrides": VARIANTS[name],
+            "variant": label[name],
+            "overrides": variant_overrides(name),
             "parameters": setups[name].model.num_parameters()[0],
             "tokens_per_s": tokens / step_s[name],
             "vs_paper": tokens / step_s[name] / base,
@@ -92,10 +108,10 @@ def main() -> None:
     print(
         f"{args.steps} timed updates per variant, {args.threads} threads, {tokens:,} target tokens"
     )
-    print(f"{'variant':<20}{'parameters':>12}{'tokens/s':>10}{'× paper':>11}")
+    print(f"{'variant':<30}{'parameters':>12}{'tokens/s':>10}{'× paper':>11}")
     for r in rows:
         print(
-            f"{r['variant']:<20}{r['parameters']:>12,}{r['tokens_per_s']:>10,.0f}{r['vs_paper']:>11.2f}"
+            f"{r['variant']:<30}{r['parameters']:>12,}{r['tokens_per_s']:>10,.0f}{r['vs_paper']:>11.2f}"
         )
     if args.json:
         print(json.dumps({"threads": args.threads, "steps": args.steps, "variants": rows}))
