@@ -44,7 +44,7 @@ from transformer_mt.cli.common import (
     parse_decoding_args,
     search_for,
 )
-from transformer_mt.data.corpus import corpora, fetch_raw, is_multilingual, read_lines
+from transformer_mt.data.corpus import corpora, fetch_raw, is_multilingual, languages, read_lines
 from transformer_mt.decoding.search import is_length_penalty
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.errors import CheckpointError, CorpusError, UserError
@@ -164,11 +164,12 @@ def split_sets(
         raise UserError(
             "--pairs and --pivot need a multilingual checkpoint (trained with data.pairs)"
         )
-    if pairs is not None:  # the files of languages it was not trained on
-        data_cfg = OmegaConf.merge(data_cfg, {"pairs": [f"{s}-{t}" for s, t in pairs]})
-    fetch_raw(data_cfg)
+    unknown = [lang for pair in pairs or () for lang in pair if lang not in languages(data_cfg)]
+    if unknown:
+        raise UserError(f"--pairs: the checkpoint was not trained on language {unknown[0]!r}")
+    fetch_raw(data_cfg)  # the trained languages: a zero-shot direction needs no others
     out = []
-    for corpus in corpora(data_cfg, role):
+    for corpus in corpora(data_cfg, role, pairs):
         key = f"{corpus.src_path.resolve()}:{corpus.tgt_path.resolve()}"
         if key not in sources:
             target = corpus.tgt_lang if corpus.tag is not None else None
