@@ -35,7 +35,7 @@ import torch
 from omegaconf import OmegaConf
 
 from transformer_mt.cli.common import search_for
-from transformer_mt.data.corpus import fetch_raw, read_references
+from transformer_mt.data.directions import fetch_raw, read_references
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.decoding.search import output_budget

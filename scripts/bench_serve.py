@@ -32,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from transformer_mt.cli.common import search_for
-from transformer_mt.data.corpus import fetch_raw, read_references
+from transformer_mt.data.directions import fetch_raw, read_references
 from transformer_mt.decoding import SearchOptions, Translator
 
 DEFAULT_CHECKPOINT = Path("runs/multi30k_en-de/default/checkpoints/final.pt")

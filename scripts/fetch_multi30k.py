@@ -12,7 +12,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from transformer_mt.cli.common import config_dir
-from transformer_mt.data.corpus import CorpusError, fetch_raw
+from transformer_mt.data.corpus import CorpusError
+from transformer_mt.data.directions import fetch_raw
 
 
 def main(names: list[str]) -> int:

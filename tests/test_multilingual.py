@@ -17,13 +17,8 @@ from omegaconf import OmegaConf
 from conftest import WORDS, run_cli, write_gz
 from test_data import data_config
 from transformer_mt.cli.common import config_dir
-from transformer_mt.data.corpus import (
-    ParallelCorpus,
-    corpora,
-    language_pairs,
-    stream_chunks,
-    target_tags,
-)
+from transformer_mt.data.corpus import ParallelCorpus, stream_chunks
+from transformer_mt.data.directions import corpora, language_pairs, target_tags
 from transformer_mt.data.prepare import prepare_data, prepared_name
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.decoding.greedy import greedy_search

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import synthetic_overrides
 from transformer_mt.cli.common import config_dir
 from transformer_mt.cli.train import report
-from transformer_mt.data.corpus import read_references
+from transformer_mt.data.directions import read_references
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.errors import ConfigError
 from transformer_mt.formats.results import RunResults, tuned_alpha

@@ -44,7 +44,8 @@ from transformer_mt.cli.common import (
     parse_decoding_args,
     search_for,
 )
-from transformer_mt.data.corpus import corpora, fetch_raw, is_multilingual, languages, read_lines
+from transformer_mt.data.corpus import read_lines
+from transformer_mt.data.directions import corpora, fetch_raw, is_multilingual, languages
 from transformer_mt.decoding.search import is_length_penalty
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.errors import CheckpointError, CorpusError, UserError

@@ -35,15 +35,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from transformer_mt.data.corpus import (
-    ParallelCorpus,
-    corpora,
-    decode_lines,
-    fetch_raw,
-    is_multilingual,
-    target_tags,
-)
+from transformer_mt.data.corpus import ParallelCorpus, decode_lines
 from transformer_mt.data.dataset import FORMAT_VERSION, PreparedData
+from transformer_mt.data.directions import corpora, fetch_raw, is_multilingual, target_tags
 from transformer_mt.data.encode import LengthFilter, encode_split, open_pool
 from transformer_mt.data.sample import train_tokenizer
 from transformer_mt.data.tokenizer import Tokenizer

@@ -11,13 +11,8 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from transformer_mt.data.corpus import (
-    ParallelCorpus,
-    decode_lines,
-    is_multilingual,
-    stream_chunks,
-    target_tags,
-)
+from transformer_mt.data.corpus import ParallelCorpus, decode_lines, stream_chunks
+from transformer_mt.data.directions import is_multilingual, target_tags
 from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 
 

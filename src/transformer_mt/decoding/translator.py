@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from transformer_mt.data.batching import pad
-from transformer_mt.data.corpus import is_multilingual, language_pairs, target_tag
+from transformer_mt.data.directions import is_multilingual, language_pairs, target_tag
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.beam import Hypothesis, beam_search
 from transformer_mt.decoding.greedy import greedy_search

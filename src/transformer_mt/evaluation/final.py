@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from transformer_mt.data.corpus import corpora
+from transformer_mt.data.directions import corpora
 from transformer_mt.decoding.search import SearchOptions
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.evaluation.metrics import MetricScore, score

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformer_mt.data.corpus import language_pairs
+from transformer_mt.data.directions import language_pairs
 from transformer_mt.decoding.attention_maps import attention_item
 from transformer_mt.decoding.search import SearchOptions
 from transformer_mt.decoding.translator import Translator, encode_to_fit

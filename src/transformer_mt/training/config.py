@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from transformer_mt.data.corpus import ROLES, corpora, is_multilingual, language_pairs
+from transformer_mt.data.directions import ROLES, corpora, is_multilingual, language_pairs
 from transformer_mt.decoding.search import is_length_penalty
 from transformer_mt.errors import ConfigError
 from transformer_mt.model.variants import VARIANTS, check_rope_head_size, check_variant
