@@ -165,7 +165,8 @@ def split_sets(
         raise UserError(
             "--pairs and --pivot need a multilingual checkpoint (trained with data.pairs)"
         )
-    unknown = [lang for pair in pairs or () for lang in pair if lang not in languages(data_cfg)]
+    trained = set(languages(data_cfg))
+    unknown = [lang for pair in pairs or () for lang in pair if lang not in trained]
     if unknown:
         raise UserError(f"--pairs: the checkpoint was not trained on language {unknown[0]!r}")
     fetch_raw(data_cfg)  # the trained languages: a zero-shot direction needs no others
