@@ -93,6 +93,21 @@ def cuda_tests(report: Report) -> None:
     report.check(result.returncode == 0, f"tests/test_cuda.py ({seconds:.0f} s)")
 
 
+def quick_overrides(args: argparse.Namespace) -> list[str]:
+    """--quick: a 2,000-pair subset of Multi30k with a 1,000-piece vocabulary, prepared once
+    under --work (a fresh checkout would otherwise prepare all of it first), and validation
+    on 20 sentences (which an untrained model decodes to the length limit)."""
+    if not args.quick:
+        return []
+    prepared = (args.work / "prepared").resolve()
+    return [
+        "data.max_train_pairs=2000",
+        "data.tokenizer.vocab_size=1000",
+        "trainer.valid_max_sentences=20",
+        f"data.prepared_dir={prepared}",
+    ]
+
+
 def tiny_trainings(report: Report, args: argparse.Namespace) -> Path | None:
     """100 updates of the tiny model per precision, in two launches; the last run's best.pt."""
     report.add("", "## 2. Tiny training per precision, with a resume", "")
@@ -111,11 +126,11 @@ def tiny_trainings(report: Report, args: argparse.Namespace) -> Path | None:
             "model=tiny",
             f"trainer.device={args.device}",
             f"trainer.precision={precision}",
-            "trainer.valid_max_sentences=100",
             "trainer.final_beam_size=2",
             "trainer.final_alpha=1.0",
             "trainer.resume=auto",
             f"hydra.run.dir={run_dir}",
+            *(quick_overrides(args) or ["trainer.valid_max_sentences=100"]),
         ]
         first, s1 = run([*common, f"trainer.max_steps={half}", "trainer.final_eval=false"], 600)
         final_eval = f"trainer.final_eval={not args.quick}"  # quick: no beam search at the end
@@ -142,7 +157,7 @@ def train_benchmark(report: Report, args: argparse.Namespace) -> None:
     cuda = args.device.startswith("cuda")
     rows = ["fp32", "tf32", "bf16"] if cuda else ["fp32"]
     steps = ["--steps", "3", "--warmup", "1"] if args.quick else ["--steps", "30", "--warmup", "5"]
-    model = ["model=tiny"] if args.quick else []
+    model = ["model=tiny", *quick_overrides(args)] if args.quick else []
     for precision in rows:
         command = [sys.executable, "scripts/bench_train.py", "--device", args.device]
         command += ["--precision", precision, *steps, "--json", *model]

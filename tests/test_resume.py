@@ -15,6 +15,7 @@ from conftest import BIN, synthetic_corpus, synthetic_overrides
 from test_trainer import make_config
 from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.formats.checkpoint import load_checkpoint, step_checkpoints
+from transformer_mt.training.schedule import inverse_sqrt_factor
 from transformer_mt.training.trainer import Trainer
 
 
@@ -135,6 +136,23 @@ def test_early_stopping_when_val_bleu_stops_improving(corpus_root: Path) -> None
     # Relaunching a stopped run does not train further.
     again = Trainer(cfg, corpus_root / "r")
     assert again.train().steps == 9
+    # A larger patience goes on: validations at 12 and 15 bring it to 4 without a gain.
+    longer = make_config(
+        corpus_root,
+        "optim.lr=1e-12",
+        "trainer.max_steps=100",
+        "trainer.validate_every_steps=3",
+        "trainer.patience=4",
+    )
+    assert Trainer(longer, corpus_root / "r").train().steps == 15
+    # A finished run continued elsewhere with nothing left to do still leaves a checkpoint
+    # there to evaluate.
+    last = corpus_root / "r" / "checkpoints" / "last.pt"
+    cfg = make_config(
+        corpus_root, "optim.lr=1e-12", "trainer.max_steps=15", f"trainer.resume={last}"
+    )
+    assert Trainer(cfg, corpus_root / "s").train().steps == 15
+    assert load_checkpoint(corpus_root / "s" / "checkpoints" / "last.pt")["step"] == 15
 
 
 def test_resume_settings_are_checked(corpus_root: Path) -> None:
@@ -149,6 +167,39 @@ def test_resume_settings_are_checked(corpus_root: Path) -> None:
     last = corpus_root / "r" / "checkpoints" / "last.pt"
     trainer = Trainer(make_config(corpus_root, f"trainer.resume={last}"), corpus_root / "s")
     assert trainer.state.step == 2
+
+
+def test_a_resumed_run_takes_this_launchs_optimizer_settings(corpus_root: Path) -> None:
+    Trainer(make_config(corpus_root, "trainer.max_steps=3"), corpus_root / "r").train()
+    same = Trainer(make_config(corpus_root), corpus_root / "r")
+    group = same.update.optimizer.param_groups[0]
+    peak, betas = group["initial_lr"], group["betas"]
+    cfg = make_config(
+        corpus_root, f"optim.lr={peak / 4}", "optim.betas=[0.8,0.9]", "optim.eps=1e-6"
+    )
+    changed = Trainer(cfg, corpus_root / "r")  # the same run directory: resumed
+    assert changed.state.step == 3
+    group = changed.update.optimizer.param_groups[0]
+    assert (group["betas"], group["eps"]) == ((0.8, 0.9), 1e-6) != (betas, 1e-9)
+    assert group["lr"] == pytest.approx(same.update.optimizer.param_groups[0]["lr"] / 4)
+    assert changed.update.scheduler.get_last_lr() == [group["lr"]]
+    changed.update.scheduler.step()  # the schedule goes on from the new peak
+    assert group["lr"] == pytest.approx(peak / 4 * inverse_sqrt_factor(5, 10))
+    state = changed.update.optimizer.state_dict()["state"]
+    assert state and all(int(s["step"]) == 3 for s in state.values())  # moments kept
+
+
+def test_mid_epoch_resume_refuses_another_batch_plan(corpus_root: Path) -> None:
+    Trainer(make_config(corpus_root, "trainer.max_steps=3"), corpus_root / "r").train()
+    last = corpus_root / "r" / "checkpoints" / "last.pt"
+    for override, key in (("seed=2", "seed"), ("trainer.max_tokens=512", r"trainer\.max_tokens")):
+        cfg = make_config(corpus_root, override, f"trainer.resume={last}")
+        with pytest.raises(ConfigError, match=rf"{key}=.*3 batches into epoch 1"):
+            Trainer(cfg, corpus_root / "s")
+    with pytest.raises(ConfigError, match=r"model config differs from this run's at model\.d_ff"):
+        Trainer(
+            make_config(corpus_root, "model.d_ff=64", f"trainer.resume={last}"), corpus_root / "s"
+        )
 
 
 def test_resuming_with_another_update_freq_finishes_the_epoch(corpus_root: Path) -> None:

@@ -13,12 +13,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import synthetic_overrides
 from transformer_mt.cli.common import config_dir
-from transformer_mt.cli.train import report
+from transformer_mt.cli.train import record_failure, report
 from transformer_mt.data.directions import read_references
 from transformer_mt.decoding import SearchOptions, Translator
-from transformer_mt.errors import ConfigError
+from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.formats.results import RunResults, tuned_alpha
 from transformer_mt.model import Transformer
+from transformer_mt.training.averaging import average_checkpoints
 from transformer_mt.training.config import validate_config
 from transformer_mt.training.setup import build_training
 from transformer_mt.training.trainer import Trainer
@@ -209,6 +210,17 @@ def test_bad_precision_fails_before_training(corpus_root: Path) -> None:
         ("model.n_heads=3", "model.n_heads"),
         ("data.filter.max_len=300", "model.max_positions"),
         ("data.tgt_lang=en", "data.src_lang"),
+        ("trainer.average_last=2.5", "trainer.average_last"),  # a fraction for a count
+        ("trainer.keep_best=1.5", "trainer.keep_best"),
+        ("trainer.final_beam_size=2.5", "trainer.final_beam_size"),
+        ("trainer.valid_max_sentences=-1", "trainer.valid_max_sentences"),
+        ("seed=1.5", "seed"),
+        ("seed=null", "seed"),
+        ("seed=-1", "seed"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("optim.betas=[0.9,1.5]", "optim.betas"),
+        ("optim.eps=0", "optim.eps"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay"),
     ],
 )
 def test_bad_values_fail_before_any_work_naming_the_key(
@@ -251,3 +263,22 @@ def test_the_factory_takes_a_model_of_the_tests_own(corpus_root: Path) -> None:
     assert not torch.equal(before, next(model.parameters()))
     saved = torch.load(corpus_root / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["model"]["encoder.layers.0.feed_forward.linear1.weight"].shape == (32, 16)
+
+
+def test_a_failed_sweep_job_keeps_a_finished_runs_results(tmp_path: Path) -> None:
+    finished = RunResults(steps=7, epochs=1, final="averaged.pt")
+    finished.write(tmp_path / "done")
+    record_failure(tmp_path / "done", "trainer.init_from=x.pt: no such checkpoint file")
+    assert RunResults.read(tmp_path / "done") == finished  # its scores and tuned α stay
+    (tmp_path / "new").mkdir()
+    record_failure(tmp_path / "new", "optim.lr must be positive, got 0")
+    assert (
+        RunResults.read(tmp_path / "new").stop_reason == "failed: optim.lr must be positive, got 0"
+    )
+
+
+def test_averaging_refuses_the_same_file_twice(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint_100.pt").write_bytes(b"weights")
+    os.link(tmp_path / "checkpoint_100.pt", tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match=r"last\.pt is the same file as .*checkpoint_100\.pt"):
+        average_checkpoints([tmp_path / "checkpoint_100.pt", tmp_path / "last.pt"])

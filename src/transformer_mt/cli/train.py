@@ -16,9 +16,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from transformer_mt.cli.common import config_dir, exit_on_user_error, register_resolvers
-from transformer_mt.errors import UserError
+from transformer_mt.errors import ResultsError, UserError
 from transformer_mt.formats.atomic import atomic_write_text
-from transformer_mt.formats.results import RunResults
+from transformer_mt.formats.results import RESULTS_FILE, RunResults
 from transformer_mt.training.distributed import env_rank, shutdown_distributed
 from transformer_mt.training.finish import TrainResult
 from transformer_mt.training.trainer import Trainer
@@ -44,13 +44,27 @@ def train(cfg: DictConfig) -> float:
         # In a sweep one failed run (a diverging lr, say) must not stop the others: record
         # it for the sweep summary and go on.
         print(f"error: {e}", file=sys.stderr, flush=True)
-        RunResults(stop_reason=f"failed: {e}").write(run_dir)
+        record_failure(run_dir, str(e))
         return float("nan")
     finally:
         shutdown_distributed()
     if env_rank() == 0:
         print(report(result))
     return result.best_val_bleu
+
+
+def record_failure(run_dir: Path, message: str) -> None:
+    """Write a failed sweep run's ``results.json`` for the sweep summary, unless the run
+    directory already holds the results of a finished run (a relaunched sweep whose job
+    failed this time): those, with the α its checkpoints were tuned at, are kept."""
+    if (run_dir / RESULTS_FILE).is_file():
+        try:
+            if RunResults.read(run_dir).final is not None:
+                print(f"note: {run_dir / RESULTS_FILE} of the finished run kept", file=sys.stderr)
+                return
+        except ResultsError:
+            pass  # unreadable: replaced by the failure
+    RunResults(stop_reason=f"failed: {message}").write(run_dir)
 
 
 def report(result: TrainResult) -> str:

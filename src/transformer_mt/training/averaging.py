@@ -34,6 +34,15 @@ def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
     """
     if not paths:
         raise CheckpointError("no checkpoints to average")
+    seen: dict[tuple[int, int], Path] = {}
+    for path in paths:  # best.pt, last.pt and final.pt are hard links to step checkpoints
+        if path.is_file():
+            inode = (path.stat().st_dev, path.stat().st_ino)
+            if inode in seen:
+                raise CheckpointError(
+                    f"{path} is the same file as {seen[inode]}: it would count twice"
+                )
+            seen[inode] = path
     total: dict[str, torch.Tensor] = {}
     first: dict[str, Any] = {}
     last: dict[str, Any] = {}

@@ -37,10 +37,37 @@ def _number(cfg: DictConfig, key: str, allow_null: bool = False) -> float | None
     return value
 
 
-def _positive(cfg: DictConfig, key: str, allow_null: bool = False) -> tuple[bool, str]:
+def _integer(cfg: DictConfig, key: str, allow_null: bool = False) -> int | None:
+    """The value of integer ``key`` (a count, a size, a seed); a fraction such as 2.5 is a
+    ConfigError that names the key, not a TypeError hours later where it is used."""
     value = _number(cfg, key, allow_null)
+    if value is not None and not isinstance(value, int):
+        raise ConfigError(
+            f"{key} must be a whole number{' or null' if allow_null else ''}, got {value}"
+        )
+    return value
+
+
+def _positive(
+    cfg: DictConfig, key: str, allow_null: bool = False, integer: bool = False
+) -> tuple[bool, str]:
+    value = (_integer if integer else _number)(cfg, key, allow_null)
     ok = value is None or value > 0
     return ok, f"{key} must be positive{' or null' if allow_null else ''}, got {value}"
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """``optim.betas`` is two numbers in [0, 1), ``optim.eps`` > 0, ``optim.weight_decay`` ≥ 0
+    (torch would raise a bare ValueError or IndexError for each)."""
+    betas = OmegaConf.select(cfg, "optim.betas")
+    values = list(betas) if isinstance(betas, (ListConfig, list)) else []
+    if len(values) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in values):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas}")
+    eps, weight_decay = _number(cfg, "optim.eps"), _number(cfg, "optim.weight_decay")
+    if not eps > 0:
+        raise ConfigError(f"optim.eps must be positive, got {eps}")
+    if not weight_decay >= 0:
+        raise ConfigError(f"optim.weight_decay must be ≥ 0, got {weight_decay}")
 
 
 def check_final_alpha(alpha: object) -> None:
@@ -62,29 +89,35 @@ def final_alphas(value: float | ListConfig | list[float]) -> list[float]:
 
 def validate_config(cfg: DictConfig, device: torch.device) -> None:
     """Raise ConfigError for settings that cannot train; the message names the key. Every
-    numeric value is read through ``_number``, which checks its type first."""
+    numeric value is read through ``_number`` (or ``_integer`` for counts), which checks its
+    type first."""
     t = cfg.trainer
-    num = partial(_number, cfg)
-    average_last = num("trainer.average_last", allow_null=True)
-    keep_last = num("trainer.keep_last")
-    keep_best, clip_norm = num("trainer.keep_best"), num("trainer.clip_norm")
+    num, whole = partial(_number, cfg), partial(_integer, cfg)
+    count = partial(_positive, cfg, integer=True)
+    average_last = whole("trainer.average_last", allow_null=True)
+    keep_last = whole("trainer.keep_last")
+    keep_best, clip_norm = whole("trainer.keep_best"), num("trainer.clip_norm")
     label_smoothing = num("trainer.label_smoothing")
-    d_model, n_heads = num("model.d_model"), num("model.n_heads")
-    max_len, max_positions = num("data.filter.max_len"), num("model.max_positions")
+    d_model, n_heads = whole("model.d_model"), whole("model.n_heads")
+    max_len, max_positions = whole("data.filter.max_len"), whole("model.max_positions")
+    seed = whole("seed")
     check_final_alpha(t.final_alpha)
+    check_optimizer(cfg)
     checks = [
         _positive(cfg, "optim.lr"),
-        _positive(cfg, "optim.warmup_steps"),
-        _positive(cfg, "trainer.max_tokens"),
-        _positive(cfg, "trainer.max_epochs"),
-        _positive(cfg, "trainer.max_steps", allow_null=True),
+        count("optim.warmup_steps"),
+        count("trainer.max_tokens"),
+        count("trainer.max_epochs"),
+        count("trainer.max_steps", allow_null=True),
         _positive(cfg, "trainer.max_minutes", allow_null=True),
-        _positive(cfg, "trainer.update_freq"),
-        _positive(cfg, "trainer.log_every"),
-        _positive(cfg, "trainer.save_every_steps", allow_null=True),
-        _positive(cfg, "trainer.validate_every_steps", allow_null=True),
-        _positive(cfg, "trainer.patience", allow_null=True),
-        _positive(cfg, "trainer.keep_last"),
+        count("trainer.update_freq"),
+        count("trainer.log_every"),
+        count("trainer.save_every_steps", allow_null=True),
+        count("trainer.validate_every_steps", allow_null=True),
+        count("trainer.patience", allow_null=True),
+        count("trainer.keep_last"),
+        count("trainer.valid_max_sentences", allow_null=True),
+        (seed >= 0, f"seed must be ≥ 0, got {seed}"),
         (
             average_last is None or average_last >= 2,
             f"trainer.average_last must be ≥ 2 or null, got {average_last}",
@@ -94,8 +127,8 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
             f"trainer.average_last={average_last} needs trainer.keep_last ≥ it "
             f"(keep_last={keep_last})",
         ),
-        _positive(cfg, "trainer.max_nonfinite_updates"),
-        _positive(cfg, "trainer.final_beam_size"),
+        count("trainer.max_nonfinite_updates"),
+        count("trainer.final_beam_size"),
         (keep_best >= 0, f"trainer.keep_best must be ≥ 0, got {keep_best}"),
         (clip_norm >= 0, f"trainer.clip_norm must be ≥ 0 (0 = off), got {clip_norm}"),
         (
@@ -177,15 +210,15 @@ def check_tokenizer_source(cfg: DictConfig) -> None:
 def check_data(cfg: DictConfig) -> None:
     """The ``data`` keys of preparation (also checked by tmt-prepare), and the corpus files."""
     checks = [
-        _positive(cfg, "data.max_train_pairs", allow_null=True),
-        _positive(cfg, "data.num_workers", allow_null=True),
-        _positive(cfg, "data.tokenizer.vocab_size"),
-        _positive(cfg, "data.filter.max_len"),
+        _positive(cfg, "data.max_train_pairs", allow_null=True, integer=True),
+        _positive(cfg, "data.num_workers", allow_null=True, integer=True),
+        _positive(cfg, "data.tokenizer.vocab_size", integer=True),
+        _positive(cfg, "data.filter.max_len", integer=True),
         _positive(cfg, "data.filter.max_ratio"),
     ]
-    sample = _number(cfg, "data.tokenizer.sample_sentences")
+    sample = _integer(cfg, "data.tokenizer.sample_sentences")
     checks.append((sample >= 2, f"data.tokenizer.sample_sentences must be ≥ 2, got {sample}"))
-    _number(cfg, "data.tokenizer.seed")
+    _integer(cfg, "data.tokenizer.seed")
     check_tokenizer_source(cfg)
     for ok, message in checks:
         if not ok:

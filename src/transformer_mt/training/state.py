@@ -93,15 +93,36 @@ def restore_training(
 ) -> TrainState:
     """Load weights, optimizer, schedule, scaler and this rank's RNGs from a training
     checkpoint into ``update``; returns its counters. The ``model`` and ``data`` sections of
-    its config must equal ``config``'s."""
+    its config must equal ``config``'s, and so must ``seed`` and ``trainer.max_tokens`` when
+    it stopped inside an epoch (they make the epoch's batches). The ``optim`` section of
+    ``config`` applies from here on, the changed keys printed."""
     if "trainer" not in checkpoint or "optimizer" not in checkpoint:
         raise CheckpointError(f"{path} holds no training state (an averaged checkpoint?)")
+    saved = checkpoint["config"]
     for section in ("model", "data"):
-        if _content(checkpoint["config"], section) != _content(config, section):
+        if _content(saved, section) != _content(config, section):
+            key = _first_difference(_content(saved, section), _content(config, section), section)
             raise ConfigError(
                 f"cannot resume from {path}: its {section} config differs from this "
-                f"run's ({section}.* must match; trainer.resume=never starts afresh)"
+                f"run's at {key} ({section}.* must match; trainer.resume=never starts afresh)"
             )
+    state = TrainState.from_checkpoint(checkpoint)
+    if state.batches_done:
+        for key, was, now in (
+            ("seed", saved.get("seed"), config.get("seed")),
+            (
+                "trainer.max_tokens",
+                saved["trainer"].get("max_tokens"),
+                config["trainer"]["max_tokens"],
+            ),
+        ):
+            if was != now:
+                raise ConfigError(
+                    f"cannot resume from {path}: {key}={now}, but the run stopped "
+                    f"{state.batches_done} batches into epoch {state.epoch + 1} with {key}={was}, "
+                    "which made that epoch's batches; resume with the old value (a new value "
+                    "can apply from an epoch's start)"
+                )
     update.model.load_state_dict(checkpoint["model"])
     optimizer = update.optimizer
     kernel = {k: optimizer.defaults[k] for k in ("foreach", "fused")}
@@ -109,6 +130,15 @@ def restore_training(
     for group in optimizer.param_groups:  # the saved flags would override ours
         group.update(kernel)
     update.scheduler.load_state_dict(checkpoint["scheduler"])
+    changed = _changes(saved.get("optim", {}), config["optim"], "optim")
+    if changed:
+        apply_optim(update, config["optim"])
+        if update.dist.is_main:
+            print(
+                f"resuming with a changed optimizer config, applied from step {state.step + 1}: "
+                + ", ".join(changed),
+                flush=True,
+            )
     if update.scaler is not None and "scaler" in checkpoint:
         update.scaler.load_state_dict(checkpoint["scaler"])
     rngs, ctx = checkpoint["rng"], update.dist
@@ -120,7 +150,42 @@ def restore_training(
             f"{ctx.world_size}; dropout streams are reseeded",
             file=sys.stderr,
         )
-    return TrainState.from_checkpoint(checkpoint)
+    return state
+
+
+def apply_optim(update: UpdateStep, optim: dict[str, Any]) -> None:
+    """Set the peak lr, betas, eps and weight decay of ``optim`` on a restored optimizer and
+    schedule (its moments and step count stay), and the lr of the schedule's current step."""
+    scheduler = update.scheduler
+    groups = update.optimizer.param_groups
+    scheduler.base_lrs = [float(optim["lr"])] * len(groups)
+    for group, lr_lambda, base in zip(
+        groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True
+    ):
+        group.update(
+            betas=tuple(optim["betas"]), eps=optim["eps"], weight_decay=optim["weight_decay"]
+        )
+        group["initial_lr"] = base
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+
+
+def _changes(was: dict[str, Any], now: dict[str, Any], prefix: str) -> list[str]:
+    """``prefix.key old -> new`` for each key whose value differs between two config sections."""
+    return [
+        f"{prefix}.{key} {was.get(key)} -> {now.get(key)}"
+        for key in sorted(set(was) | set(now))
+        if was.get(key) != now.get(key)
+    ]
+
+
+def _first_difference(was: Any, now: Any, prefix: str) -> str:
+    """The first dotted key at which two config sections differ, with both values."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        for key in sorted(set(was) | set(now)):
+            if was.get(key) != now.get(key):
+                return _first_difference(was.get(key), now.get(key), f"{prefix}.{key}")
+    return f"{prefix}: {was!r} there, {now!r} here"
 
 
 def _content(config: dict[str, Any], section: str) -> dict[str, Any]:

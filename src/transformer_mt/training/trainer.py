@@ -58,7 +58,8 @@ class Trainer:
         if str(self.tcfg.resume) == "never" and step_checkpoints(self.ckpts.directory):
             raise ConfigError(
                 f"trainer.resume=never but {self.ckpts.directory} already holds checkpoints; "
-                "continue it with trainer.resume=auto or pick another hydra.run.dir"
+                f"continue it with hydra.run.dir={self.run_dir} trainer.resume=auto, or pick "
+                "another hydra.run.dir"
             )
         self.dist, self.update = self.setup.dist, self.setup.update
         self.model, self.tokenizer = self.setup.model, self.setup.tokenizer
@@ -76,7 +77,12 @@ class Trainer:
             path, checkpoint = resume
             self.state = s = restore_training(self.update, path, checkpoint, self.setup.config)
             self.ckpts.scores = dict(self.state.checkpoint_scores)
-            self.saved_step = self.state.step
+            patience = self.tcfg.patience
+            if s.stop_reason and not (patience and s.bad_validations >= patience):
+                s.stop_reason = ""  # early stopping with a larger (or no) patience goes on
+            # A checkpoint of another directory (resume=PATH) is saved again in this one.
+            ours = path.resolve().parent == self.ckpts.directory.resolve()
+            self.saved_step = self.state.step if ours else -1
             self.keep_lineage(checkpoint["config"])
             if self.dist.is_main:
                 print(f"resumed from {path} at epoch {s.epoch} step {s.step}", flush=True)
