@@ -9,6 +9,7 @@ import os
 import select
 import shutil
 import subprocess
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,9 +17,24 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, run_cli, synthetic_corpus, write_gz
+from conftest import (
+    BIN,
+    SMALL_MODEL_CONFIG,
+    WORDS,
+    run_cli,
+    small_transformer,
+    synthetic_corpus,
+    write_gz,
+)
+from transformer_mt.cli import evaluate as evaluate_cli
+from transformer_mt.cli import translate as translate_cli
 from transformer_mt.cli.evaluate import expand_checkpoints
-from transformer_mt.formats.checkpoint import checkpoint_step
+from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
+from transformer_mt.formats.checkpoint import (
+    checkpoint_step,
+    save_checkpoint,
+    spm_bytes_to_tensor,
+)
 from transformer_mt.formats.results import CheckpointResult, RunResults, Score, tuned_alpha
 
 pytestmark = pytest.mark.slow
@@ -492,3 +508,125 @@ def test_corpora_by_path_plain_and_gzip_through_the_console_scripts(tmp_path: Pa
     assert t2["n_sentences"] == 20 and Path(t2["hypotheses"]).name == "final.t2.beam2-alpha1.xx"
     missing = run_cli("tmt-prepare", *data[:-1], "data.valid=/no/such/dev")
     assert missing.returncode == 1 and "/no/such/dev.en" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny en→de model and its tokenizer in one checkpoint: for what needs no
+    trained run (in-process calls of the console scripts' main)."""
+    rng = np.random.default_rng(0)
+    text = [" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(400)]
+    tokenizer = Tokenizer(train_sentencepiece(text, 80, "unigram", 1.0))
+    model = small_transformer(vocab_size=tokenizer.vocab_size, max_positions=24)
+    path = tmp_path_factory.mktemp("small") / "model.pt"
+    state = {
+        "model": model.state_dict(),
+        "config": {
+            "model": {**SMALL_MODEL_CONFIG, "max_positions": 24},
+            "data": {"src_lang": "en", "tgt_lang": "de"},
+        },
+        "spm_model": spm_bytes_to_tensor(tokenizer.model_bytes),
+        "step": 7,
+        "epoch": 1,
+    }
+    save_checkpoint(path, state)
+    return path
+
+
+def feed_fifo(path: Path, data: bytes) -> threading.Thread:
+    """A named pipe at ``path`` and a thread that writes ``data`` into it once it is opened."""
+    os.mkfifo(path)
+
+    def write() -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+def drain_fifo(path: Path, thread: threading.Thread) -> None:
+    """Let a writer that nobody read from finish (the test failed before opening it)."""
+    if thread.is_alive():
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        thread.join(5)
+        os.close(fd)
+
+
+def test_translate_and_evaluate_read_named_pipes(small_checkpoint: Path, tmp_path: Path) -> None:
+    lines = b"a dog runs\n\nthe red ball on the street\n"
+    (tmp_path / "in.en").write_bytes(lines)
+    common = [str(small_checkpoint), "--greedy", "--device", "cpu"]
+    plain = tmp_path / "plain.de"
+    translate_cli.main([*common, "--input", str(tmp_path / "in.en"), "--output", str(plain)])
+    fifo = tmp_path / "in.pipe"  # what `--input <(zcat in.en.gz)` gives
+    writer = feed_fifo(fifo, lines)
+    try:
+        piped = tmp_path / "piped.de"
+        translate_cli.main([*common, "--input", str(fifo), "--output", str(piped)])
+    finally:
+        drain_fifo(fifo, writer)
+    assert piped.read_text() == plain.read_text() and len(plain.read_text().splitlines()) == 3
+    src, ref = tmp_path / "src.pipe", tmp_path / "ref.pipe"
+    writers = [feed_fifo(src, b"a dog runs\nthe red ball\n"), feed_fifo(ref, b"a\nb\n")]
+    out = tmp_path / "hyps.de"
+    try:
+        evaluate_cli.main([*common, "--src", str(src), "--ref", str(ref), "--output", str(out)])
+    finally:
+        for path, writer in zip((src, ref), writers, strict=True):
+            drain_fifo(path, writer)
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_a_directory_as_input_is_refused_naming_it(
+    small_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = [str(small_checkpoint), "--greedy", "--device", "cpu"]
+    for args in (["--input", str(tmp_path)], ["--input", str(tmp_path / "missing.en")]):
+        with pytest.raises(SystemExit) as exit_info:
+            translate_cli.main([*common, *args])
+        assert exit_info.value.code == 1 and args[1] in capsys.readouterr().err
+    (tmp_path / "ref.de").write_text("a\n")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_cli.main([*common, "--src", str(tmp_path), "--ref", str(tmp_path / "ref.de")])
+    assert exit_info.value.code == 1
+    assert f"{tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_empty_files_naming_them(
+    small_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty, ref = tmp_path / "empty.en", tmp_path / "ref.de"
+    empty.write_text("")
+    ref.write_text("ein Hund\n")
+    (tmp_path / "empty.de").write_text("")
+    common = [str(small_checkpoint), "--greedy", "--device", "cpu"]
+    for src_file, ref_file in ((empty, tmp_path / "empty.de"), (empty, ref)):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_cli.main([*common, "--src", str(src_file), "--ref", str(ref_file)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1, err
+        assert f"error: {empty} is empty" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.de", "empty.en", "ref.de"]
+
+
+def test_attention_files_are_named_as_the_help_says(small_checkpoint: Path, tmp_path: Path) -> None:
+    (tmp_path / "in.en").write_text("a dog runs\n\nthe red ball\n")
+    out = tmp_path / "attention"
+    translate_cli.main(
+        [str(small_checkpoint), "--greedy", "--device", "cpu", "--attention-dir", str(out),
+         "--input", str(tmp_path / "in.en"), "--output", str(tmp_path / "out.de")]
+    )  # fmt: skip
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000001.npy", "000001.png", "000003.npy", "000003.png"]
+    assert "DIR/000001.png" in (translate_cli.__doc__ or "")
+
+
+def test_a_non_finite_max_len_a_is_a_usage_error_naming_it(
+    small_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for value in ("inf", "nan"):
+        with pytest.raises(SystemExit) as exit_info:
+            translate_cli.parse_args([str(small_checkpoint), "--max-len-a", value])
+        assert exit_info.value.code == 2 and "max_len_a" in capsys.readouterr().err

@@ -30,9 +30,10 @@ from transformer_mt.decoding.search import (
     argmax,
     block_repeated_ngrams,
     compaction_order,
+    output_budget,
     top_k,
 )
-from transformer_mt.errors import UserError
+from transformer_mt.errors import CheckpointError, UserError
 from transformer_mt.formats.checkpoint import save_checkpoint, spm_bytes_to_tensor
 from transformer_mt.formats.results import CheckpointResult, RunResults, Score
 from transformer_mt.model import Transformer
@@ -396,3 +397,51 @@ def test_a_checkpoint_is_decoded_at_the_alpha_its_run_chose(
     assert loaded.translate(lines, beam_size=4) == translator.translate(
         lines, beam_size=4, alpha=0.25
     )
+
+
+@pytest.mark.parametrize("max_len_a", [math.inf, -math.inf, math.nan])
+def test_search_options_refuse_a_non_finite_max_len_a(max_len_a: float) -> None:
+    with pytest.raises(ValueError, match=r"max_len_a \(.*\) must be finite"):
+        SearchOptions(max_len_a=max_len_a)
+
+
+def test_a_huge_output_budget_is_capped_by_the_models_positions(translator: Translator) -> None:
+    lengths = torch.tensor([2, 5, 19])
+    assert output_budget(lengths, 1.5, 10, 64).tolist() == [13, 17, 38]  # ⌊1.5·n⌋ + 10
+    for a, b in ((1e30, 10), (1e300, 10), (1.5, 2**70)):  # past int64, or inf in float32
+        assert output_budget(lengths, a, b, 20).tolist() == [20, 20, 20]
+    lines = ["a dog runs on the street", "the red ball", "a cat sits"]
+    capped = translator.translate(lines, beam_size=1, max_len_a=1e30)
+    assert capped == translator.translate(lines, beam_size=1, max_len_a=100.0)
+    assert all(capped)  # not cut to an empty budget
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "spm_as_bytes",  # bytes have no .numpy(): AttributeError
+        "model_as_list",
+        "step_not_a_number",
+        "config_not_a_dict",
+    ],
+)
+def test_an_inconsistent_checkpoint_is_a_checkpoint_error_naming_it(
+    translator: Translator, tmp_path: Path, damage: str
+) -> None:
+    state = {
+        "model": translator.model.state_dict(),
+        "config": {"model": {**SMALL_MODEL_CONFIG, "max_positions": 20}, "data": {}},
+        "spm_model": spm_bytes_to_tensor(translator.tokenizer.model_bytes),
+        "step": 42,
+        "epoch": 1,
+    }
+    state |= {
+        "spm_as_bytes": {"spm_model": translator.tokenizer.model_bytes},
+        "model_as_list": {"model": [1, 2]},
+        "step_not_a_number": {"step": "forty-two"},
+        "config_not_a_dict": {"config": ["model"]},
+    }[damage]
+    path = tmp_path / f"{damage}.pt"
+    save_checkpoint(path, state)
+    with pytest.raises(CheckpointError, match=f"{damage}.pt: inconsistent checkpoint"):
+        Translator.from_checkpoint(path)

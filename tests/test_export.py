@@ -4,12 +4,15 @@ as the PyTorch model, and the export directory is written safely."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from conftest import WORDS, small_transformer
 from transformer_mt.data.batching import pad
@@ -22,8 +25,11 @@ from transformer_mt.model import Transformer
 pytest.importorskip("ctranslate2")
 
 from transformer_mt.cli import export as export_cli
+from transformer_mt.cli import serve as serve_cli
 from transformer_mt.export.ctranslate2 import export_ctranslate2
 from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
+from transformer_mt.serve.app import Limits, create_app
+from transformer_mt.serve.engine import ctranslate2_engine
 
 MODEL_CFG = dict(
     d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, max_positions=40
@@ -233,3 +239,61 @@ def test_cli(exported: Exported, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "pass --force" in capsys.readouterr().err
     export_cli.main([str(exported.checkpoint), str(out), "--quantization", "int8", "--force"])
     assert "int8" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def untrained_export(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> Path:
+    """The export of a random model (max_positions 40): for what does not need translations."""
+    tmp = tmp_path_factory.mktemp("untrained")
+    model, cfg = make_model(tokenizer)
+    return export_ctranslate2(save(tmp / "model.pt", model, cfg, tokenizer), tmp / "ct2")
+
+
+DAMAGED_EXPORTS = {
+    "truncated_json": ("transformer_mt.json", lambda text: text[: len(text) // 2]),
+    "not_an_object": ("transformer_mt.json", lambda text: "[1, 2]"),
+    "no_max_positions": (
+        "transformer_mt.json",
+        lambda text: json.dumps(
+            {k: v for k, v in json.loads(text).items() if k != "max_positions"}
+        ),
+    ),
+    "bad_max_positions": (
+        "transformer_mt.json",
+        lambda text: json.dumps({**json.loads(text), "max_positions": "forty"}),
+    ),
+    "bad_pairs": ("transformer_mt.json", lambda text: json.dumps({**json.loads(text), "pairs": 5})),
+    "bad_spm_model": ("spm.model", lambda text: "not a sentencepiece model"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_EXPORTS)
+def test_a_damaged_export_is_a_user_error_naming_the_file(
+    untrained_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    name, change = DAMAGED_EXPORTS[damage]
+    directory = tmp_path / "ct2"
+    shutil.copytree(untrained_export, directory)
+    damaged = directory / name
+    damaged.write_text(change(damaged.read_text(errors="replace")))
+    with pytest.raises(UserError, match=re.escape(str(damaged))):
+        CTranslate2Translator.from_dir(directory)
+    with pytest.raises(SystemExit) as exit_info:  # tmt-serve stops start-up the same way
+        serve_cli.main([str(directory), "--engine", "ctranslate2", "--device", "cpu"])
+    assert exit_info.value.code == 1 and str(damaged) in capsys.readouterr().err
+
+
+def test_the_ctranslate2_server_refuses_inputs_longer_than_the_model_reads(
+    untrained_export: Path,
+) -> None:
+    ct2 = CTranslate2Translator.from_dir(untrained_export, intra_threads=1)
+    engine = ctranslate2_engine(untrained_export, ct2, SearchOptions(beam_size=2))
+    fits = " ".join(["dog"] * 39)  # max_positions 40: 39 subwords and EOS
+    too_long = " ".join(["dog"] * 40)
+    assert [len(ids) for ids in ct2.tokenizer.encode([fits, too_long])] == [39, 40]
+    with TestClient(create_app(engine, Limits(batch_timeout_ms=0))) as client:
+        ok = client.post("/v1/translate", json={"inputs": [fits]})
+        assert ok.status_code == 200, ok.text
+        r = client.post("/v1/translate", json={"inputs": [fits, too_long]})
+        assert r.status_code == 413
+        assert r.json()["error"] == "inputs[1]: 40 subwords; the model reads at most 39"

@@ -209,6 +209,41 @@ def test_bad_requests_get_a_4xx_that_says_what_was_wrong(
     assert says in r.json()["error"]
 
 
+def test_inputs_longer_than_the_model_reads_are_refused_not_truncated(
+    client: TestClient,
+) -> None:
+    # max_positions 24: 23 subwords and EOS; "dog" is one subword
+    fits, too_long = " ".join(["dog"] * 23), " ".join(["dog"] * 24)
+    ok = client.post("/v1/translate", json={"inputs": [fits]})
+    assert ok.status_code == 200 and ok.json()["outputs"][0][0]["text"]
+    r = client.post("/v1/translate", json={"inputs": ["a dog", fits, too_long]})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"] == "inputs[2]: 24 subwords; the model reads at most 23"
+    lt = client.post("/translate", json={"q": too_long, "source": "en", "target": "de"})
+    assert lt.status_code == 413 and lt.json()["error"].startswith("q[0]: 24 subwords;")
+    assert client.post("/v1/translate", json={"inputs": ["a dog"]}).status_code == 200
+
+
+def test_a_beam_size_alone_keeps_the_servers_nbest_where_it_fits(checkpoint: Path) -> None:
+    search = SearchOptions(beam_size=3, alpha=1.0, nbest=3)  # tmt-serve --beam 3 --nbest 3
+    engine = torch_engine(Translator.from_checkpoint(checkpoint), search)
+    line = sentences(1, seed=3)[0]
+    with TestClient(create_app(engine, Limits(batch_timeout_ms=0))) as c:
+
+        def searched(**settings: int) -> tuple[int, int]:
+            r = c.post("/v1/translate", json={"inputs": [line], **settings})
+            assert r.status_code == 200, r.text
+            return r.json()["beam_size"], len(r.json()["outputs"][0])
+
+        assert searched() == (3, 3)
+        assert searched(beam_size=2) == (2, 2)
+        assert searched(beam_size=1) == (1, 1)
+        assert searched(beam_size=5) == (5, 3)
+        assert searched(beam_size=4, nbest=1) == (4, 1)
+        bad = c.post("/v1/translate", json={"inputs": [line], "beam_size": 2, "nbest": 3})
+        assert bad.status_code == 400 and "nbest" in bad.json()["error"]
+
+
 def test_oversized_bodies_are_refused_and_the_server_goes_on(client: TestClient) -> None:
     huge = b'{"inputs": ["' + b"a" * 200_000 + b'"]}'
     r = client.post("/v1/translate", content=huge, headers={"content-type": "application/json"})

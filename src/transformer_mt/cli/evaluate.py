@@ -206,6 +206,9 @@ def evaluate_one(
     if args.src is not None:
         if "file" not in sources:
             src, ref = read_lines(args.src), read_lines(args.ref)
+            for file, lines in ((args.src, src), (args.ref, ref)):
+                if not lines:
+                    raise CorpusError(f"{file} is empty: no sentences to score")
             if len(src) != len(ref):
                 raise CorpusError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}")
             sources["file"] = EvalSet(args.src.stem, src, ref)

@@ -28,9 +28,10 @@ log-probability (score = log-probability: no length penalty).
 With --attention-html FILE, FILE is one self-contained page exploring every attention weight
 (encoder, decoder, cross; each layer and head) of every translated line, as tmt-serve's page.
 
-With --attention-dir DIR, each translated line N also gets DIR/<N>.png (a heatmap of the
-decoder→encoder attention, subwords on the axes) and DIR/<N>.npy (the weights; rows sum
-to 1): the last decoder layer, averaged over heads, unless --attention-layer/-head say.
+With --attention-dir DIR, each translated line N also gets DIR/<N>.png, N zero-padded to six
+digits (line 1: DIR/000001.png; a heatmap of the decoder→encoder attention, subwords on the
+axes) and DIR/<N>.npy (the weights; rows sum to 1): the last decoder layer, averaged over
+heads, unless --attention-layer/-head say.
 """
 
 from __future__ import annotations
@@ -270,8 +271,10 @@ def main(argv: list[str] | None = None) -> None:
         args.search = search
         if args.attention_dir is not None:
             check_selection(translator.model, args.attention_layer, args.attention_head)
-    if args.input is not None and not args.input.is_file():
+    if args.input is not None and not args.input.exists():  # a pipe will do: <(zcat x.gz)
         raise FileNotFoundError(f"input file not found: {args.input}")
+    if args.input is not None and args.input.is_dir():
+        raise IsADirectoryError(f"--input {args.input} is a directory, not a file")
     name = str(args.input or "<stdin>")
     explored: list[dict] | None = [] if args.attention_html is not None else None
     with open(args.input, "rb") if args.input else sys.stdin.buffer as stream:

@@ -185,11 +185,14 @@ def decode_lines(data: bytes, path: Path | str, first: int) -> list[str]:
 def read_lines(path: str | Path) -> list[str]:
     """All lines of a (possibly gzipped) UTF-8 text file, without line endings.
 
-    Raises CorpusError naming the file (and line, for bad UTF-8).
+    Raises CorpusError naming the file (and line, for bad UTF-8). Anything that can be read
+    but a directory will do: a named pipe such as ``<(zcat x.gz)`` or ``/dev/stdin`` too.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CorpusError(f"corpus file missing: {path}")
+    if path.is_dir():
+        raise CorpusError(f"{path} is a directory, not a corpus file")
     with _open(path) as f:
         data = b"".join(_read_lines(f, sys.maxsize, path, 1))
     return decode_lines(data, path, 1)

@@ -66,6 +66,10 @@ class SearchOptions:
         elif not 1 <= self.nbest <= self.beam_size:
             raise ValueError(f"nbest must be in [1, beam size {self.beam_size}], got {self.nbest}")
         self._check_sampling()
+        if not math.isfinite(self.max_len_a):
+            raise ValueError(
+                f"max_len_a (output budget a·src+b) must be finite, got {self.max_len_a}"
+            )
         if self.max_len_a < 0 or self.max_len_b < 0 or self.max_len_a + self.max_len_b <= 0:
             raise ValueError(
                 f"max length a·src+b needs a, b ≥ 0 and not both 0 (a={self.max_len_a}, "
@@ -143,8 +147,10 @@ def output_budget(
     src_lengths: torch.Tensor, max_len_a: float, max_len_b: int, max_positions: int
 ) -> torch.Tensor:
     """Output budget ``⌊a·source_length⌋ + b`` tokens (EOS included) per source length (EOS
-    included), computed in float32 and capped to [1, max_positions]."""
-    limit = (max_len_a * src_lengths.float()).long() + max_len_b
+    included), computed in float32 and capped to [1, max_positions] (each term is capped
+    before the cast, so that a huge ``a`` or ``b`` cannot overflow int64)."""
+    scaled = (max_len_a * src_lengths.float()).clamp(max=max_positions)
+    limit = scaled.long() + min(max_len_b, max_positions)
     return limit.clamp(min=1, max=max_positions)
 
 

@@ -67,11 +67,10 @@ class Translator:
             tokenizer = Tokenizer(spm_tensor_to_bytes(state["spm_model"]))
             model = build_model(state["config"]["model"], tokenizer.vocab_size, tokenizer.pad_id)
             model.load_state_dict(state["model"])
-        except (KeyError, TypeError, RuntimeError) as e:
+            step = int(state["step"])
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: inconsistent checkpoint: {e}") from e
-        return cls(
-            model, tokenizer, dev, state["config"], int(state["step"]), checkpoint=Path(path)
-        )
+        return cls(model, tokenizer, dev, state["config"], step, checkpoint=Path(path))
 
     def search_options(
         self,

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from transformer_mt.data.directions import language_pairs
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.beam import length_penalty
 from transformer_mt.decoding.search import BEAM, SearchOptions, output_budget
@@ -33,6 +34,27 @@ Scored = tuple[list[int], float]  # subword ids (no BOS/EOS) and the length-norm
 # length penalty makes it go on until beam_size hypotheses are finished, this project's rule.
 # 1e-6 changes CTranslate2's own ranking negligibly (and the hypotheses are rescored anyway).
 NO_EARLY_EXIT = 1e-6
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """An export's ``transformer_mt.json``; UserError naming it if it is unreadable, not a
+    JSON object, or without a usable ``max_positions`` or ``pairs``."""
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, truncated or invalid JSON
+        raise UserError(f"{path}: unreadable export metadata: {e}") from e
+    if not isinstance(metadata, dict):
+        raise UserError(f"{path}: not a JSON object but {type(metadata).__name__}")
+    if "max_positions" not in metadata:
+        raise UserError(f"{path}: no max_positions")
+    positions = metadata["max_positions"]
+    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 2:
+        raise UserError(f"{path}: max_positions must be an integer ≥ 2, got {positions!r}")
+    try:
+        language_pairs(metadata)
+    except (UserError, TypeError) as e:  # pairs: not a list of "src-tgt" strings
+        raise UserError(f"{path}: {e}") from e
+    return metadata
 
 
 class CTranslate2Translator:
@@ -117,7 +139,11 @@ class CTranslate2Translator:
         meta_path = path / METADATA_FILE
         if not meta_path.is_file() or not (path / SPM_FILE).is_file():
             raise UserError(f"{path} is not a transformer_mt CTranslate2 export")
-        metadata = json.loads(meta_path.read_text())
+        metadata = read_metadata(meta_path)
+        try:
+            tokenizer = Tokenizer((path / SPM_FILE).read_bytes())
+        except (OSError, RuntimeError) as e:  # unreadable, or not a SentencePiece model
+            raise UserError(f"{path / SPM_FILE}: not a readable SentencePiece model: {e}") from e
         ct2 = import_ctranslate2()
         try:
             translator = ct2.Translator(
@@ -125,8 +151,7 @@ class CTranslate2Translator:
             )
         except (RuntimeError, ValueError) as e:  # unknown device/compute type, no CUDA ...
             raise UserError(f"CTranslate2 cannot load {path} on {device}: {e}") from e
-        tokenizer = Tokenizer((path / SPM_FILE).read_bytes())
-        return cls(translator, tokenizer, int(metadata["max_positions"]), metadata)
+        return cls(translator, tokenizer, metadata["max_positions"], metadata)
 
     def translate(
         self,

@@ -187,11 +187,26 @@ def _check_inputs(texts: list[str], limits: Limits, field: str) -> None:
             )
 
 
+def _check_lengths(engine: Engine, texts: list[str], field: str) -> None:
+    """A 413 naming the first input with more subwords than the model reads (it would be
+    truncated, and its translation with it)."""
+    for i, text in enumerate(texts):
+        n_subwords = engine.count_tokens(text) - 1  # without EOS
+        if n_subwords > engine.max_subwords:
+            raise ClientError(
+                413,
+                f"{field}[{i}]: {n_subwords} subwords; the model reads at most "
+                f"{engine.max_subwords}",
+            )
+
+
 def _options(engine: Engine, limits: Limits, **given: Any) -> SearchOptions:
     """The server's search with the request's settings; a 400 if they make no sense."""
     changes = {k: v for k, v in given.items() if v is not None}
     if "nbest" in changes and "beam_size" not in changes:
         changes["beam_size"] = max(engine.options.beam_size, changes["nbest"])
+    if "beam_size" in changes and "nbest" not in changes:  # the server's n-best, if it fits
+        changes["nbest"] = min(engine.options.nbest, changes["beam_size"])
     if changes.get("beam_size", 1) > max(limits.max_beam, engine.options.beam_size):
         raise ClientError(400, f"beam_size (or nbest): at most {limits.max_beam}")
     try:
@@ -280,6 +295,7 @@ def create_app(
         tgt_lang = _target(engine, req.source, req.target)
         texts = [req.q] if isinstance(req.q, str) else req.q
         _check_inputs(texts, limits, "q")
+        _check_lengths(engine, texts, "q")
         nbest = 1 + req.alternatives
         options = _options(engine, limits, nbest=nbest) if req.alternatives else engine.options
         results = await translate_texts(texts, options, tgt_lang)
@@ -297,6 +313,7 @@ def create_app(
         greedy search)."""
         req = _parse(TranslateRequest, await _read_body(request, limits.max_body_bytes))
         _check_inputs(req.inputs, limits, "inputs")
+        _check_lengths(engine, req.inputs, "inputs")
         tgt_lang = _target(engine, "auto", req.target)
         options = _options(
             engine, limits, beam_size=req.beam_size, alpha=req.alpha, nbest=req.nbest
@@ -323,6 +340,7 @@ def create_app(
                 f"input: {n_tokens} subwords; attention weights are returned for at most "
                 f"{limits.max_attention_tokens}",
             )
+        _check_lengths(engine, [req.input], "input")
         tgt_lang = _target(engine, "auto", req.target)
         options = _options(engine, limits, beam_size=req.beam_size, alpha=req.alpha, nbest=1)
         loop = asyncio.get_running_loop()

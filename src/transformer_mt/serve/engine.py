@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,6 @@ from transformer_mt.data.directions import language_pairs
 from transformer_mt.decoding.attention_maps import attention_item
 from transformer_mt.decoding.search import SearchOptions
 from transformer_mt.decoding.translator import Translator, encode_to_fit
-from transformer_mt.export.ctranslate2 import METADATA_FILE
 from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 
 NBest = list[tuple[str, float | None]]  # (translation, score), best first
@@ -29,8 +27,15 @@ class Engine:
     multilingual: bool  # sources carry a target-language tag: every request names a target
     options: SearchOptions  # the server's default search
     decode: Callable[[list[str], SearchOptions, str | None], list[NBest]]
-    count_tokens: Callable[[str], int]
+    count_tokens: Callable[[str], int]  # source tokens of one sentence: subwords and EOS
+    max_positions: int  # the model's positions: the longest source, EOS (and tag) included
     attention: Callable[[str, SearchOptions, str | None], dict[str, Any]] | None = None
+
+    @property
+    def max_subwords(self) -> int:
+        """The most subwords of one sentence the model reads: its positions less EOS and,
+        for a multilingual model, the target-language tag. Longer ones are refused."""
+        return self.max_positions - 1 - int(self.multilingual)
 
     @property
     def sources(self) -> list[str]:
@@ -57,7 +62,8 @@ class Engine:
 
 
 def _quiet(index: int, length: int) -> None:
-    """Over-long inputs are truncated, as by tmt-translate, without a warning per request."""
+    """No truncation warning: the app refuses over-long inputs (:attr:`Engine.max_subwords`)
+    before they reach the engine."""
 
 
 def torch_engine(
@@ -101,6 +107,7 @@ def torch_engine(
         options=options,
         decode=decode,
         count_tokens=lambda text: len(tok.encode([text])[0]) + 1,
+        max_positions=translator.model.max_positions,
         attention=attention,
     )
 
@@ -109,7 +116,7 @@ def ctranslate2_engine(
     path: Path, translator: CTranslate2Translator, options: SearchOptions
 ) -> Engine:
     """CTranslate2 on a tmt-export directory (no attention)."""
-    metadata = json.loads((path / METADATA_FILE).read_text())
+    metadata = translator.data  # its transformer_mt.json, checked by from_dir
     tok = translator.tokenizer
 
     def decode(texts: list[str], search: SearchOptions, tgt_lang: str | None) -> list[NBest]:
@@ -127,4 +134,5 @@ def ctranslate2_engine(
         options=options,
         decode=decode,
         count_tokens=lambda text: len(tok.encode([text])[0]) + 1,
+        max_positions=translator.max_positions,
     )
