@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_mt.decoding.search import PrefixCache
+from transformer_mt.formats.checkpoint import save_checkpoint, spm_bytes_to_tensor
 from transformer_mt.model import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +126,27 @@ def small_transformer(**overrides: object) -> Transformer:
     args: dict[str, object] = dict(vocab_size=50, pad_id=0, **SMALL_MODEL_CONFIG)
     args.update(overrides)
     return Transformer(**args).eval()  # type: ignore[arg-type]
+
+
+def random_en_de_checkpoint(path: Path) -> Path:
+    """Save an untrained small en→de model (24 positions) with a SentencePiece model of
+    :data:`WORDS` as a self-contained checkpoint at ``path``: for what needs no trained run."""
+    rng = np.random.default_rng(0)
+    text = [" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(400)]
+    tokenizer = Tokenizer(train_sentencepiece(text, 80, "unigram", 1.0))
+    model = small_transformer(vocab_size=tokenizer.vocab_size, max_positions=24)
+    state = {
+        "model": model.state_dict(),
+        "config": {
+            "model": {**SMALL_MODEL_CONFIG, "max_positions": 24},
+            "data": {"src_lang": "en", "tgt_lang": "de"},
+        },
+        "spm_model": spm_bytes_to_tensor(tokenizer.model_bytes),
+        "step": 7,
+        "epoch": 1,
+    }
+    save_checkpoint(path, state)
+    return path
 
 
 class FakeDecoder:

@@ -19,21 +19,16 @@ import torch
 
 from conftest import (
     BIN,
-    SMALL_MODEL_CONFIG,
-    WORDS,
+    random_en_de_checkpoint,
     run_cli,
-    small_transformer,
     synthetic_corpus,
     write_gz,
 )
 from transformer_mt.cli import evaluate as evaluate_cli
 from transformer_mt.cli import translate as translate_cli
 from transformer_mt.cli.evaluate import expand_checkpoints
-from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_mt.formats.checkpoint import (
     checkpoint_step,
-    save_checkpoint,
-    spm_bytes_to_tensor,
 )
 from transformer_mt.formats.results import CheckpointResult, RunResults, Score, tuned_alpha
 
@@ -514,23 +509,7 @@ def test_corpora_by_path_plain_and_gzip_through_the_console_scripts(tmp_path: Pa
 def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny en→de model and its tokenizer in one checkpoint: for what needs no
     trained run (in-process calls of the console scripts' main)."""
-    rng = np.random.default_rng(0)
-    text = [" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(400)]
-    tokenizer = Tokenizer(train_sentencepiece(text, 80, "unigram", 1.0))
-    model = small_transformer(vocab_size=tokenizer.vocab_size, max_positions=24)
-    path = tmp_path_factory.mktemp("small") / "model.pt"
-    state = {
-        "model": model.state_dict(),
-        "config": {
-            "model": {**SMALL_MODEL_CONFIG, "max_positions": 24},
-            "data": {"src_lang": "en", "tgt_lang": "de"},
-        },
-        "spm_model": spm_bytes_to_tensor(tokenizer.model_bytes),
-        "step": 7,
-        "epoch": 1,
-    }
-    save_checkpoint(path, state)
-    return path
+    return random_en_de_checkpoint(tmp_path_factory.mktemp("small") / "model.pt")
 
 
 def feed_fifo(path: Path, data: bytes) -> threading.Thread:

@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import SMALL_MODEL_CONFIG, WORDS, run_cli, small_transformer
+from conftest import SMALL_MODEL_CONFIG, WORDS, random_en_de_checkpoint, run_cli
 from transformer_mt.cli import serve as serve_cli
-from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_mt.decoding import SearchOptions, Translator
-from transformer_mt.formats.checkpoint import save_checkpoint, spm_bytes_to_tensor
 from transformer_mt.serve.app import Limits, create_app
 from transformer_mt.serve.batcher import MicroBatcher
 from transformer_mt.serve.engine import NBest, torch_engine
@@ -29,25 +27,7 @@ SEARCH = SearchOptions(beam_size=3, alpha=1.0)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = np.random.default_rng(0)
-    text = [" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(400)]
-    tokenizer = Tokenizer(train_sentencepiece(text, 80, "unigram", 1.0))
-    model = small_transformer(vocab_size=tokenizer.vocab_size, max_positions=24)
-    path = tmp_path_factory.mktemp("serve") / "model.pt"
-    save_checkpoint(
-        path,
-        {
-            "model": model.state_dict(),
-            "config": {
-                "model": {**SMALL_MODEL_CONFIG, "max_positions": 24},
-                "data": {"src_lang": "en", "tgt_lang": "de"},
-            },
-            "spm_model": spm_bytes_to_tensor(tokenizer.model_bytes),
-            "step": 7,
-            "epoch": 1,
-        },
-    )
-    return path
+    return random_en_de_checkpoint(tmp_path_factory.mktemp("serve") / "model.pt")
 
 
 @pytest.fixture(scope="module")
