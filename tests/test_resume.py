@@ -163,6 +163,9 @@ def test_resume_settings_are_checked(corpus_root: Path) -> None:
         Trainer(make_config(corpus_root, "trainer.resume=never"), corpus_root / "r")
     with pytest.raises(ConfigError, match="model config differs"):
         Trainer(make_config(corpus_root, "model.d_ff=64"), corpus_root / "r")
+    # Where the files are and which test sets are scored do not change what was trained.
+    moved = make_config(corpus_root, "data.test=[]", "data.num_workers=2")
+    assert Trainer(moved, corpus_root / "r").state.step == 2
     # An explicit path continues that checkpoint in a new run directory.
     last = corpus_root / "r" / "checkpoints" / "last.pt"
     trainer = Trainer(make_config(corpus_root, f"trainer.resume={last}"), corpus_root / "s")

@@ -50,13 +50,18 @@ EDGE_BYTES = 1 << 20  # the fingerprint hashes this much of each file's start an
 # -- settings, names, fingerprint ---------------------------------------------------------------
 
 
+# ``data`` keys that do not change what a run trains on: where files are found or written,
+# how many workers prepare them, and the test sets (scored at the end, never trained on).
+NOT_CONTENT = ("raw_dir", "shared_dir", "url", "prepared_dir", "num_workers", "test")
+
+
 def _settings(data_cfg: DictConfig, spm_model: bytes | None = None) -> dict[str, Any]:
     """What decides the prepared arrays: every ``data`` key but locations, worker count and
     test sets (which are not prepared), with the corpora as absolute paths, and the sha256 of
     a given SentencePiece model ``spm_model``."""
     settings = OmegaConf.to_container(data_cfg, resolve=True)
     assert isinstance(settings, dict)
-    for not_content in ("raw_dir", "shared_dir", "url", "prepared_dir", "num_workers", "test"):
+    for not_content in NOT_CONTENT:
         settings.pop(not_content, None)
     settings["tokenizer"].pop("from_checkpoint", None)  # the hash below stands for it
     if spm_model is not None:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from transformer_mt.data.prepare import NOT_CONTENT
 from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.formats.checkpoint import spm_bytes_to_tensor
 from transformer_mt.model import with_defaults
@@ -194,7 +195,7 @@ def _content(config: dict[str, Any], section: str) -> dict[str, Any]:
     ``data.tokenizer.from_checkpoint=false``."""
     if section == "model":
         return with_defaults(config["model"])
-    out = {k: v for k, v in config[section].items() if k not in ("num_workers",)}
+    out = {k: v for k, v in config[section].items() if k not in NOT_CONTENT}
     if not out.get("pairs"):
         out.pop("pairs", None)
     tokenizer = out.get("tokenizer")
