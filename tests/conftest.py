@@ -7,12 +7,14 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from transformer_mt.data.directions import target_tags
 from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_mt.decoding.search import PrefixCache
 from transformer_mt.formats.checkpoint import save_checkpoint, spm_bytes_to_tensor
@@ -128,19 +130,22 @@ def small_transformer(**overrides: object) -> Transformer:
     return Transformer(**args).eval()  # type: ignore[arg-type]
 
 
-def random_en_de_checkpoint(path: Path) -> Path:
+def random_en_de_checkpoint(path: Path, pairs: Sequence[str] = ()) -> Path:
     """Save an untrained small en→de model (24 positions) with a SentencePiece model of
-    :data:`WORDS` as a self-contained checkpoint at ``path``: for what needs no trained run."""
+    :data:`WORDS` as a self-contained checkpoint at ``path``: for what needs no trained run.
+    With ``pairs`` (``["en-de", "de-en"]``), a multilingual model of those directions, its
+    tokenizer holding their target-language tags."""
     rng = np.random.default_rng(0)
     text = [" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(400)]
-    tokenizer = Tokenizer(train_sentencepiece(text, 80, "unigram", 1.0))
+    data = {"src_lang": "en", "tgt_lang": "de"}
+    if pairs:
+        data = {"src_lang": "mul", "tgt_lang": "mul", "pairs": list(pairs)}
+    tags = target_tags(data)
+    tokenizer = Tokenizer(train_sentencepiece(text, 80, "unigram", 1.0, user_symbols=tags))
     model = small_transformer(vocab_size=tokenizer.vocab_size, max_positions=24)
     state = {
         "model": model.state_dict(),
-        "config": {
-            "model": {**SMALL_MODEL_CONFIG, "max_positions": 24},
-            "data": {"src_lang": "en", "tgt_lang": "de"},
-        },
+        "config": {"model": {**SMALL_MODEL_CONFIG, "max_positions": 24}, "data": data},
         "spm_model": spm_bytes_to_tensor(tokenizer.model_bytes),
         "step": 7,
         "epoch": 1,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -369,7 +370,8 @@ def test_evaluate_and_translate_use_the_runs_tuned_alpha_unless_given(
     r = run_cli("tmt-evaluate", str(best), *flags)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.splitlines()[-1])
-    assert result["alpha"] == 0.7 and result["hypotheses"].endswith(".s.beam2-alpha0.7.de")
+    assert result["alpha"] == 0.7
+    assert re.search(r"\.s-[0-9a-f]{8}\.beam2-alpha0\.7\.de$", result["hypotheses"])
     r = run_cli("tmt-evaluate", str(best), *flags, "--alpha", "2")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["alpha"] == 2.0
@@ -609,3 +611,49 @@ def test_a_non_finite_max_len_a_is_a_usage_error_naming_it(
         with pytest.raises(SystemExit) as exit_info:
             translate_cli.parse_args([str(small_checkpoint), "--max-len-a", value])
         assert exit_info.value.code == 2 and "max_len_a" in capsys.readouterr().err
+
+
+def test_attention_layer_and_head_need_attention_dir(
+    small_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    html = ["--attention-html", str(tmp_path / "a.html")]  # explores every layer and head
+    for given in (["--attention-layer", "0"], ["--attention-head", "1"]):
+        for others in ([], html):
+            with pytest.raises(SystemExit) as exit_info:
+                translate_cli.parse_args([str(small_checkpoint), *given, *others])
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and f"{given[0]} needs --attention-dir" in err
+    chosen = translate_cli.parse_args(
+        [str(small_checkpoint), "--attention-dir", str(tmp_path), "--attention-layer", "0"]
+    )
+    assert (chosen.attention_layer, chosen.attention_head) == (0, None)
+    default = translate_cli.parse_args([str(small_checkpoint), "--attention-dir", str(tmp_path)])
+    assert default.attention_layer == -1  # the last layer
+
+
+def test_evaluate_keeps_the_hypotheses_of_sources_of_one_name_apart(
+    small_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    common = [str(small_checkpoint), "--greedy", "--device", "cpu", "--json"]
+    lines = {"a": "a dog runs\n", "b": "the red ball\na cat sits\n"}
+    hypotheses = {}
+    for folder, text in lines.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.en").write_text(text)
+        (tmp_path / folder / "test.de").write_text(text)
+        src, ref = tmp_path / folder / "test.en", tmp_path / folder / "test.de"
+        evaluate_cli.main([*common, "--src", str(src), "--ref", str(ref)])
+        row = json.loads(capsys.readouterr().out)
+        assert row["split"] == "test"
+        hypotheses[folder] = Path(row["hypotheses"])
+    assert hypotheses["a"] != hypotheses["b"]
+    for folder, path in hypotheses.items():  # each beside the checkpoint, neither overwritten
+        assert path.parent == small_checkpoint.parent
+        assert re.fullmatch(r"model\.test-[0-9a-f]{8}\.beam1\.de", path.name), path.name
+        assert len(path.read_text().splitlines()) == len(lines[folder].splitlines())
+    monkeypatch.chdir(tmp_path)  # the same file again, by a relative path: the same name
+    evaluate_cli.main([*common, "--src", "a/test.en", "--ref", "a/test.de"])
+    assert Path(json.loads(capsys.readouterr().out)["hypotheses"]) == hypotheses["a"]

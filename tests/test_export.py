@@ -3,11 +3,13 @@ as the PyTorch model, and the export directory is written safely."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,12 +22,14 @@ from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.errors import UserError
 from transformer_mt.formats.checkpoint import save_checkpoint, spm_bytes_to_tensor
+from transformer_mt.formats.results import CheckpointResult, RunResults, Score
 from transformer_mt.model import Transformer
 
 pytest.importorskip("ctranslate2")
 
 from transformer_mt.cli import export as export_cli
 from transformer_mt.cli import serve as serve_cli
+from transformer_mt.cli import translate as translate_cli
 from transformer_mt.export.ctranslate2 import export_ctranslate2
 from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.serve.app import Limits, create_app
@@ -263,6 +267,14 @@ DAMAGED_EXPORTS = {
         lambda text: json.dumps({**json.loads(text), "max_positions": "forty"}),
     ),
     "bad_pairs": ("transformer_mt.json", lambda text: json.dumps({**json.loads(text), "pairs": 5})),
+    "tuned_alpha_not_by_beam": (
+        "transformer_mt.json",
+        lambda text: json.dumps({**json.loads(text), "tuned_alpha": {"five": 1.0}}),
+    ),
+    "negative_tuned_alpha": (
+        "transformer_mt.json",
+        lambda text: json.dumps({**json.loads(text), "tuned_alpha": {"5": -1}}),
+    ),
     "bad_spm_model": ("spm.model", lambda text: "not a sentencepiece model"),
 }
 
@@ -297,3 +309,121 @@ def test_the_ctranslate2_server_refuses_inputs_longer_than_the_model_reads(
         r = client.post("/v1/translate", json={"inputs": [fits, too_long]})
         assert r.status_code == 413
         assert r.json()["error"] == "inputs[1]: 40 subwords; the model reads at most 39"
+
+
+class RecordingTranslator:
+    """A ``ctranslate2.Translator`` that appends the keyword arguments of each of its
+    ``translate_batch`` and ``score_batch`` calls to ``calls``."""
+
+    def __init__(self, translator: Any, calls: list[dict[str, Any]]) -> None:
+        self.translator, self.calls = translator, calls
+
+    def translate_batch(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(kwargs)
+        return self.translator.translate_batch(*args, **kwargs)
+
+    def score_batch(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(kwargs)
+        return self.translator.score_batch(*args, **kwargs)
+
+
+def record_ctranslate2_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The keyword arguments of every CTranslate2 call of the exports the test loads (with
+    ``CTranslate2Translator.from_dir``, as tmt-translate and tmt-serve do), as they come."""
+    calls: list[dict[str, Any]] = []
+    load = CTranslate2Translator.from_dir
+
+    def from_dir(*args: Any, **kwargs: Any) -> CTranslate2Translator:
+        loaded = load(*args, **kwargs)
+        loaded.translator = RecordingTranslator(loaded.translator, calls)
+        return loaded
+
+    monkeypatch.setattr(CTranslate2Translator, "from_dir", from_dir)
+    return calls
+
+
+def test_the_ctranslate2_server_decodes_in_batches_of_batch_size_without_warnings(
+    untrained_export: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = record_ctranslate2_calls(monkeypatch)
+    flags = [str(untrained_export), "--engine", "ctranslate2", "--device", "cpu", "--beam", "2"]
+    engine = serve_cli.load_engine(serve_cli.parse_args([*flags, "--batch-size", "3"]))
+    too_long = " ".join(["dog"] * 45)  # max_positions 40: cut to 39 subwords
+    lines = [*sentences(7, seed=4), too_long]
+    for beam in (2, 1):  # n-best lists, then greedy search
+        options = dataclasses.replace(engine.options, beam_size=beam, nbest=1)
+        assert len(engine.decode(lines, options, None)) == len(lines)
+    assert calls and {call["max_batch_size"] for call in calls} == {3}
+    assert capsys.readouterr().err == ""  # the app refuses over-long inputs before the engine
+    with pytest.raises(SystemExit) as exit_info:
+        serve_cli.parse_args([*flags, "--max-tokens", "100"])
+    assert exit_info.value.code == 2
+    assert "--max-tokens needs --engine torch" in capsys.readouterr().err
+
+
+def test_ctranslate2_truncation_warnings_name_the_line_as_the_torch_engine_does(
+    untrained_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    too_long = " ".join(["dog"] * 45)
+    src = tmp_path / "in.en"  # over-long lines 1 and 2,002: the second in the second chunk
+    src.write_text("\n".join([too_long, *[""] * 2000, too_long, "a dog"]) + "\n")
+    checkpoint = untrained_export.parent / "model.pt"
+    warnings = {}
+    for engine, model in (("ctranslate2", untrained_export), ("torch", checkpoint)):
+        out = tmp_path / f"{engine}.xx"
+        translate_cli.main(
+            [str(model), "--engine", engine, "--greedy", "--device", "cpu",
+             "--input", str(src), "--output", str(out)]
+        )  # fmt: skip
+        err = capsys.readouterr().err.splitlines()
+        warnings[engine] = [line for line in err if line.startswith("warning")]
+        assert len(out.read_text().splitlines()) == 2003
+    expected = [
+        f"warning: {src}:{n}: 45 subwords, more than the model's 39; truncated" for n in (1, 2002)
+    ]
+    assert warnings["ctranslate2"] == warnings["torch"] == expected
+
+
+def test_an_export_is_decoded_at_the_alpha_its_run_chose_on_val(
+    tmp_path: Path,
+    tokenizer: Tokenizer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    model, cfg = make_model(tokenizer)
+    best = save(run / "checkpoints" / "best.pt", model, cfg, tokenizer)  # step 123
+    score = Score(30.0, 60.0, "nrefs:1")
+    chosen = {"best.pt": CheckpointResult(123, 2, 0.7, score)}
+    chosen["averaged.pt"] = CheckpointResult(123, 2, 3.0, score)  # another file's
+    RunResults(steps=123, final="best.pt", checkpoints=chosen).write(run)
+    export = export_ctranslate2(best, tmp_path / "ct2")
+    metadata = export / "transformer_mt.json"
+    assert json.loads(metadata.read_text())["tuned_alpha"] == {"2": 0.7}
+    assert Translator.from_checkpoint(best).search_options(beam_size=2).alpha == 0.7  # torch's
+
+    calls = record_ctranslate2_calls(monkeypatch)
+    (tmp_path / "in.en").write_text("a dog runs\n")
+    flags = [str(export), "--engine", "ctranslate2", "--device", "cpu", "--beam", "2"]
+    files = ["--input", str(tmp_path / "in.en"), "--output", str(tmp_path / "out.xx")]
+    for given, alpha in (([], 0.7), (["--alpha", "1.5"], 1.5)):
+        calls.clear()
+        translate_cli.main([*flags, *files, *given])
+        assert {call["length_penalty"] for call in calls if "length_penalty" in call} == {alpha}
+        tuned = "α 0.7, chosen by the checkpoint's run" in capsys.readouterr().err
+        assert tuned == (not given)
+
+    def served_alpha(*given: str) -> float:
+        args = serve_cli.parse_args([*flags, *given])
+        return serve_cli.load_engine(args).options.alpha
+
+    assert served_alpha() == 0.7
+    assert served_alpha("--alpha", "1.5") == 1.5
+    assert served_alpha("--beam", "3") == SearchOptions.alpha  # tuned for beam 2 only
+    older = json.loads(metadata.read_text())  # an export written before tuned_alpha
+    del older["tuned_alpha"]
+    metadata.write_text(json.dumps(older))
+    assert served_alpha() == SearchOptions.alpha
+    translate_cli.main([*flags, *files])
+    assert "chosen by" not in capsys.readouterr().err

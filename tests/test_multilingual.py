@@ -14,14 +14,17 @@ from fastapi.testclient import TestClient
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import WORDS, run_cli, write_gz
+from conftest import WORDS, random_en_de_checkpoint, run_cli, write_gz
 from test_data import data_config
+from transformer_mt.cli import evaluate as evaluate_cli
+from transformer_mt.cli import translate as translate_cli
 from transformer_mt.cli.common import config_dir
 from transformer_mt.data.corpus import ParallelCorpus, stream_chunks
 from transformer_mt.data.directions import corpora, language_pairs, target_tags
 from transformer_mt.data.prepare import prepare_data, prepared_name
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.decoding.greedy import greedy_search
+from transformer_mt.decoding.search import GREEDY
 from transformer_mt.decoding.translator import encode_to_fit
 from transformer_mt.errors import ConfigError, CorpusError, UserError
 from transformer_mt.serve.app import create_app
@@ -403,3 +406,38 @@ def test_the_ctranslate2_export_takes_the_target_language(
     assert len(seen) == 3  # the tag changes the output: CTranslate2 reads it too
     with pytest.raises(UserError, match="no target language"):
         ct2.translate(lines, greedy)
+
+
+def test_evaluate_scores_a_file_in_the_target_language_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    multilingual = random_en_de_checkpoint(tmp_path / "mul.pt", pairs=["en-de", "de-en"])
+    bilingual = random_en_de_checkpoint(tmp_path / "en-de.pt")
+    src, ref = tmp_path / "my.en", tmp_path / "my.de"
+    src.write_text("a dog runs\nthe red ball\n")
+    ref.write_text("ein Hund rennt\nder rote Ball\n")
+    common = ["--src", str(src), "--ref", str(ref), "--greedy", "--device", "cpu", "--json"]
+    evaluate_cli.main([str(multilingual), *common, "--tgt-lang", "de"])
+    row = json.loads(capsys.readouterr().out)
+    translator = Translator.from_checkpoint(multilingual)
+    expected = translator.translate(src.read_text().splitlines(), GREEDY, tgt_lang="de")
+    assert Path(row["hypotheses"]).read_text().splitlines() == expected
+    assert row["hypotheses"].endswith(".beam1.de")
+    with pytest.raises(SystemExit) as exit_info:  # which language? as tmt-translate asks
+        evaluate_cli.main([str(multilingual), *common])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "no target language: this multilingual model translates into de, en" in err
+    assert "tmt-evaluate --tgt-lang" in err
+    evaluate_cli.main([str(bilingual), *common, "--tgt-lang", "de"])  # its own target
+    assert json.loads(capsys.readouterr().out)["n_sentences"] == 2
+    given = ["--input", str(src), "--device", "cpu"]
+    for main, flags in ((evaluate_cli.main, common), (translate_cli.main, given)):
+        with pytest.raises(SystemExit) as exit_info:  # another target: the same error
+            main([str(bilingual), *flags, "--tgt-lang", "fr"])
+        assert exit_info.value.code == 1
+        assert "error: this model translates into de, not fr" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a split is scored in its own directions
+        evaluate_cli.parse_args([str(multilingual), "--split", "test", "--tgt-lang", "de"])
+    assert exit_info.value.code == 2
+    assert "--tgt-lang goes with --src/--ref" in capsys.readouterr().err

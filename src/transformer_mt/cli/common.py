@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from transformer_mt.decoding.search import SearchOptions
 from transformer_mt.errors import UserError
+from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.formats.results import tuned_alpha
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,7 +72,8 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
         "--alpha",
         type=float,
         help="length penalty α; 0 = off (default: the α the checkpoint's run tuned on val, "
-        f"from its results.json, else {SearchOptions.alpha:g})",
+        "from its results.json, or for an export the one tmt-export recorded; else "
+        f"{SearchOptions.alpha:g})",
     )
     g.add_argument(
         "--max-len-a", type=float, default=1.5, help="output budget a·src_len + b: a (default 1.5)"
@@ -180,7 +182,22 @@ def search_for(args: argparse.Namespace, checkpoint: Path, step: int | None) -> 
     """``args.search`` for ``checkpoint`` at ``step``: without --alpha, with the α its run
     chose on val (:func:`~transformer_mt.formats.results.tuned_alpha`) where there is one
     (sampling has no length penalty)."""
+    return _with_tuned_alpha(args, lambda beam_size: tuned_alpha(checkpoint, step, beam_size))
+
+
+def search_for_export(args: argparse.Namespace, export: CTranslate2Translator) -> SearchOptions:
+    """``args.search`` for a tmt-export directory, as :func:`search_for` for its checkpoint:
+    without --alpha, with the α the checkpoint's run chose on val, as tmt-export recorded it
+    (:meth:`~transformer_mt.export.ctranslate2_engine.CTranslate2Translator.tuned_alpha`)."""
+    return _with_tuned_alpha(args, export.tuned_alpha)
+
+
+def _with_tuned_alpha(
+    args: argparse.Namespace, tuned: Callable[[int], float | None]
+) -> SearchOptions:
+    """``args.search``; without --alpha (and not sampling), at the α ``tuned(beam size)``
+    gives, where it gives one."""
     if args.alpha is not None or args.search.sample:
         return args.search
-    alpha = tuned_alpha(checkpoint, step, args.search.beam_size)
+    alpha = tuned(args.search.beam_size)
     return args.search if alpha is None else dataclasses.replace(args.search, alpha=alpha)

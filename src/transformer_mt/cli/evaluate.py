@@ -5,15 +5,18 @@ sacreBLEU (BLEU, chrF, TER).
     tmt-evaluate runs/multi30k_en-de/default --split val        # every checkpoint of a run
     tmt-evaluate a.pt b.pt averaged.pt --metrics bleu,chrf,ter
     tmt-evaluate best.pt --src my.en --ref my.de
+    tmt-evaluate multilingual.pt --src my.en --ref my.fr --tgt-lang fr
     tmt-evaluate final.pt --split test --alpha-grid 0.6,1,1.4,1.8,2.2,3   # α tuned on val
     tmt-evaluate multilingual.pt --split test --pairs de-fr,fr-de         # zero-shot
     tmt-evaluate multilingual.pt --split test --pairs de-fr --pivot en    # through English
 
 Prints a table (one row per checkpoint) and the sacreBLEU signatures, or with --json one
 JSON object per checkpoint and line. Each checkpoint's hypotheses are saved next to it as
-``<checkpoint stem>.<split>.<search>.<tgt lang>``, where <search> is ``beam<N>`` plus any
-non-default setting (``beam5-alpha1``), or to --output for one checkpoint. An unreadable
-checkpoint among several is reported and skipped (exit status 1 at the end).
+``<checkpoint stem>.<set>.<search>.<tgt lang>``, where <set> is the split's set, or for
+--src the file's stem and a short hash of its absolute path (``test-1a2b3c4d``: files of one
+name in two folders do not overwrite each other's hypotheses), and <search> is ``beam<N>``
+plus any non-default setting (``beam5-alpha1``); or to --output for one checkpoint. An
+unreadable checkpoint among several is reported and skipped (exit status 1 at the end).
 
 The length penalty α: --alpha sets it; --alpha-grid decodes the checkpoint's val split at
 each α of the grid and scores the chosen split at the val-best one (as tmt-train's final
@@ -23,13 +26,16 @@ evaluation does); without either, a checkpoint named on the command line is deco
 A multilingual checkpoint (trained with ``data.pairs``) is scored in every direction it was
 trained on, one row each; --pairs names others (zero-shot directions: the corpus files of
 both languages must exist), and --pivot L translates each source to L first, then L to the
-target, with the same model and search (the baseline of a zero-shot direction).
+target, with the same model and search (the baseline of a zero-shot direction). With
+--src/--ref, --tgt-lang names the target language (as for tmt-translate; a multilingual
+checkpoint needs it).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -47,12 +53,14 @@ from transformer_mt.cli.common import (
 from transformer_mt.data.corpus import read_lines
 from transformer_mt.data.directions import corpora, fetch_raw, is_multilingual, languages
 from transformer_mt.decoding.search import is_length_penalty
-from transformer_mt.decoding.translator import Translator
+from transformer_mt.decoding.translator import Translator, source_prefix
 from transformer_mt.errors import CheckpointError, CorpusError, UserError
 from transformer_mt.evaluation.final import Decoded, EvalSet, decode_and_score, tune_alpha
 from transformer_mt.evaluation.metrics import METRICS
 from transformer_mt.formats.atomic import atomic_write_text
 from transformer_mt.formats.checkpoint import checkpoint_step, step_checkpoints
+
+TGT_LANG = "with tmt-evaluate --tgt-lang"  # how to name a multilingual model's target
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--src", type=Path, help="score this source file instead of a split")
     p.add_argument("--ref", type=Path, help="reference translations of --src, one per line")
+    p.add_argument(
+        "--tgt-lang",
+        help="the target language of --src for a multilingual model (trained with data.pairs), "
+        "e.g. de",
+    )
     p.add_argument(
         "--metrics", default="bleu,chrf", help=f"comma-separated, of {', '.join(METRICS)}"
     )
@@ -87,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_decoding_args(p, argv)
     if (args.src is None) != (args.ref is None):
         p.error("--src and --ref go together")
+    if args.tgt_lang is not None and args.src is None:
+        p.error("--tgt-lang goes with --src/--ref (a split is scored in its own directions)")
     args.metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     unknown = [m for m in args.metrics if m not in METRICS]
     if unknown or not args.metrics:
@@ -127,6 +142,14 @@ def parse_pairs(p: argparse.ArgumentParser, text: str) -> list[tuple[str, str]]:
             p.error(f"--pairs: '{item}' is not a direction like de-fr")
         pairs.append((src, tgt))
     return pairs
+
+
+def source_name(src: Path) -> str:
+    """The name of a --src file in its hypotheses file's name: its stem and a short hash of
+    its absolute path (``test-1a2b3c4d``), so that sources of one name in different folders
+    never share a hypotheses file."""
+    digest = hashlib.sha1(str(src.resolve()).encode("utf-8")).hexdigest()[:8]
+    return f"{src.stem}-{digest}"
 
 
 def expand_checkpoints(paths: list[Path]) -> list[tuple[Path, bool]]:
@@ -204,6 +227,8 @@ def evaluate_one(
     translator = Translator.from_checkpoint(path, device=args.device)
     data_cfg = OmegaConf.create(translator.config["data"])
     if args.src is not None:
+        # a language it translates into? (a multilingual model needs one)
+        source_prefix(translator.tokenizer, translator.config["data"], args.tgt_lang, TGT_LANG)
         if "file" not in sources:
             src, ref = read_lines(args.src), read_lines(args.ref)
             for file, lines in ((args.src, src), (args.ref, ref)):
@@ -211,7 +236,7 @@ def evaluate_one(
                     raise CorpusError(f"{file} is empty: no sentences to score")
             if len(src) != len(ref):
                 raise CorpusError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}")
-            sources["file"] = EvalSet(args.src.stem, src, ref)
+            sources["file"] = EvalSet(args.src.stem, src, ref, args.tgt_lang)
         targets = [sources["file"]]
     else:
         role = "valid" if args.split == "val" else "test"
@@ -241,8 +266,9 @@ def evaluate_one(
             decoded = tuned[[v is target for v in valid].index(True)]
         else:
             decoded = decode_and_score(translator, target, search, metrics=args.metrics, **batching)
+        name = target.name if args.src is None else source_name(args.src)
         output = args.output or path.with_name(
-            f"{path.stem}.{target.name}.{search.tag()}.{target.tgt_lang or data_cfg.tgt_lang}"
+            f"{path.stem}.{name}.{search.tag()}.{target.tgt_lang or data_cfg.tgt_lang}"
         )
         atomic_write_text(output, "".join(h + "\n" for h in decoded.hypotheses))
         scores = {m: s for m, s in decoded.scores.items() if m in args.metrics}

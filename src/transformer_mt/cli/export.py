@@ -4,7 +4,9 @@
     tmt-export averaged.pt exported/en-de-int8 --quantization int8 --force
 
 OUT_DIR gets CTranslate2's model.bin, config.json and shared_vocabulary.json, plus spm.model
-(the SentencePiece model) and transformer_mt.json (languages, source checkpoint, positions).
+(the SentencePiece model) and transformer_mt.json (languages, source checkpoint, positions,
+and the α the checkpoint's run chose on val by beam size: tmt-translate and tmt-serve decode
+the export at it without --alpha).
 It is written to a temporary sibling directory and renamed into place; an existing non-empty
 OUT_DIR is replaced only with --force. Translate with it from Python:
 

@@ -12,7 +12,7 @@ requests are decoded together, in batches of at most --max-batch-tokens source t
 batch waits at most --batch-timeout-ms for the clients the last batch answered to send again
 (see serve.batcher); each sentence gets what tmt-translate gives it. Decoding
 flags are tmt-translate's and set the server's default search (a request may change the
-beam, α and n-best).
+beam, α and n-best); --max-tokens needs --engine torch.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from transformer_mt.cli.common import (
     exit_on_user_error,
     parse_decoding_args,
     search_for,
+    search_for_export,
 )
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.errors import UserError
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be ≥ 1")
     if args.batch_timeout_ms < 0:
         p.error("--batch-timeout-ms must be ≥ 0")
+    if args.engine == "ctranslate2" and args.max_tokens is not None:
+        p.error("--max-tokens needs --engine torch")
     return args
 
 
@@ -74,7 +77,9 @@ def load_engine(args: argparse.Namespace) -> Engine:
         if not args.checkpoint.is_dir():
             raise UserError(f"{args.checkpoint}: not a tmt-export directory")
         ct2 = CTranslate2Translator.from_dir(args.checkpoint, device=args.device)
-        return ctranslate2_engine(args.checkpoint, ct2, args.search)
+        return ctranslate2_engine(
+            args.checkpoint, ct2, search_for_export(args, ct2), args.batch_size
+        )
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
     search = search_for(args, args.checkpoint, translator.step)
     return torch_engine(translator, search, args.batch_size, args.max_tokens)

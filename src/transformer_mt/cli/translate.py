@@ -31,14 +31,17 @@ With --attention-html FILE, FILE is one self-contained page exploring every atte
 With --attention-dir DIR, each translated line N also gets DIR/<N>.png, N zero-padded to six
 digits (line 1: DIR/000001.png; a heatmap of the decoder→encoder attention, subwords on the
 axes) and DIR/<N>.npy (the weights; rows sum to 1): the last decoder layer, averaged over
-heads, unless --attention-layer/-head say.
+heads, unless --attention-layer/-head (which need --attention-dir) say.
+
+Without --alpha, beam search uses the α the checkpoint's run chose on val (from its
+results.json; for a tmt-export directory, the one tmt-export recorded), else the default.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -48,6 +51,7 @@ from transformer_mt.cli.common import (
     exit_on_user_error,
     parse_decoding_args,
     search_for,
+    search_for_export,
 )
 from transformer_mt.decoding.attention_maps import (
     attention_item,
@@ -95,8 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="translate each line as soon as it is read and flush it (terminal or pipe)",
     )
     p.add_argument("--attention-dir", type=Path, help="write cross-attention maps here")
-    p.add_argument("--attention-layer", type=int, default=-1, help="decoder layer (default -1)")
-    p.add_argument("--attention-head", type=int, help="one head (default: mean of all heads)")
+    p.add_argument(
+        "--attention-layer", type=int, help="the maps' decoder layer (default -1: the last)"
+    )
+    p.add_argument("--attention-head", type=int, help="the maps' head (default: mean of all)")
     p.add_argument(
         "--attention-html",
         type=Path,
@@ -107,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_decoding_args(p, argv)
     if args.interactive and args.output is not None:
         p.error("--interactive writes to stdout; drop --output")
+    selection = {"--attention-layer": args.attention_layer, "--attention-head": args.attention_head}
+    for flag, value in selection.items():  # they choose what --attention-dir's maps show
+        if value is not None and args.attention_dir is None:
+            p.error(f"{flag} needs --attention-dir")
+    if args.attention_layer is None:
+        args.attention_layer = -1
     if args.engine == "ctranslate2" and (
         args.nbest > 1
         or args.attention_dir is not None
@@ -191,6 +203,20 @@ def source_ids(
     )
 
 
+def truncation_warning(name: str, first: int, max_positions: int) -> Callable[[int, int], None]:
+    """The ``on_truncate`` of a chunk whose first line is line ``first`` of input ``name``:
+    a warning naming the line."""
+
+    def warn(index: int, length: int) -> None:
+        print(
+            f"warning: {name}:{first + index}: {length} subwords, more than the model's "
+            f"{max_positions - 1}; truncated",
+            file=sys.stderr,
+        )
+
+    return warn
+
+
 def translate_stream(
     translator: Translator,
     chunks: Iterator[list[str]],
@@ -204,21 +230,13 @@ def translate_stream(
     options = args.search
     first = 1
     for lines in chunks:
-
-        def warn(index: int, length: int, first: int = first) -> None:
-            print(
-                f"warning: {name}:{first + index}: {length} subwords, more than the model's "
-                f"{translator.model.max_positions - 1}; truncated",
-                file=sys.stderr,
-            )
-
         stripped = [line.strip() for line in lines]
         hyps = translator.translate_ids(
             stripped,
             options,
             batch_size=args.batch_size,
             max_tokens=args.max_tokens,
-            on_truncate=warn,
+            on_truncate=truncation_warning(name, first, translator.model.max_positions),
             first_index=first - 1,
             tgt_lang=args.tgt_lang,
         )
@@ -242,17 +260,22 @@ def translate_stream_ctranslate2(
     chunks: Iterator[list[str]],
     out: BinaryIO,
     args: argparse.Namespace,
+    name: str,
 ) -> None:
-    """The same contract through CTranslate2: one line out per line in, flushed per chunk."""
+    """The same contract through CTranslate2: one line out per line in, flushed per chunk,
+    truncation warnings naming the line."""
+    first = 1
     for lines in chunks:
         hyps = translator.translate(
             [line.strip() for line in lines],
             args.search,
             batch_size=args.batch_size,
             tgt_lang=args.tgt_lang,
+            on_truncate=truncation_warning(name, first, translator.max_positions),
         )
         out.write("".join(h + "\n" for h in hyps).encode("utf-8"))
         out.flush()
+        first += len(lines)
 
 
 @exit_on_user_error
@@ -262,15 +285,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.engine == "ctranslate2":
         ct2 = CTranslate2Translator.from_dir(args.checkpoint, device=args.device)
         source_prefix(ct2.tokenizer, ct2.data, args.tgt_lang)  # a language it translates into?
+        search = search_for_export(args, ct2)
     else:
         translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
         translator.source_prefix(args.tgt_lang)  # a language it translates into?
         search = search_for(args, args.checkpoint, translator.step)
-        if search is not args.search:
-            print(f"α {search.alpha:g}, chosen by the checkpoint's run", file=sys.stderr)
-        args.search = search
         if args.attention_dir is not None:
             check_selection(translator.model, args.attention_layer, args.attention_head)
+    if search is not args.search:
+        print(f"α {search.alpha:g}, chosen by the checkpoint's run", file=sys.stderr)
+    args.search = search
     if args.input is not None and not args.input.exists():  # a pipe will do: <(zcat x.gz)
         raise FileNotFoundError(f"input file not found: {args.input}")
     if args.input is not None and args.input.is_dir():
@@ -282,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def write(out: BinaryIO) -> None:
             if args.engine == "ctranslate2":
-                translate_stream_ctranslate2(ct2, chunks, out, args)
+                translate_stream_ctranslate2(ct2, chunks, out, args, name)
             else:
                 translate_stream(translator, chunks, out, args, name, explored)
 

@@ -214,13 +214,18 @@ def length_batches(
         yield batch
 
 
-def source_prefix(tokenizer: Tokenizer, data: dict[str, Any], tgt_lang: str | None) -> list[int]:
+def source_prefix(
+    tokenizer: Tokenizer,
+    data: dict[str, Any],
+    tgt_lang: str | None,
+    how: str = "e.g. tmt-translate --tgt-lang",
+) -> list[int]:
     """The ids that lead every source of a model trained on ``data`` (its config section):
     ``[id of <2de>]`` for a multilingual model asked for ``tgt_lang`` de, nothing for a
     bilingual one (whose own target language may be named). Without ``data`` (a model built
     in memory, as during training) the tokenizer decides: a language whose tag it has gets
     it. UserError for a language the model does not translate into, or a multilingual model
-    asked for none."""
+    asked for none (saying ``how`` to name one)."""
     pairs = language_pairs(data) if is_multilingual(data) else []
     targets = list(dict.fromkeys(tgt for _, tgt in pairs))
     if data and not targets:  # a bilingual model
@@ -234,8 +239,7 @@ def source_prefix(tokenizer: Tokenizer, data: dict[str, Any], tgt_lang: str | No
         asked = "no target language" if tgt_lang is None else f"target language {tgt_lang!r}"
         known = ", ".join(targets) if targets else "the languages its tokenizer has tags for"
         raise UserError(
-            f"{asked}: this multilingual model translates into {known} "
-            "(name one, e.g. tmt-translate --tgt-lang)"
+            f"{asked}: this multilingual model translates into {known} (name one, {how})"
         )
     return [tag]
 

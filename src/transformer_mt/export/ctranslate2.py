@@ -3,10 +3,12 @@
 The exported directory holds CTranslate2's ``model.bin``, ``config.json`` and
 ``shared_vocabulary.json`` (the SentencePiece pieces in id order, so ids match), plus
 ``spm.model`` (the SentencePiece model) and ``transformer_mt.json`` (languages, the source
-checkpoint, ``max_positions``). The weights map onto a ``TransformerSpec`` one to one:
-pre/post-norm from ``norm_first``, fused q/k/v (self-attention) and k/v (cross-attention)
-projections, embeddings scaled by √d_model, and the model's own sinusoidal table exported
-as a learned position table (CTranslate2's built-in sinusoids use another layout).
+checkpoint, ``max_positions``, and ``tuned_alpha``: the length penalty the checkpoint's run
+chose on val, by beam size, which the export is decoded at unless told otherwise). The
+weights map onto a ``TransformerSpec`` one to one: pre/post-norm from ``norm_first``, fused
+q/k/v (self-attention) and k/v (cross-attention) projections, embeddings scaled by
+√d_model, and the model's own sinusoidal table exported as a learned position table
+(CTranslate2's built-in sinusoids use another layout).
 
 The architecture variants map onto CTranslate2's options: ``positions=learned`` is that
 position table, ``positions=rope`` is ``rotary_dim=0`` (every dimension) with
@@ -29,6 +31,7 @@ from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.errors import UserError
 from transformer_mt.formats.atomic import atomic_directory
+from transformer_mt.formats.results import tuned_alphas
 from transformer_mt.model import Transformer
 from transformer_mt.model.attention import MultiHeadAttention
 from transformer_mt.model.embedding import LearnedPositionalEmbedding, PositionalEncoding
@@ -238,11 +241,13 @@ def _check_output_dir(output_dir: Path, force: bool) -> None:
 
 def _metadata(translator: Translator, checkpoint: Path, quantization: str | None) -> dict:
     data = translator.config.get("data") or {}
+    alphas = tuned_alphas(checkpoint, translator.step)  # by beam size; {} if none was tuned
     return {
         "format": "ctranslate2",
         "format_version": 1,
         "checkpoint": str(checkpoint.resolve()),
         "step": translator.step,
+        "tuned_alpha": {str(beam): alphas[beam] for beam in sorted(alphas)},  # {"5": 1.4}
         "src_lang": data.get("src_lang"),
         "tgt_lang": data.get("tgt_lang"),
         "pairs": list(data.get("pairs") or []),  # a multilingual model's directions

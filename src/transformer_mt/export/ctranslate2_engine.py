@@ -15,6 +15,8 @@ Sampling (``SearchOptions.sample``) is CTranslate2's random sampling, seeded (se
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,9 @@ NO_EARLY_EXIT = 1e-6
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """An export's ``transformer_mt.json``; UserError naming it if it is unreadable, not a
-    JSON object, or without a usable ``max_positions`` or ``pairs``."""
+    JSON object, without a usable ``max_positions`` or ``pairs``, or with a ``tuned_alpha``
+    that is not beam sizes ≥ 2 mapped to finite α ≥ 0 (an export written before that key
+    has none: it is decoded at the default α)."""
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # unreadable, not UTF-8, truncated or invalid JSON
@@ -54,7 +58,20 @@ def read_metadata(path: Path) -> dict[str, Any]:
         language_pairs(metadata)
     except (UserError, TypeError) as e:  # pairs: not a list of "src-tgt" strings
         raise UserError(f"{path}: {e}") from e
+    alphas = metadata.get("tuned_alpha", {})
+    if not isinstance(alphas, dict) or not all(
+        beam.isdecimal() and int(beam) > 1 and _is_alpha(alpha) for beam, alpha in alphas.items()
+    ):
+        raise UserError(
+            f'{path}: tuned_alpha must map beam sizes ≥ 2 to α ≥ 0 (e.g. {{"5": 1.4}}), '
+            f"got {alphas!r}"
+        )
     return metadata
+
+
+def _is_alpha(value: Any) -> bool:
+    """Whether ``value`` is a JSON number usable as a length penalty: finite and ≥ 0."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 class CTranslate2Translator:
@@ -153,6 +170,15 @@ class CTranslate2Translator:
             raise UserError(f"CTranslate2 cannot load {path} on {device}: {e}") from e
         return cls(translator, tokenizer, metadata["max_positions"], metadata)
 
+    def tuned_alpha(self, beam_size: int) -> float | None:
+        """The length penalty the exported checkpoint's run chose on val for ``beam_size``,
+        as ``tmt-export`` recorded it; None for greedy search, a beam size it was not tuned
+        for, or an export written before ``tuned_alpha`` was recorded."""
+        if beam_size == 1:
+            return None
+        alpha = self.data.get("tuned_alpha", {}).get(str(beam_size))
+        return None if alpha is None else float(alpha)
+
     def translate(
         self,
         sentences: list[str],
@@ -160,10 +186,14 @@ class CTranslate2Translator:
         *,
         batch_size: int = 64,
         tgt_lang: str | None = None,
+        on_truncate: Callable[[int, int], None] | None = None,
     ) -> list[str]:
         """Detokenized best translations, one per input sentence, in input order (into
-        ``tgt_lang``, for a multilingual model)."""
-        best = self._search(sentences, options, batch_size, options.beam_size > 1, tgt_lang)
+        ``tgt_lang``, for a multilingual model). A sentence longer than the model's positions
+        is truncated to fit, and ``on_truncate(index, n_subwords)`` is called (by default a
+        warning on stderr), as :meth:`Translator.translate_ids` does."""
+        rank = options.beam_size > 1
+        best = self._search(sentences, options, batch_size, rank, tgt_lang, on_truncate)
         return self.tokenizer.decode([hyps[0][0] for hyps in best])
 
     def translate_nbest(
@@ -173,10 +203,12 @@ class CTranslate2Translator:
         *,
         batch_size: int = 64,
         tgt_lang: str | None = None,
+        on_truncate: Callable[[int, int], None] | None = None,
     ) -> list[list[tuple[str, float]]]:
         """Per sentence, up to ``options.nbest`` (translation, score) pairs, best first; the
-        score is the log-probability (EOS included) over the GNMT length penalty."""
-        results = self._search(sentences, options, batch_size, True, tgt_lang)
+        score is the log-probability (EOS included) over the GNMT length penalty. Truncation
+        and ``on_truncate`` as in :meth:`translate`."""
+        results = self._search(sentences, options, batch_size, True, tgt_lang, on_truncate)
         nbest = []
         for hyps in results:
             texts = self.tokenizer.decode([ids for ids, _ in hyps])
@@ -198,11 +230,12 @@ class CTranslate2Translator:
         batch_size: int,
         rank: bool,
         tgt_lang: str | None = None,
+        on_truncate: Callable[[int, int], None] | None = None,
     ) -> list[list[Scored]]:
         """Decode every sentence in one ``translate_batch`` call; with ``rank``, score each
         hypothesis as :func:`beam_search` does and sort each list best first."""
         prefix = source_prefix(self.tokenizer, self.data, tgt_lang)
-        ids = encode_to_fit(self.tokenizer, sentences, self.max_positions, None, prefix)
+        ids = encode_to_fit(self.tokenizer, sentences, self.max_positions, on_truncate, prefix)
         results: list[list[Scored]] = [[([], 0.0)] for _ in sentences]
         budgets = self.budgets([len(s) + 1 for s in ids], options)
         todo = [i for i, s in enumerate(ids) if s and budgets[i] > 1]  # else: only EOS fits

@@ -2,7 +2,7 @@
 
 One owner for the file: :class:`RunResults` writes it (``tmt-train``'s final evaluation, a
 failed run of a sweep) and reads it (the sweep summary, the α lookup of ``tmt-evaluate``,
-``tmt-translate`` and :class:`~transformer_mt.decoding.Translator`). Layout::
+``tmt-translate``, ``tmt-export`` and :class:`~transformer_mt.decoding.Translator`). Layout::
 
     {"steps": 8130, "epochs": 30, "stop_reason": "", "train_minutes": 37.7,
      "nonfinite_updates": 0, "best_val_bleu_greedy": 38.3,
@@ -29,7 +29,7 @@ from typing import Any
 from transformer_mt.errors import ResultsError
 from transformer_mt.formats.atomic import atomic_write_text
 
-__all__ = ["RESULTS_FILE", "CheckpointResult", "RunResults", "Score", "tuned_alpha"]
+__all__ = ["RESULTS_FILE", "CheckpointResult", "RunResults", "Score", "tuned_alpha", "tuned_alphas"]
 
 RESULTS_FILE = "results.json"
 
@@ -124,35 +124,48 @@ class RunResults:
     def alpha_for(self, checkpoint: Path, step: int, beam_size: int) -> float | None:
         """The α chosen on val for ``checkpoint`` (a file in this run's ``checkpoints/``
         folder; a hard link such as final.pt counts) at ``step`` and ``beam_size``."""
+        return self.alphas_for(checkpoint, step).get(beam_size)
+
+    def alphas_for(self, checkpoint: Path, step: int) -> dict[int, float]:
+        """The α chosen on val for ``checkpoint`` at ``step`` (see :meth:`alpha_for`), by
+        beam size: every beam size it was evaluated at."""
         checkpoint = Path(os.path.abspath(checkpoint))
+        alphas: dict[int, float] = {}
         for name, result in self.checkpoints.items():
-            if result.step != step or result.beam_size != beam_size:
+            if result.step != step or result.beam_size in alphas:
                 continue
             candidate = checkpoint.parent / name
             if candidate.is_file() and os.path.samefile(candidate, checkpoint):
-                return result.alpha
-        return None
+                alphas[result.beam_size] = result.alpha
+        return alphas
 
 
 def tuned_alpha(checkpoint: str | Path, step: int | None, beam_size: int) -> float | None:
-    """The length penalty the final evaluation of ``checkpoint``'s run chose for it, or None.
+    """The length penalty the final evaluation of ``checkpoint``'s run chose for it at
+    ``beam_size``, or None (see :func:`tuned_alphas`; greedy search has no length penalty)."""
+    return None if beam_size == 1 else tuned_alphas(checkpoint, step).get(beam_size)
+
+
+def tuned_alphas(checkpoint: str | Path, step: int | None) -> dict[int, float]:
+    """The length penalties the final evaluation of ``checkpoint``'s run chose for it, by
+    beam size (greedy left out: it has no length penalty).
 
     Read from ``results.json`` of the run (``<run>/checkpoints/x.pt`` -> ``<run>/results.json``).
-    None for greedy search (no length penalty), an unknown step, a results.json older than
-    the checkpoint (rewritten later, e.g. by tmt-average, or a run retrained in the same
-    folder) and anything unreadable.
+    Empty for an unknown step, a results.json older than the checkpoint (rewritten later,
+    e.g. by tmt-average, or a run retrained in the same folder) and anything unreadable.
     """
-    if beam_size == 1 or step is None:
-        return None
+    if step is None:
+        return {}
     checkpoint = Path(os.path.abspath(checkpoint))
     run_dir = checkpoint.parent.parent
     try:
         if (run_dir / RESULTS_FILE).stat().st_mtime_ns < checkpoint.stat().st_mtime_ns:
-            return None
+            return {}
         results = RunResults.read(run_dir)
     except (OSError, ResultsError):
-        return None
-    return results.alpha_for(checkpoint, step, beam_size)
+        return {}
+    alphas = results.alphas_for(checkpoint, step)
+    return {beam: alpha for beam, alpha in alphas.items() if beam > 1}
 
 
 def _number(value: Any, key: str) -> float:

@@ -113,17 +113,22 @@ def torch_engine(
 
 
 def ctranslate2_engine(
-    path: Path, translator: CTranslate2Translator, options: SearchOptions
+    path: Path, translator: CTranslate2Translator, options: SearchOptions, batch_size: int = 64
 ) -> Engine:
-    """CTranslate2 on a tmt-export directory (no attention)."""
+    """CTranslate2 on a tmt-export directory (no attention), decoding in batches of at most
+    ``batch_size`` sentences."""
     metadata = translator.data  # its transformer_mt.json, checked by from_dir
     tok = translator.tokenizer
 
     def decode(texts: list[str], search: SearchOptions, tgt_lang: str | None) -> list[NBest]:
         if search.beam_size == 1:  # greedy: no scores, as with the torch engine
-            greedy = translator.translate(texts, search, tgt_lang=tgt_lang)
+            greedy = translator.translate(
+                texts, search, batch_size=batch_size, tgt_lang=tgt_lang, on_truncate=_quiet
+            )
             return [[(text, None)] for text in greedy]
-        nbest = translator.translate_nbest(texts, search, tgt_lang=tgt_lang)
+        nbest = translator.translate_nbest(
+            texts, search, batch_size=batch_size, tgt_lang=tgt_lang, on_truncate=_quiet
+        )
         return [[(t, s) for t, s in n] for n in nbest]
 
     return Engine(
