@@ -33,6 +33,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "learned positions": {"positions": "learned"},
     "RoPE": {"positions": "rope"},
     "RMSNorm": {"norm": "rmsnorm"},
+    "GELU": {"activation": "gelu"},
     "SwiGLU": {"activation": "swiglu"},
     "RoPE + SwiGLU": {"positions": "rope", "activation": "swiglu"},
     "all three": {"positions": "rope", "norm": "rmsnorm", "activation": "swiglu"},
