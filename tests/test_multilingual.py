@@ -441,3 +441,19 @@ def test_evaluate_scores_a_file_in_the_target_language_named(
         evaluate_cli.parse_args([str(multilingual), "--split", "test", "--tgt-lang", "de"])
     assert exit_info.value.code == 2
     assert "--tgt-lang goes with --src/--ref" in capsys.readouterr().err
+
+
+def test_truncation_warnings_count_the_language_tag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 24 positions: EOS and the <2de> tag leave 22 subwords of a source.
+    multilingual = random_en_de_checkpoint(tmp_path / "mul.pt", pairs=["en-de", "de-en"])
+    translator = Translator.from_checkpoint(multilingual)
+    words = " ".join(WORDS * 3)
+    n = len(translator.tokenizer.encode([words])[0])
+    assert n > 22
+    source = tmp_path / "in.en"
+    source.write_text("a dog runs\n" + words + "\n")
+    translate_cli.main([str(multilingual), "--greedy", "--tgt-lang", "de", "--input", str(source)])
+    err = capsys.readouterr().err
+    assert f"{source}:2: {n} subwords, more than the model's 22; truncated" in err

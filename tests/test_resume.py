@@ -178,12 +178,17 @@ def test_a_resumed_run_takes_this_launchs_optimizer_settings(corpus_root: Path) 
     group = same.update.optimizer.param_groups[0]
     peak, betas = group["initial_lr"], group["betas"]
     cfg = make_config(
-        corpus_root, f"optim.lr={peak / 4}", "optim.betas=[0.8,0.9]", "optim.eps=1e-6"
+        corpus_root,
+        f"optim.lr={peak / 4}",
+        "optim.betas=[0.8,0.9]",
+        "optim.eps=1e-6",
+        "optim.weight_decay=0.01",
     )
     changed = Trainer(cfg, corpus_root / "r")  # the same run directory: resumed
     assert changed.state.step == 3
     group = changed.update.optimizer.param_groups[0]
     assert (group["betas"], group["eps"]) == ((0.8, 0.9), 1e-6) != (betas, 1e-9)
+    assert group["weight_decay"] == 0.01
     assert group["lr"] == pytest.approx(same.update.optimizer.param_groups[0]["lr"] / 4)
     assert changed.update.scheduler.get_last_lr() == [group["lr"]]
     changed.update.scheduler.step()  # the schedule goes on from the new peak
@@ -199,6 +204,13 @@ def test_mid_epoch_resume_refuses_another_batch_plan(corpus_root: Path) -> None:
         cfg = make_config(corpus_root, override, f"trainer.resume={last}")
         with pytest.raises(ConfigError, match=rf"{key}=.*3 batches into epoch 1"):
             Trainer(cfg, corpus_root / "s")
+    # At an epoch's end they only make the next epochs' batches: accepted.
+    ended = make_config(corpus_root, "trainer.max_steps=null", "trainer.max_epochs=1")
+    Trainer(ended, corpus_root / "e").train()
+    at_end = corpus_root / "e" / "checkpoints" / "last.pt"
+    for override in ("seed=2", "trainer.max_tokens=512"):
+        cfg = make_config(corpus_root, override, f"trainer.resume={at_end}")
+        assert Trainer(cfg, corpus_root / f"t{override}").state.epoch == 1
     with pytest.raises(ConfigError, match=r"model config differs from this run's at model\.d_ff"):
         Trainer(
             make_config(corpus_root, "model.d_ff=64", f"trainer.resume={last}"), corpus_root / "s"

@@ -270,6 +270,10 @@ def test_a_failed_sweep_job_keeps_a_finished_runs_results(tmp_path: Path) -> Non
     finished.write(tmp_path / "done")
     record_failure(tmp_path / "done", "trainer.init_from=x.pt: no such checkpoint file")
     assert RunResults.read(tmp_path / "done") == finished  # its scores and tuned α stay
+    stopped = RunResults(steps=5, epochs=1, best_val_bleu_greedy=3.5)  # final_eval=false
+    stopped.write(tmp_path / "no_eval")
+    record_failure(tmp_path / "no_eval", "data.valid=x: no such file")
+    assert RunResults.read(tmp_path / "no_eval") == stopped
     (tmp_path / "new").mkdir()
     record_failure(tmp_path / "new", "optim.lr must be positive, got 0")
     assert (

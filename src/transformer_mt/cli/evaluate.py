@@ -147,8 +147,10 @@ def parse_pairs(p: argparse.ArgumentParser, text: str) -> list[tuple[str, str]]:
 def source_name(src: Path) -> str:
     """The name of a --src file in its hypotheses file's name: its stem and a short hash of
     its absolute path (``test-1a2b3c4d``), so that sources of one name in different folders
-    never share a hypotheses file."""
-    digest = hashlib.sha1(str(src.resolve()).encode("utf-8")).hexdigest()[:8]
+    never share a hypotheses file. A pipe (``<(zcat x.gz)``) is named as given, not by the
+    ``pipe:[inode]`` it resolves to, which changes from run to run."""
+    where = src.resolve() if src.is_file() else src.absolute()
+    digest = hashlib.sha1(str(where).encode("utf-8")).hexdigest()[:8]
     return f"{src.stem}-{digest}"
 
 

@@ -59,11 +59,16 @@ def record_failure(run_dir: Path, message: str) -> None:
     failed this time): those, with the α its checkpoints were tuned at, are kept."""
     if (run_dir / RESULTS_FILE).is_file():
         try:
-            if RunResults.read(run_dir).final is not None:
-                print(f"note: {run_dir / RESULTS_FILE} of the finished run kept", file=sys.stderr)
-                return
+            old = RunResults.read(run_dir)
         except ResultsError:
-            pass  # unreadable: replaced by the failure
+            old = RunResults()  # unreadable: replaced by the failure
+        if old.steps > 0 and not old.stop_reason.startswith("failed:"):
+            print(
+                f"note: {run_dir / RESULTS_FILE} of the finished run kept (this launch "
+                f"failed: {message})",
+                file=sys.stderr,
+            )
+            return
     RunResults(stop_reason=f"failed: {message}").write(run_dir)
 
 

@@ -203,14 +203,15 @@ def source_ids(
     )
 
 
-def truncation_warning(name: str, first: int, max_positions: int) -> Callable[[int, int], None]:
+def truncation_warning(name: str, first: int, limit: int) -> Callable[[int, int], None]:
     """The ``on_truncate`` of a chunk whose first line is line ``first`` of input ``name``:
-    a warning naming the line."""
+    a warning naming the line and ``limit``, the subwords the model reads of one (its
+    positions less EOS and a multilingual model's language tag)."""
 
     def warn(index: int, length: int) -> None:
         print(
             f"warning: {name}:{first + index}: {length} subwords, more than the model's "
-            f"{max_positions - 1}; truncated",
+            f"{limit}; truncated",
             file=sys.stderr,
         )
 
@@ -228,6 +229,7 @@ def translate_stream(
     """Translate chunk by chunk, writing UTF-8 lines and flushing after every chunk; with
     ``explored``, append each translated line's attention to it (--attention-html)."""
     options = args.search
+    limit = translator.model.max_positions - 1 - len(translator.source_prefix(args.tgt_lang))
     first = 1
     for lines in chunks:
         stripped = [line.strip() for line in lines]
@@ -236,7 +238,7 @@ def translate_stream(
             options,
             batch_size=args.batch_size,
             max_tokens=args.max_tokens,
-            on_truncate=truncation_warning(name, first, translator.model.max_positions),
+            on_truncate=truncation_warning(name, first, limit),
             first_index=first - 1,
             tgt_lang=args.tgt_lang,
         )
@@ -264,6 +266,8 @@ def translate_stream_ctranslate2(
 ) -> None:
     """The same contract through CTranslate2: one line out per line in, flushed per chunk,
     truncation warnings naming the line."""
+    prefix = source_prefix(translator.tokenizer, translator.data, args.tgt_lang)
+    limit = translator.max_positions - 1 - len(prefix)
     first = 1
     for lines in chunks:
         hyps = translator.translate(
@@ -271,7 +275,7 @@ def translate_stream_ctranslate2(
             args.search,
             batch_size=args.batch_size,
             tgt_lang=args.tgt_lang,
-            on_truncate=truncation_warning(name, first, translator.max_positions),
+            on_truncate=truncation_warning(name, first, limit),
         )
         out.write("".join(h + "\n" for h in hyps).encode("utf-8"))
         out.flush()

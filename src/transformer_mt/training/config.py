@@ -43,7 +43,8 @@ def _integer(cfg: DictConfig, key: str, allow_null: bool = False) -> int | None:
     value = _number(cfg, key, allow_null)
     if value is not None and not isinstance(value, int):
         raise ConfigError(
-            f"{key} must be a whole number{' or null' if allow_null else ''}, got {value}"
+            f"{key} must be a whole number{' or null' if allow_null else ''} (written "
+            f"without a point or exponent), got {value}"
         )
     return value
 

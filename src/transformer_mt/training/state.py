@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from transformer_mt.data.prepare import NOT_CONTENT
 from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.formats.checkpoint import spm_bytes_to_tensor
@@ -133,7 +135,7 @@ def restore_training(
     update.scheduler.load_state_dict(checkpoint["scheduler"])
     changed = _changes(saved.get("optim", {}), config["optim"], "optim")
     if changed:
-        apply_optim(update, config["optim"])
+        apply_optim(update, saved.get("optim", {}), config["optim"])
         if update.dist.is_main:
             print(
                 f"resuming with a changed optimizer config, applied from step {state.step + 1}: "
@@ -154,18 +156,23 @@ def restore_training(
     return state
 
 
-def apply_optim(update: UpdateStep, optim: dict[str, Any]) -> None:
+def apply_optim(update: UpdateStep, was: dict[str, Any], optim: dict[str, Any]) -> None:
     """Set the peak lr, betas, eps and weight decay of ``optim`` on a restored optimizer and
-    schedule (its moments and step count stay), and the lr of the schedule's current step."""
+    schedule (its moments and step count stay), and the lr of the schedule's current step.
+    ``was`` is the checkpoint's ``optim``: each parameter group's peak lr is scaled by the
+    ratio of the two, and a group's weight decay changes only where it had ``was``'s."""
     scheduler = update.scheduler
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise ConfigError(f"cannot change optim.* on resume with a {type(scheduler).__name__}")
     groups = update.optimizer.param_groups
-    scheduler.base_lrs = [float(optim["lr"])] * len(groups)
+    ratio = float(optim["lr"]) / float(was.get("lr", optim["lr"]))
+    scheduler.base_lrs = [base * ratio for base in scheduler.base_lrs]
     for group, lr_lambda, base in zip(
         groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True
     ):
-        group.update(
-            betas=tuple(optim["betas"]), eps=optim["eps"], weight_decay=optim["weight_decay"]
-        )
+        group.update(betas=tuple(optim["betas"]), eps=optim["eps"])
+        if group["weight_decay"] == was.get("weight_decay"):
+            group["weight_decay"] = optim["weight_decay"]
         group["initial_lr"] = base
         group["lr"] = base * lr_lambda(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
