@@ -4,6 +4,7 @@ trained run's val and test sets cut to their first EVAL_LINES lines, to keep dec
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from conftest import (
     write_gz,
 )
 from transformer_mt.cli import evaluate as evaluate_cli
+from transformer_mt.cli import export as export_cli
 from transformer_mt.cli import translate as translate_cli
 from transformer_mt.cli.evaluate import expand_checkpoints
 from transformer_mt.formats.checkpoint import (
@@ -387,7 +389,9 @@ def test_evaluate_and_translate_use_the_runs_tuned_alpha_unless_given(
     assert tuned.stdout == given.stdout != other.stdout
 
 
-def test_evaluate_tunes_alpha_on_val_with_a_grid(trained_run: Path, tmp_path: Path) -> None:
+def test_evaluate_tunes_alpha_on_val_with_a_grid(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     best = trained_run / "checkpoints" / "best.pt"
     common = ["--beam", "2", "--batch-size", "128", "--json"]
     r = run_cli(
@@ -411,20 +415,31 @@ def test_evaluate_tunes_alpha_on_val_with_a_grid(trained_run: Path, tmp_path: Pa
         (["--alpha-grid", "1", "--alpha", "1"], "exclude each other"),
         (["--alpha-grid", "1", "--greedy"], "needs beam search"),
     ):
-        r = run_cli("tmt-evaluate", str(best), *bad)
-        assert r.returncode == 2 and message in r.stderr, r.stderr
+        with pytest.raises(SystemExit) as exit_info:  # usage errors, in this process
+            evaluate_cli.main([str(best), *bad])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err, err
 
 
-def test_missing_or_corrupt_checkpoint_fails_clearly(tmp_path: Path) -> None:
+def test_missing_or_corrupt_checkpoint_fails_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a checkpoint")
+    r = run_cli("tmt-translate", str(tmp_path / "corrupt.pt"), stdin="hello\n")  # one process
+    assert r.returncode == 1 and "corrupt.pt" in r.stderr and "Traceback" not in r.stderr
+    mains = {
+        "translate": translate_cli.main,
+        "evaluate": evaluate_cli.main,
+        "export": export_cli.main,
+    }
     for name in ("nope.pt", "corrupt.pt"):
-        for tool in ("tmt-translate", "tmt-evaluate", "tmt-export"):
-            args = [str(tmp_path / name)] + (
-                [str(tmp_path / "out")] if tool == "tmt-export" else []
-            )
-            r = run_cli(tool, *args, stdin="hello\n")
-            assert r.returncode == 1, (tool, r.stderr)
-            assert name in r.stderr and "Traceback" not in r.stderr
+        for tool, main in mains.items():  # the others in this process: an exception escapes
+            args = [str(tmp_path / name)] + ([str(tmp_path / "out")] if tool == "export" else [])
+            monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello\n")))
+            with pytest.raises(SystemExit) as exit_info:
+                main(args)
+            assert exit_info.value.code == 1, tool
+            assert name in capsys.readouterr().err, tool
     assert not (tmp_path / "out").exists()
 
 
