@@ -7,6 +7,7 @@ import itertools
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -369,19 +370,24 @@ def test_translate_takes_search_settings_as_keywords(translator: Translator) -> 
         translator.translate(lines, beam_size=2, nbest=3)
 
 
-def test_a_checkpoint_is_decoded_at_the_alpha_its_run_chose(
-    translator: Translator, tmp_path: Path
-) -> None:
-    ckpts = tmp_path / "run" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    path = ckpts / "averaged.pt"
-    state = {
+def checkpoint_state(translator: Translator) -> dict[str, Any]:
+    """A self-contained checkpoint (step 42) of ``translator``'s model and tokenizer."""
+    return {
         "model": translator.model.state_dict(),
         "config": {"model": {**SMALL_MODEL_CONFIG, "max_positions": 20}, "data": {}},
         "spm_model": spm_bytes_to_tensor(translator.tokenizer.model_bytes),
         "step": 42,
         "epoch": 1,
     }
+
+
+def test_a_checkpoint_is_decoded_at_the_alpha_its_run_chose(
+    translator: Translator, tmp_path: Path
+) -> None:
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    path = ckpts / "averaged.pt"
+    state = checkpoint_state(translator)
     save_checkpoint(path, state)
     os.link(path, ckpts / "final.pt")
     loaded = Translator.from_checkpoint(ckpts / "final.pt")
@@ -428,13 +434,7 @@ def test_a_huge_output_budget_is_capped_by_the_models_positions(translator: Tran
 def test_an_inconsistent_checkpoint_is_a_checkpoint_error_naming_it(
     translator: Translator, tmp_path: Path, damage: str
 ) -> None:
-    state = {
-        "model": translator.model.state_dict(),
-        "config": {"model": {**SMALL_MODEL_CONFIG, "max_positions": 20}, "data": {}},
-        "spm_model": spm_bytes_to_tensor(translator.tokenizer.model_bytes),
-        "step": 42,
-        "epoch": 1,
-    }
+    state = checkpoint_state(translator)
     state |= {
         "spm_as_bytes": {"spm_model": translator.tokenizer.model_bytes},
         "model_as_list": {"model": [1, 2]},
