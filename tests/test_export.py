@@ -427,3 +427,10 @@ def test_an_export_is_decoded_at_the_alpha_its_run_chose_on_val(
     assert served_alpha() == SearchOptions.alpha
     translate_cli.main([*flags, *files])
     assert "chosen by" not in capsys.readouterr().err
+
+    metadata.write_text(json.dumps({**older, "tuned_alpha": {"5": 0.7}}))  # tuned for beam 5
+    api = CTranslate2Translator.from_dir(export, intra_threads=1)
+    for decode in (api.translate, api.translate_nbest):  # the Python API, given no options
+        calls.clear()
+        decode(["a dog runs"])
+        assert {call["length_penalty"] for call in calls if "length_penalty" in call} == {0.7}

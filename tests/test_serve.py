@@ -204,6 +204,27 @@ def test_inputs_longer_than_the_model_reads_are_refused_not_truncated(
     assert client.post("/v1/translate", json={"inputs": ["a dog"]}).status_code == 200
 
 
+def test_a_multilingual_models_limit_leaves_room_for_its_language_tag(tmp_path: Path) -> None:
+    # max_positions 24: the tag, 22 subwords and EOS
+    model = random_en_de_checkpoint(tmp_path / "mul.pt", pairs=["en-de", "de-en"])
+    translator = Translator.from_checkpoint(model)
+    fits, too_long = " ".join(["dog"] * 22), " ".join(["dog"] * 23)
+    assert [len(ids) for ids in translator.tokenizer.encode([fits, too_long])] == [22, 23]
+
+    def no_cut(index: int, length: int) -> None:
+        raise AssertionError(f"input {index} ({length} subwords) was truncated")
+
+    direct = translator.translate_ids([fits], SEARCH, tgt_lang="de", on_truncate=no_cut)
+    with TestClient(create_app(torch_engine(translator, SEARCH))) as client:
+        ok = client.post("/v1/translate", json={"inputs": [fits], "target": "de"})
+        assert ok.status_code == 200, ok.text
+        text = translator.tokenizer.decode([direct[0][0].tokens])[0]
+        assert ok.json()["outputs"][0][0]["text"] == text
+        r = client.post("/v1/translate", json={"inputs": ["a dog", too_long], "target": "de"})
+        assert r.status_code == 413, r.text
+        assert r.json()["error"] == "inputs[1]: 23 subwords; the model reads at most 22"
+
+
 def test_a_beam_size_alone_keeps_the_servers_nbest_where_it_fits(checkpoint: Path) -> None:
     search = SearchOptions(beam_size=3, alpha=1.0, nbest=3)  # tmt-serve --beam 3 --nbest 3
     engine = torch_engine(Translator.from_checkpoint(checkpoint), search)

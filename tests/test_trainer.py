@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import synthetic_overrides
+from conftest import random_en_de_checkpoint, synthetic_overrides
 from transformer_mt.cli.common import config_dir
 from transformer_mt.cli.train import record_failure, report
 from transformer_mt.data.directions import read_references
@@ -281,8 +282,18 @@ def test_a_failed_sweep_job_keeps_a_finished_runs_results(tmp_path: Path) -> Non
     )
 
 
-def test_averaging_refuses_the_same_file_twice(tmp_path: Path) -> None:
-    (tmp_path / "checkpoint_100.pt").write_bytes(b"weights")
-    os.link(tmp_path / "checkpoint_100.pt", tmp_path / "last.pt")
-    with pytest.raises(CheckpointError, match=r"last\.pt is the same file as .*checkpoint_100\.pt"):
-        average_checkpoints([tmp_path / "checkpoint_100.pt", tmp_path / "last.pt"])
+def test_averaging_refuses_the_same_weights_twice(tmp_path: Path) -> None:
+    first = random_en_de_checkpoint(tmp_path / "checkpoint_100.pt")
+    os.link(first, tmp_path / "last.pt")  # a hard link, as the trainer writes it
+    shutil.copyfile(first, tmp_path / "best.pt")  # a copy, where hard links are not supported
+    for twin in ("last.pt", "best.pt"):
+        with pytest.raises(
+            CheckpointError, match=rf"{twin} holds the same weights as .*checkpoint_100\.pt"
+        ):
+            average_checkpoints([first, tmp_path / twin])
+    other = tmp_path / "checkpoint_200.pt"
+    state = torch.load(first, weights_only=True)
+    state["model"]["decoder.final_norm.weight"] += 1.0  # another step: other weights
+    torch.save(state, other)
+    averaged = average_checkpoints([first, other])["model"]["decoder.final_norm.weight"]
+    torch.testing.assert_close(averaged, state["model"]["decoder.final_norm.weight"] - 0.5)

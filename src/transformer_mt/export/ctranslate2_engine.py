@@ -14,6 +14,7 @@ Sampling (``SearchOptions.sample``) is CTranslate2's random sampling, seeded (se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -179,10 +180,16 @@ class CTranslate2Translator:
         alpha = self.data.get("tuned_alpha", {}).get(str(beam_size))
         return None if alpha is None else float(alpha)
 
+    def default_options(self) -> SearchOptions:
+        """Beam 5 at the α the run chose on val (:meth:`tuned_alpha`), else the default α: as
+        :class:`~transformer_mt.decoding.Translator` decodes when given no options."""
+        alpha = self.tuned_alpha(BEAM.beam_size)
+        return BEAM if alpha is None else dataclasses.replace(BEAM, alpha=alpha)
+
     def translate(
         self,
         sentences: list[str],
-        options: SearchOptions = BEAM,
+        options: SearchOptions | None = None,
         *,
         batch_size: int = 64,
         tgt_lang: str | None = None,
@@ -191,7 +198,9 @@ class CTranslate2Translator:
         """Detokenized best translations, one per input sentence, in input order (into
         ``tgt_lang``, for a multilingual model). A sentence longer than the model's positions
         is truncated to fit, and ``on_truncate(index, n_subwords)`` is called (by default a
-        warning on stderr), as :meth:`Translator.translate_ids` does."""
+        warning on stderr), as :meth:`Translator.translate_ids` does. Without ``options``,
+        :meth:`default_options`."""
+        options = options or self.default_options()
         rank = options.beam_size > 1
         best = self._search(sentences, options, batch_size, rank, tgt_lang, on_truncate)
         return self.tokenizer.decode([hyps[0][0] for hyps in best])
@@ -199,7 +208,7 @@ class CTranslate2Translator:
     def translate_nbest(
         self,
         sentences: list[str],
-        options: SearchOptions = BEAM,
+        options: SearchOptions | None = None,
         *,
         batch_size: int = 64,
         tgt_lang: str | None = None,
@@ -207,7 +216,9 @@ class CTranslate2Translator:
     ) -> list[list[tuple[str, float]]]:
         """Per sentence, up to ``options.nbest`` (translation, score) pairs, best first; the
         score is the log-probability (EOS included) over the GNMT length penalty. Truncation
-        and ``on_truncate`` as in :meth:`translate`."""
+        and ``on_truncate`` as in :meth:`translate`; without ``options``,
+        :meth:`default_options`."""
+        options = options or self.default_options()
         results = self._search(sentences, options, batch_size, True, tgt_lang, on_truncate)
         nbest = []
         for hyps in results:

@@ -3,6 +3,7 @@ parameter-wise mean of several checkpoints of one run, as a new checkpoint."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +26,39 @@ def last_checkpoints(run: Path, n: int) -> list[Path]:
     return found[-n:]
 
 
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """A SHA-1 of a model state: every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha1()
+    for name, tensor in weights.items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
     """A checkpoint whose weights are the mean of those of ``paths`` (summed in float64).
 
-    The checkpoints must come from the same model config and SentencePiece model; the
-    result carries the config, tokenizer, step and epoch of the last one, and no optimizer
-    state (it is for translation, not for resuming).
+    The checkpoints must come from the same model config and SentencePiece model, and no
+    two may hold the same weights: ``best.pt``, ``last.pt`` and ``final.pt`` are hard links
+    to (or, where the filesystem has none, copies of) step checkpoints, and one listed beside
+    its step checkpoint would count twice. The result carries the config, tokenizer, step and
+    epoch of the last one, and no optimizer state (it is for translation, not for resuming).
     """
     if not paths:
         raise CheckpointError("no checkpoints to average")
-    seen: dict[tuple[int, int], Path] = {}
-    for path in paths:  # best.pt, last.pt and final.pt are hard links to step checkpoints
-        if path.is_file():
-            inode = (path.stat().st_dev, path.stat().st_ino)
-            if inode in seen:
-                raise CheckpointError(
-                    f"{path} is the same file as {seen[inode]}: it would count twice"
-                )
-            seen[inode] = path
+    seen: dict[str, Path] = {}
     total: dict[str, torch.Tensor] = {}
     first: dict[str, Any] = {}
     last: dict[str, Any] = {}
     for path in paths:
         state = load_checkpoint(path)
+        digest = weights_digest(state["model"])
+        if digest in seen:
+            raise CheckpointError(
+                f"{path} holds the same weights as {seen[digest]}: it would count twice"
+            )
+        seen[digest] = path
         if not first:
             first = state
             total = {k: v.to(torch.float64) for k, v in state["model"].items()}
