@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import io
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +75,62 @@ def test_read_lines_keeps_empty_lines_and_strips_crlf(tmp_path: Path) -> None:
     path = tmp_path / "x.txt"
     path.write_bytes(b"a\r\n\nb c\n")
     assert read_lines(path) == ["a", "", "b c"]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path: Path) -> None:
+    write_gz(tmp_path / "ref.de.gz", "\ufeffein Hund\nzwei\n".encode())
+    assert read_lines(tmp_path / "ref.de.gz") == ["ein Hund", "zwei"]
+
+
+class FakeResponse(io.BytesIO):
+    """What ``urllib.request.urlopen`` returns: a body, and the length the server announced."""
+
+    def __init__(self, body: bytes, announced: int | None) -> None:
+        super().__init__(body)
+        self.headers = {} if announced is None else {"Content-Length": str(announced)}
+
+    def __enter__(self) -> FakeResponse:
+        return self
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "chunked"])
+def test_a_download_cut_short_is_an_error_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, announced: bool
+) -> None:
+    whole = gzip.compress("".join(f"a dog {i}\n" for i in range(2000)).encode())
+    body = {"cut": whole[: len(whole) // 2], "whole": whole}
+
+    def fetch(part: str) -> list[Path]:
+        response = FakeResponse(body[part], len(whole) if announced else None)
+        monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: response)
+        return fetch_corpus(tmp_path / "raw", ["train"], ["en"], None, "http://mt.example/m30k")
+
+    with pytest.raises(CorpusError, match=r"http://mt\.example/m30k/train\.en\.gz"):
+        fetch("cut")
+    assert not (tmp_path / "raw" / "train.en.gz").exists()
+    assert not list((tmp_path / "raw").iterdir())  # no temporary file either
+    [path] = fetch("whole")
+    assert path.read_bytes() == whole
+
+
+@pytest.mark.parametrize("empty", ["train", "val", "test_2016_flickr"])
+def test_an_empty_corpus_is_refused_naming_it(tmp_path: Path, empty: str) -> None:
+    raw = tmp_path / "raw"
+    synthetic_corpus(raw)
+    for lang in ("en", "xx"):
+        write_gz(raw / f"{empty}.{lang}.gz", b"")
+    with pytest.raises(CorpusError, match=rf"{empty}\.en\.gz"):
+        prepare_data(data_config(raw, tmp_path / "prepared"))
+    assert not list((tmp_path / "prepared").glob("*/meta.json"))  # no cache written
+
+
+def test_a_filter_that_drops_every_pair_is_an_error(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    synthetic_corpus(raw)
+    message = r"no training pairs: .*train\.en\.gz .*hold 300; .*\(data\.filter\) dropped 300"
+    with pytest.raises(CorpusError, match=message):
+        prepare_data(data_config(raw, tmp_path / "prepared", **{"filter.max_len": 1}))
+    assert not list((tmp_path / "prepared").glob("*/meta.json"))
 
 
 def test_fetch_copies_from_shared_dir(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from transformer_mt.decoding.translator import encode_to_fit
 from transformer_mt.errors import ConfigError, CorpusError, UserError
 from transformer_mt.serve.app import create_app
 from transformer_mt.serve.engine import torch_engine
+from transformer_mt.training.config import validate_config
 
 LANGS = {"en": str, "xx": str.upper, "yy": lambda s: " ".join(reversed(s.split()))}
 
@@ -90,6 +91,31 @@ def test_each_path_is_one_corpus_per_direction_with_its_target_tag(tmp_path: Pat
         "val.yy.gz",
         "<2yy>",
     )
+
+
+def test_the_same_text_in_two_directions_is_not_a_duplicate(tmp_path: Path) -> None:
+    prefix = tmp_path / "d" / "train"
+    prefix.parent.mkdir()
+    Path(f"{prefix}.en").write_text("berlin\na dog\na dog\n")
+    Path(f"{prefix}.xx").write_text("berlin\nA DOG\nA DOG\n")
+    cfg = multilingual_config(
+        tmp_path, ["en-xx", "xx-en"], **{"filter.dedup": True, "tokenizer.vocab_size": 80}
+    )
+    cfg.train = [str(prefix)]
+    data = prepare_data(cfg)
+    # "<2xx> berlin" -> "berlin" and "<2en> berlin" -> "berlin" are two examples; the
+    # second "a dog" of each direction is a duplicate
+    assert data.meta["train_duplicates"] == 2 and len(data.split("train")) == 4
+
+
+def test_a_multilingual_length_limit_leaves_room_for_the_tag() -> None:
+    overrides = ["data=multi30k_multilingual", "model.max_positions=64"]
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "data.filter.max_len=63"])
+    with pytest.raises(ConfigError, match=r"max_len=63 must be below model.max_positions=64 - 1"):
+        validate_config(cfg, torch.device("cpu"))  # tag, 63 subwords and EOS: 65 positions
+    cfg.data.filter.max_len = 62
+    validate_config(cfg, torch.device("cpu"))
 
 
 def test_max_train_pairs_keeps_the_first_pairs_of_each_direction(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.errors import CorpusError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: no byte-order mark in the first line; duplicates counted per direction
 
 
 def open_array(path: Path, dtype: str) -> np.ndarray:

@@ -100,7 +100,11 @@ def encode_chunk(
     hashes = None
     if dedup:
         hashes = np.fromiter(
-            (_pair_hash(s, t) for s, t, k in zip(src_lines, tgt_lines, keep, strict=True) if k),
+            (
+                _pair_hash(s, t, tag)
+                for s, t, k in zip(src_lines, tgt_lines, keep, strict=True)
+                if k
+            ),
             dtype=np.uint64,
         )
     if not keep.all():
@@ -118,8 +122,11 @@ def encode_chunk(
     )
 
 
-def _pair_hash(src: str, tgt: str) -> int:
-    digest = hashlib.blake2b(f"{src}\n{tgt}".encode(), digest_size=8).digest()  # no line has \n
+def _pair_hash(src: str, tgt: str, tag: str | None = None) -> int:
+    """A pair's hash for the duplicate filter; the same text in two directions (another
+    target-language ``tag``) is two examples, not a duplicate."""
+    text = f"{tag or ''}\n{src}\n{tgt}"  # no line has \n
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 

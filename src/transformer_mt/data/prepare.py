@@ -41,7 +41,7 @@ from transformer_mt.data.directions import corpora, fetch_raw, is_multilingual, 
 from transformer_mt.data.encode import LengthFilter, encode_split, open_pool
 from transformer_mt.data.sample import train_tokenizer
 from transformer_mt.data.tokenizer import Tokenizer
-from transformer_mt.errors import ConfigError
+from transformer_mt.errors import ConfigError, CorpusError
 from transformer_mt.formats.atomic import atomic_directory, atomic_write_text
 
 EDGE_BYTES = 1 << 20  # the fingerprint hashes this much of each file's start and end
@@ -150,8 +150,12 @@ def prepare_data(
     train, valid, tests = (corpora(data_cfg, role) for role in ("train", "valid", "test"))
     for corpus in (*train, *valid, *tests):
         corpus.check_exists()
-    for corpus in tests:
-        check_text(corpus)
+    for corpus in (*valid, *tests):
+        if not check_text(corpus):
+            raise CorpusError(
+                f"{corpus.src_path} and {corpus.tgt_path} are empty: no sentences to "
+                "validate or test on"
+            )
     directory = Path(data_cfg.prepared_dir) / prepared_name(data_cfg, spm_model)
     key = fingerprint(data_cfg, spm_model)
     if not force and _current(directory, key):  # no lock needed to read (read-only caches)
@@ -172,12 +176,14 @@ def _current(directory: Path, key: str) -> bool:
     return meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == key
 
 
-def check_text(corpus: ParallelCorpus) -> None:
-    """Read ``corpus`` through: CorpusError on invalid UTF-8, unequal line counts or a
-    damaged file, naming the file and line."""
+def check_text(corpus: ParallelCorpus) -> int:
+    """Read ``corpus`` through and return its number of lines: CorpusError on invalid UTF-8,
+    unequal line counts or a damaged file, naming the file and line."""
+    lines = 0
     for first, src, tgt in corpus.chunks(100_000):
-        decode_lines(src, corpus.src_path, first)
+        lines += len(decode_lines(src, corpus.src_path, first))
         decode_lines(tgt, corpus.tgt_path, first)
+    return lines
 
 
 def _build(
@@ -210,6 +216,12 @@ def _build(
             ),
         }  # fmt: skip
         t = reports["train"]
+        if not t.pairs:
+            raise CorpusError(
+                f"no training pairs: {', '.join(str(c.src_path) for c in train)} (and their "
+                f"targets) hold {t.pairs_in}; the length/ratio filter (data.filter) dropped "
+                f"{t.filtered} and the duplicate filter {t.duplicates}"
+            )
         print(
             f"length/ratio filter dropped {t.filtered} of {t.pairs_in} training pairs "
             f"({100 * t.filtered / max(t.pairs_in, 1):.2f}%)"

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from transformer_mt.data.corpus import ParallelCorpus, decode_lines, stream_chunks
 from transformer_mt.data.directions import is_multilingual, target_tags
 from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
+from transformer_mt.errors import CorpusError
 
 
 def sample_pairs(
@@ -60,6 +61,9 @@ def train_tokenizer(data_cfg: DictConfig, train: list[ParallelCorpus]) -> Tokeni
         src, tgt = sample_pairs(
             train, tok.sample_sentences // 2, tok.seed, data_cfg.max_train_pairs
         )
+    if not any(src) and not any(tgt):
+        files = ", ".join(f"{c.src_path} / {c.tgt_path}" for c in train)
+        raise CorpusError(f"no text to train SentencePiece on: {files} hold no sentence")
     print(
         f"training SentencePiece ({tok.model_type}, vocab {tok.vocab_size}) on "
         f"{len(src) + len(tgt):,} sentences",

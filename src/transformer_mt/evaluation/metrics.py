@@ -25,6 +25,8 @@ def score(
     cased); ``metrics`` are names from :data:`METRICS`."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    if not references:
+        raise ValueError("no sentences to score")
     out = {}
     for name in metrics:
         metric = METRICS[name]()

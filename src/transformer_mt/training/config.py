@@ -101,6 +101,8 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
     label_smoothing = num("trainer.label_smoothing")
     d_model, n_heads = whole("model.d_model"), whole("model.n_heads")
     max_len, max_positions = whole("data.filter.max_len"), whole("model.max_positions")
+    tagged = int(is_multilingual(cfg.data))  # a multilingual source leads with its tag
+    room = "BOS/EOS and data.pairs' language tag" if tagged else "BOS/EOS"
     seed = whole("seed")
     check_final_alpha(t.final_alpha)
     check_optimizer(cfg)
@@ -141,9 +143,9 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
             f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}",
         ),
         (
-            max_len < max_positions,
-            f"data.filter.max_len={max_len} must be below "
-            f"model.max_positions={max_positions} (room for BOS/EOS)",
+            max_len + tagged < max_positions,
+            f"data.filter.max_len={max_len} must be below model.max_positions={max_positions}"
+            f"{' - 1' if tagged else ''} (room for {room})",
         ),
     ]
     for ok, message in checks:
