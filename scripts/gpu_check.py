@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -119,6 +120,7 @@ def tiny_trainings(report: Report, args: argparse.Namespace) -> Path | None:
     last: Path | None = None
     for precision in precisions:
         run_dir = (args.work / f"tiny-{precision}").resolve()
+        shutil.rmtree(run_dir, ignore_errors=True)  # a rerun's launch would resume the old run
         common = [
             sys.executable,
             "-m",

@@ -429,6 +429,7 @@ def test_a_huge_output_budget_is_capped_by_the_models_positions(translator: Tran
         "model_as_list",
         "step_not_a_number",
         "config_not_a_dict",
+        "config_without_model",
     ],
 )
 def test_an_inconsistent_checkpoint_is_a_checkpoint_error_naming_it(
@@ -440,8 +441,9 @@ def test_an_inconsistent_checkpoint_is_a_checkpoint_error_naming_it(
         "model_as_list": {"model": [1, 2]},
         "step_not_a_number": {"step": "forty-two"},
         "config_not_a_dict": {"config": ["model"]},
+        "config_without_model": {"config": {"data": {}}},
     }[damage]
     path = tmp_path / f"{damage}.pt"
     save_checkpoint(path, state)
-    with pytest.raises(CheckpointError, match=f"{damage}.pt: inconsistent checkpoint"):
+    with pytest.raises(CheckpointError, match=f"{damage}.pt: damaged checkpoint: '"):
         Translator.from_checkpoint(path)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from conftest import WORDS, small_transformer
+from conftest import WORDS, random_en_de_checkpoint, small_transformer
 from transformer_mt.data.batching import pad
 from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_mt.decoding import SearchOptions, Translator
@@ -277,6 +277,26 @@ DAMAGED_EXPORTS = {
     ),
     "bad_spm_model": ("spm.model", lambda text: "not a sentencepiece model"),
 }
+
+
+def test_a_checkpoint_ctranslate2_cannot_represent_is_refused_before_writing(
+    tmp_path: Path,
+) -> None:
+    state = torch.load(random_en_de_checkpoint(tmp_path / "ok.pt"), weights_only=True)
+    no_encoder = {**state, "config": {**state["config"]}}
+    no_encoder["config"]["model"] = {**state["config"]["model"], "n_encoder_layers": 0}
+    no_encoder["model"] = {
+        k: v for k, v in state["model"].items() if not k.startswith("encoder.layers.")
+    }
+    torch.save(no_encoder, tmp_path / "no_encoder.pt")
+    with pytest.raises(UserError, match=r"model\.n_encoder_layers=0: CTranslate2 needs"):
+        export_ctranslate2(tmp_path / "no_encoder.pt", tmp_path / "ct2")
+    bad_pairs = {**state, "config": {**state["config"]}}
+    bad_pairs["config"]["data"] = {**state["config"]["data"], "pairs": "en-de"}  # not a list
+    torch.save(bad_pairs, tmp_path / "bad_pairs.pt")
+    with pytest.raises(UserError, match=r"data\.pairs"):
+        export_ctranslate2(tmp_path / "bad_pairs.pt", tmp_path / "ct2")
+    assert not (tmp_path / "ct2").exists()
 
 
 @pytest.mark.parametrize("damage", DAMAGED_EXPORTS)

@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_gpu_check_runs_its_cpu_steps_and_writes_one_report(tmp_path: Path) -> None:
     report = tmp_path / "report.md"
+    stale = tmp_path / "runs" / "tiny-fp32" / "checkpoints"  # an earlier check's run
+    stale.mkdir(parents=True)
+    (stale / "last.pt").write_bytes(b"an interrupted earlier check")
     result = subprocess.run(
         [
             str(ROOT / "scripts/gpu_check.sh"),

@@ -164,6 +164,11 @@ def test_bad_init_from_settings_are_named(source: tuple[Path, Path]) -> None:
     truncated.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r"trainer\.init_from: cannot read checkpoint"):
         Trainer(make_config(root, f"trainer.init_from={truncated}"), root / "x")
+    state = torch.load(ckpt, weights_only=True)
+    state["spm_model"] = torch.zeros(40, dtype=torch.uint8)  # not a SentencePiece model
+    torch.save(state, root / "no_spm.pt")
+    with pytest.raises(CheckpointError, match=r"init_from: .*no_spm\.pt: spm_model is not a Sen"):
+        Trainer(make_config(root, f"trainer.init_from={root / 'no_spm.pt'}"), root / "x")
     with pytest.raises(ConfigError, match=r"trainer\.init_from=.* and trainer\.resume="):
         Trainer(
             make_config(root, f"trainer.init_from={ckpt}", f"trainer.resume={ckpt}"), root / "x"

@@ -230,7 +230,14 @@ def test_bad_checkpoints_give_clear_errors(tmp_path: Path) -> None:
 def test_failed_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "best.pt"
     save_checkpoint(
-        path, {"model": {}, "config": {}, "spm_model": torch.zeros(1), "step": 1, "epoch": 1}
+        path,
+        {
+            "model": {},
+            "config": {"model": {}},
+            "spm_model": torch.zeros(1, dtype=torch.uint8),
+            "step": 1,
+            "epoch": 1,
+        },
     )
     with pytest.raises(ValueError):
         save_checkpoint(path, {"model": {}})

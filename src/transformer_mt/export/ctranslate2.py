@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from transformer_mt.data.directions import language_pairs
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.errors import UserError
@@ -157,6 +158,9 @@ def build_spec(model: Transformer, tokenizer: Tokenizer) -> Any:
     ct2 = import_ctranslate2()
     specs = ct2.specs.transformer_spec
     encoder, decoder = model.encoder, model.decoder
+    for key, stack in (("n_encoder_layers", encoder), ("n_decoder_layers", decoder)):
+        if not len(stack.layers):
+            raise UserError(f"model.{key}=0: CTranslate2 needs at least one layer per stack")
     first: EncoderLayer = encoder.layers[0]
     norm_first = first.sublayer1.norm_first
     positions = _position_table(model)  # (max_positions, d_model), or None for rope
@@ -250,7 +254,7 @@ def _metadata(translator: Translator, checkpoint: Path, quantization: str | None
         "tuned_alpha": {str(beam): alphas[beam] for beam in sorted(alphas)},  # {"5": 1.4}
         "src_lang": data.get("src_lang"),
         "tgt_lang": data.get("tgt_lang"),
-        "pairs": list(data.get("pairs") or []),  # a multilingual model's directions
+        "pairs": [f"{s}-{t}" for s, t in language_pairs(data)] if data.get("pairs") else [],
         "max_positions": translator.model.max_positions,
         "vocab_size": translator.tokenizer.vocab_size,
         "quantization": quantization,

@@ -60,7 +60,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path} is not a transformer_mt checkpoint (needs keys {list(REQUIRED_KEYS)})"
         )
+    problem = _malformed(state)
+    if problem:
+        raise CheckpointError(f"{path}: damaged checkpoint: {problem}")
     return state
+
+
+def _malformed(state: dict[str, Any]) -> str | None:
+    """What is wrong with the types of a checkpoint's required entries, if anything."""
+    weights, config, spm = state["model"], state["config"], state["spm_model"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        return "'model' must map parameter names to tensors"
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        return "'config' must hold a 'model' section (the model's settings)"
+    if not isinstance(spm, torch.Tensor) or spm.dtype != torch.uint8 or spm.dim() != 1:
+        return "'spm_model' must be the SentencePiece model's bytes as a uint8 tensor"
+    for key in ("step", "epoch"):
+        if isinstance(state[key], bool) or not isinstance(state[key], int):
+            return f"'{key}' must be an integer, got {state[key]!r}"
+    return None
 
 
 def spm_bytes_to_tensor(data: bytes) -> torch.Tensor:

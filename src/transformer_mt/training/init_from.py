@@ -61,6 +61,13 @@ def load_init_source(path: str | Path) -> tuple[InitSource, dict[str, torch.Tens
         checkpoint = load_checkpoint(path)
     except CheckpointError as e:
         raise CheckpointError(f"trainer.init_from: {e}") from e
+    spm_model = spm_tensor_to_bytes(checkpoint["spm_model"])
+    try:
+        Tokenizer(spm_model)
+    except RuntimeError as e:  # SentencePiece's error for bytes that are not a model
+        raise CheckpointError(
+            f"trainer.init_from: {path}: spm_model is not a SentencePiece model: {e}"
+        ) from e
     with open(path, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     source = InitSource(
@@ -68,7 +75,7 @@ def load_init_source(path: str | Path) -> tuple[InitSource, dict[str, torch.Tens
         step=int(checkpoint["step"]),
         sha256=sha256,
         config=checkpoint["config"],
-        spm_model=spm_tensor_to_bytes(checkpoint["spm_model"]),
+        spm_model=spm_model,
     )
     return source, checkpoint["model"]
 
