@@ -32,7 +32,7 @@ def weights_digest(weights: dict[str, torch.Tensor]) -> str:
     for name, tensor in weights.items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+        digest.update(flat.view(torch.uint8).numpy())  # the buffer, not a copy of it
     return digest.hexdigest()
 
 
