@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from transformer_mt.errors import ResultsError
+from transformer_mt.formats import atomic
 from transformer_mt.formats.atomic import atomic_directory, atomic_link, atomic_write_text
 from transformer_mt.formats.results import CheckpointResult, RunResults, Score
 
@@ -29,6 +30,36 @@ def test_atomic_directory_replaces_the_target_only_when_complete(tmp_path: Path)
         (tmp / "b.txt").write_text("second")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("exchange", ["system", "unavailable"])
+def test_replacing_a_directory_never_leaves_the_target_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: str
+) -> None:
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    if exchange == "unavailable":  # another OS or filesystem: the two-rename fallback
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    else:  # Linux: one atomic swap, so no moment exists without a complete target
+        (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
+        if not atomic._exchange(tmp_path / "x", tmp_path / "y"):
+            pytest.skip("this filesystem has no renameat2(RENAME_EXCHANGE)")
+        (tmp_path / "x").rmdir(), (tmp_path / "y").rmdir()
+        renames = []
+        real_replace = os.replace
+
+        def recording_replace(src: object, dst: object) -> None:
+            renames.append(dst)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", recording_replace)
+    with atomic_directory(target) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # old one and temporaries gone
+    if exchange == "system":
+        assert renames == []  # the target was never renamed away
 
 
 def test_atomic_write_and_link(tmp_path: Path) -> None:

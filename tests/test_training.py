@@ -128,8 +128,9 @@ def test_output_layer_loss_grows_its_buffer_with_headroom_and_reuses_it() -> Non
         hidden, weight, target = _projection_case(n, vocab, 4, n)
         loss, _ = criterion(hidden, weight.requires_grad_(), target)
         loss.backward()
-        assert criterion._buffer is not None
-        return criterion._buffer.data_ptr(), criterion._buffer.numel()
+        assert list(criterion._buffers) == [torch.float32]  # fp32: no second buffer
+        buffer = criterion._buffers[torch.float32]
+        return buffer.data_ptr(), buffer.numel()
 
     first = buffer_after(9)
     assert first[1] == 512 * vocab  # rows rounded up to a multiple of 512
@@ -140,20 +141,26 @@ def test_output_layer_loss_grows_its_buffer_with_headroom_and_reuses_it() -> Non
 
 
 def test_output_layer_loss_under_bf16_autocast_matches_linear_then_loss() -> None:
-    hidden, weight, target = _projection_case(12, 9, 8, 3)
-    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = OutputLayerLoss(0.1, ignore_index=0)(h1, w1, target)
-        logits = F.linear(h2, w2)
-    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
-    ref_loss, _ = label_smoothed_nll_loss(logits, target, 0.1, 0)
-    loss.backward()
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss)
-    assert h1.grad is not None and h1.grad.dtype == torch.float32  # back through the casts
-    torch.testing.assert_close(h1.grad, h2.grad)
-    torch.testing.assert_close(w1.grad, w2.grad)
+    criterion = OutputLayerLoss(0.1, ignore_index=0)
+    half_buffers = set()
+    for n, seed in ((12, 3), (20, 4)):  # the second call reuses both kept buffers
+        hidden, weight, target = _projection_case(n, 9, 8, seed)
+        h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = criterion(h1, w1, target)
+            logits = F.linear(h2, w2)
+        assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+        ref_loss, _ = label_smoothed_nll_loss(logits, target, 0.1, 0)
+        loss.backward()
+        ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss)
+        assert h1.grad is not None and h1.grad.dtype == torch.float32  # back through the casts
+        torch.testing.assert_close(h1.grad, h2.grad)
+        torch.testing.assert_close(w1.grad, w2.grad)
+        assert set(criterion._buffers) == {torch.float32, torch.bfloat16}
+        half_buffers.add(criterion._buffers[torch.bfloat16].data_ptr())
+    assert len(half_buffers) == 1  # the bf16 logits and gradient: one buffer, kept
 
 
 def test_output_layer_loss_refuses_to_backpropagate_a_call_whose_buffer_was_reused() -> None:
@@ -214,9 +221,10 @@ def test_bad_checkpoints_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
     good = tmp_path / "good.pt"
-    save_checkpoint(
-        good, {"model": {}, "config": {}, "spm_model": torch.zeros(1), "step": 0, "epoch": 0}
-    )
+    spm = torch.zeros(1, dtype=torch.uint8)
+    entries = {"model": {}, "config": {"model": {}}, "spm_model": spm, "step": 0, "epoch": 0}
+    save_checkpoint(good, entries)
+    assert load_checkpoint(good)["step"] == 0  # well formed: only its copies below are bad
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"truncated\.pt"):

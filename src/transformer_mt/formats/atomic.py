@@ -7,6 +7,8 @@ fsyncing the parent directory.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -95,10 +97,15 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and removed
-    only once ``new`` is in place (restored if the rename fails)."""
+    """Rename ``new`` to ``target``. An existing ``target`` is swapped with ``new`` in one step
+    where the system can (Linux), then removed; elsewhere it is moved aside first and removed
+    only once ``new`` is in place (restored if the rename fails; a kill between the two renames
+    leaves it as a hidden ``.<name>.*.old`` sibling)."""
     if not target.exists():
         os.replace(new, target)
+        return
+    if _exchange(new, target):  # ``new`` now names the old directory
+        shutil.rmtree(new, ignore_errors=True)
         return
     old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
     os.replace(target, old / "dir")
@@ -110,3 +117,23 @@ def _replace_dir(new: Path, target: Path) -> None:
     finally:
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False
+    where the C library, the kernel or the filesystem does not offer it."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    renameat2.argtypes += [ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))

@@ -130,37 +130,40 @@ class _ProjectedLabelSmoothedCrossEntropy(torch.autograd.Function):
         epsilon: float,
         ignore_index: int,
         buffer: torch.Tensor,  # (N, V), fp32 or fp64
+        half: torch.Tensor | None,  # (N, V) in hidden's dtype when that is bf16/fp16, else None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(hidden.device.type, enabled=False):
-            if hidden.dtype == buffer.dtype:
+            if half is None:
                 torch.mm(hidden, weight.t(), out=buffer)  # (N, V) logits
             else:  # half-precision matmul, fp32 softmax
-                buffer.copy_(torch.mm(hidden, weight.t()))
+                buffer.copy_(torch.mm(hidden, weight.t(), out=half))
             lprobs = torch.log_softmax(buffer, dim=-1, out=buffer)  # in place, row by row
             loss, nll, gold_index, keep = _smoothed_losses(lprobs, target, epsilon, ignore_index)
         ctx.save_for_backward(hidden, weight, lprobs, gold_index, keep)
-        ctx.epsilon = epsilon
+        ctx.epsilon, ctx.half = epsilon, half  # ``half`` is only written from here on
         return loss, nll
 
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
         ctx: Any, grad_loss: torch.Tensor, grad_nll: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None, None]:
         hidden, weight, lprobs, gold_index, keep = ctx.saved_tensors
         grad = _logit_gradient_(lprobs, gold_index, keep, grad_loss, grad_nll, ctx.epsilon, lprobs)
-        grad = grad.to(hidden.dtype)  # (N, V)
+        if ctx.half is not None:
+            grad = ctx.half.copy_(grad)  # (N, V) in hidden's dtype
         # The same products (and operand layouts) as autograd's backward of hidden @ weight.t().
         grad_hidden = grad.mm(weight) if ctx.needs_input_grad[0] else None  # (N, d)
         grad_weight = grad.t().mm(hidden) if ctx.needs_input_grad[1] else None  # (V, d)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 class OutputLayerLoss:
     """The output layer (logits = hidden · Wᵀ) and the label-smoothed loss as one autograd step.
 
     Equals ``label_smoothed_nll_loss(hidden @ weight.t(), target, ...)`` in value and gradient.
-    One (N, V) buffer, grown as needed, is reused by every call: a call's graph must be
+    One (N, V) buffer, grown as needed, is reused by every call (under autocast a second one
+    in the autocast dtype for the logits and their gradient): a call's graph must be
     backpropagated before the next call (as a training step does). Backpropagating an older
     call raises autograd's "modified by an inplace operation" error rather than returning
     wrong gradients. Under autocast the projection runs in the autocast dtype and the softmax
@@ -170,7 +173,7 @@ class OutputLayerLoss:
     def __init__(self, epsilon: float, ignore_index: int) -> None:
         self.epsilon = epsilon
         self.ignore_index = ignore_index
-        self._buffer: torch.Tensor | None = None
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
 
     def __call__(
         self,
@@ -183,21 +186,26 @@ class OutputLayerLoss:
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
-        buffer = self._logits_buffer(hidden.size(0), weight.size(0), hidden)
+        rows, vocab = hidden.size(0), weight.size(0)
+        buffer = self._kept_buffer(rows, vocab, _compute_dtype(hidden.dtype), hidden.device)
+        half = None
+        if hidden.dtype != buffer.dtype:
+            half = self._kept_buffer(rows, vocab, hidden.dtype, hidden.device)
         loss, nll = _ProjectedLabelSmoothedCrossEntropy.apply(
-            hidden, weight, target, self.epsilon, self.ignore_index, buffer
+            hidden, weight, target, self.epsilon, self.ignore_index, buffer, half
         )
         return loss, nll
 
-    def _logits_buffer(self, rows: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
-        """A (rows, vocab) view of the kept buffer, reallocated when too small or unsuitable."""
-        dtype = _compute_dtype(like.dtype)
+    def _kept_buffer(
+        self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A (rows, vocab) view of the kept buffer of ``dtype``, reallocated when too small or
+        on another device."""
         if torch.is_inference_mode_enabled():  # inference tensors cannot be saved by autograd
-            return torch.empty(rows, vocab, dtype=dtype, device=like.device)
-        buf = self._buffer
-        fits = buf is not None and buf.numel() >= rows * vocab
-        if not fits or buf.dtype != dtype or buf.device != like.device:  # type: ignore[union-attr]
-            self._buffer = buf = None  # free the old one before allocating
+            return torch.empty(rows, vocab, dtype=dtype, device=device)
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < rows * vocab or buf.device != device:
+            buf = self._buffers.pop(dtype, None)  # free the old one before allocating
             capacity = -(-rows // 512) * 512  # headroom: slightly larger batches reuse it
-            buf = self._buffer = torch.empty(capacity * vocab, dtype=dtype, device=like.device)
+            buf = self._buffers[dtype] = torch.empty(capacity * vocab, dtype=dtype, device=device)
         return buf[: rows * vocab].view(rows, vocab)
