@@ -35,6 +35,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "RMSNorm": {"norm": "rmsnorm"},
     "GELU": {"activation": "gelu"},
     "SwiGLU": {"activation": "swiglu"},
+    "RoPE + GELU": {"positions": "rope", "activation": "gelu"},
     "RoPE + SwiGLU": {"positions": "rope", "activation": "swiglu"},
     "all three": {"positions": "rope", "norm": "rmsnorm", "activation": "swiglu"},
 }

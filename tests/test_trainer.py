@@ -242,8 +242,11 @@ def test_every_shipped_recipe_composes_and_passes_the_config_checks() -> None:
             validate_config(cfg, torch.device("cpu"))
             assert cfg != default
         best = compose("train", overrides=["experiment=multi30k_best"])
-    # multi30k_best overrides the default model's dropout with the 0.3 it was measured with
+    # multi30k_best overrides the default model's dropout, positions and activation with those
+    # it was measured with
     assert (default.model.dropout, best.model.dropout) == (0.2, 0.3)
+    assert (default.model.positions, best.model.positions) == ("rope", "sinusoidal")
+    assert (default.model.activation, best.model.activation) == ("gelu", "relu")
     assert best.trainer.max_minutes == 170 and default.trainer.max_minutes is None
 
 
