@@ -62,6 +62,30 @@ def test_replacing_a_directory_never_leaves_the_target_missing(
         assert renames == []  # the target was never renamed away
 
 
+@pytest.mark.parametrize("exchange", ["system", "unavailable"])
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_file_or_link_in_the_way_is_replaced_by_the_directory_without_leftovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: str, kind: str
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "kept.txt").write_text("not ours")
+    work = tmp_path / "work"
+    work.mkdir()
+    target = work / "out"
+    if kind == "file":
+        target.write_text("old file")
+    else:
+        target.symlink_to(elsewhere, target_is_directory=True)
+    if exchange == "unavailable":
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    with atomic_directory(target) as tmp:
+        (tmp / "b.txt").write_text("new")
+    assert not target.is_symlink() and (target / "b.txt").read_text() == "new"
+    assert sorted(p.name for p in work.iterdir()) == ["out"]  # no hidden sibling left behind
+    assert (elsewhere / "kept.txt").read_text() == "not ours"  # a link's directory untouched
+
+
 def test_atomic_write_and_link(tmp_path: Path) -> None:
     atomic_write_text(tmp_path / "sub" / "x.txt", "ü\n")
     assert (tmp_path / "sub" / "x.txt").read_bytes() == "ü\n".encode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,26 @@ def test_output_layer_loss_grows_its_buffer_with_headroom_and_reuses_it() -> Non
     grown = buffer_after(700)
     assert grown[1] == 1024 * vocab
     assert buffer_after(30) == grown  # shrinking never reallocates
+
+
+def test_output_layer_loss_frees_its_old_buffer_before_allocating_a_larger_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    criterion = OutputLayerLoss(0.1, ignore_index=0)
+    hidden, weight, target = _projection_case(9, 6, 4, 9)
+    criterion(hidden, weight.requires_grad_(), target)[0].backward()
+    old = weakref.ref(criterion._buffers[torch.float32])
+    old_alive_at_allocation = []
+    real_empty = torch.empty
+
+    def recording_empty(*args: object, **kwargs: object) -> torch.Tensor:
+        old_alive_at_allocation.append(old() is not None)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    hidden, weight, target = _projection_case(700, 6, 4, 700)
+    criterion(hidden, weight.requires_grad_(), target)[0].backward()
+    assert old_alive_at_allocation == [False]  # one allocation, with the old buffer gone
 
 
 def test_output_layer_loss_under_bf16_autocast_matches_linear_then_loss() -> None:

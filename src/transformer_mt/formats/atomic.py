@@ -8,9 +8,10 @@ fsyncing the parent directory.
 from __future__ import annotations
 
 import ctypes
-import errno
+import functools
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -104,8 +105,11 @@ def _replace_dir(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
-    if _exchange(new, target):  # ``new`` now names the old directory
-        shutil.rmtree(new, ignore_errors=True)
+    if _exchange(new, target):  # ``new`` now names the old target
+        if new.is_symlink() or not new.is_dir():
+            new.unlink()
+        else:
+            shutil.rmtree(new, ignore_errors=True)
         return
     old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
     os.replace(target, old / "dir")
@@ -122,18 +126,31 @@ def _replace_dir(new: Path, target: Path) -> None:
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # from <fcntl.h> and <linux/fs.h>
 
 
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """The C library's ``renameat2`` (Linux, glibc >= 2.28), or None."""
+    if sys.platform != "linux":
+        return None
+    try:
+        renameat2 = ctypes.CDLL(None).renameat2
+    except (AttributeError, OSError):
+        return None
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    renameat2.restype = ctypes.c_int
+    return renameat2
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False
-    where the C library, the kernel or the filesystem does not offer it."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not glibc >= 2.28
+    where it fails for any reason (no such call, a kernel, filesystem or sandbox without it,
+    no permission): the caller's two-rename fallback then runs and raises a real error."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
-    renameat2.argtypes += [ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0

@@ -5,7 +5,8 @@ Two entry points share the arithmetic:
 - :func:`label_smoothed_nll_loss` takes logits (any caller, any shape);
 - :class:`OutputLayerLoss` takes the decoder's output states and the output projection's
   weight: the projection, the softmax and the loss are one autograd step that writes its
-  (N, V) logits, log-probs and gradient into one buffer kept across calls. On a CPU each fresh
+  (N, V) logits, log-probs and gradient into one buffer kept across calls (under autocast a
+  second, in the autocast dtype, for the logits and their gradient). On a CPU each fresh
   (N, V) tensor (about 120 MB for 4,000 targets × 8k vocabulary) costs page faults and
   zeroing; the training step needed three per micro-batch.
 """
@@ -119,7 +120,8 @@ def label_smoothed_nll_loss(
 class _ProjectedLabelSmoothedCrossEntropy(torch.autograd.Function):
     """logits = hidden · weightᵀ, then the loss, all in ``buffer``: logits, then log-probs
     (in place), then in backward the logits' gradient (in place), which the two matrix
-    products of the projection's backward read."""
+    products of the projection's backward read. With ``half`` (autocast), the product and the
+    gradient those products read are in ``half``, the softmax and loss in ``buffer``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -205,7 +207,8 @@ class OutputLayerLoss:
             return torch.empty(rows, vocab, dtype=dtype, device=device)
         buf = self._buffers.get(dtype)
         if buf is None or buf.numel() < rows * vocab or buf.device != device:
-            buf = self._buffers.pop(dtype, None)  # free the old one before allocating
+            self._buffers.pop(dtype, None)
+            buf = None  # drop the last reference to the old one before allocating
             capacity = -(-rows // 512) * 512  # headroom: slightly larger batches reuse it
             buf = self._buffers[dtype] = torch.empty(capacity * vocab, dtype=dtype, device=device)
         return buf[: rows * vocab].view(rows, vocab)
