@@ -221,6 +221,15 @@ def test_export_refuses_to_overwrite_without_force(exported: Exported, tmp_path:
     assert (precious / "checkpoints" / "best.pt").read_bytes() == b"weights"  # untouched
 
 
+def test_an_export_removes_what_a_killed_export_left(exported: Exported, tmp_path: Path) -> None:
+    out = tmp_path / "ct2"
+    export_ctranslate2(exported.checkpoint, out)
+    for left in (".ct2.abc123.tmp", ".ct2.def456.old"):  # a kill mid-write, mid-swap
+        (tmp_path / left / "dir").mkdir(parents=True)
+    export_ctranslate2(exported.checkpoint, out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]  # and no lock file left
+
+
 def test_failed_export_leaves_nothing(
     exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from transformer_mt.errors import ResultsError
 from transformer_mt.formats import atomic
-from transformer_mt.formats.atomic import atomic_directory, atomic_link, atomic_write_text
+from transformer_mt.formats.atomic import (
+    atomic_directory,
+    atomic_link,
+    atomic_write_text,
+    directory_lock,
+)
 from transformer_mt.formats.results import CheckpointResult, RunResults, Score
 
 
@@ -84,6 +91,39 @@ def test_a_file_or_link_in_the_way_is_replaced_by_the_directory_without_leftover
     assert not target.is_symlink() and (target / "b.txt").read_text() == "new"
     assert sorted(p.name for p in work.iterdir()) == ["out"]  # no hidden sibling left behind
     assert (elsewhere / "kept.txt").read_text() == "not ours"  # a link's directory untouched
+
+
+def test_a_directory_lock_is_exclusive_and_removed_on_release(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    (tmp_path / ".out.x.tmp").mkdir()  # a killed writer's leftover
+    (tmp_path / ".other.x.tmp").mkdir()  # another directory's: not ours to remove
+    with directory_lock(target):
+        lock_path = tmp_path / ".out.lock"
+        with open(lock_path, "a+b") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".other.x.tmp", ".out.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.x.tmp"]
+    with directory_lock(target):  # free again
+        pass
+
+
+def test_a_waiter_woken_on_a_removed_lock_file_takes_the_new_one(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    order: list[str] = []
+
+    def second() -> None:
+        with directory_lock(target):
+            order.append("second")
+
+    with directory_lock(target):
+        order.append("first")
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(timeout=0.3)  # it blocks on the lock meanwhile
+        assert order == ["first"] and waiter.is_alive()
+    waiter.join(timeout=30)
+    assert order == ["first", "second"]
+    assert list(tmp_path.iterdir()) == []  # its own lock file removed as well
 
 
 def test_atomic_write_and_link(tmp_path: Path) -> None:

@@ -149,7 +149,7 @@ def test_a_second_preparation_waits_for_the_lock(tmp_path: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)  # as if another preparation were running
         proc = subprocess.Popen(prepare_command(cfg), stdout=subprocess.PIPE, text=True, cwd=REPO)
         assert proc.stdout is not None
-        assert proc.stdout.readline().startswith("waiting for another preparation")
+        assert proc.stdout.readline().startswith("waiting for another writer")
         assert proc.poll() is None  # still waiting
         fcntl.flock(lock, fcntl.LOCK_UN)
     assert proc.wait(timeout=120) == 0

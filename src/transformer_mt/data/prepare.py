@@ -22,13 +22,9 @@ MiB) is unchanged.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +38,7 @@ from transformer_mt.data.encode import LengthFilter, encode_split, open_pool
 from transformer_mt.data.sample import train_tokenizer
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.errors import ConfigError, CorpusError
-from transformer_mt.formats.atomic import atomic_directory, atomic_write_text
+from transformer_mt.formats.atomic import atomic_directory, atomic_write_text, directory_lock
 
 EDGE_BYTES = 1 << 20  # the fingerprint hashes this much of each file's start and end
 
@@ -113,24 +109,6 @@ def fingerprint(data_cfg: DictConfig, spm_model: bytes | None = None) -> str:
 # -- the lock ----------------------------------------------------------------------------------
 
 
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Hold ``<prepared_dir>/.<name>.lock`` (waiting, with a message, while another process
-    prepares the same corpus); then remove temporary folders that killed runs left."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = directory.parent / f".{directory.name}.lock"
-    with open(lock_path, "a+b") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another preparation of {directory} ({lock_path})", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        for pattern in (f".{directory.name}.*.tmp", f".{directory.name}.*.old"):
-            for stale in directory.parent.glob(pattern):
-                shutil.rmtree(stale, ignore_errors=True)
-        yield
-
-
 # -- the whole preparation -----------------------------------------------------------------------
 
 
@@ -161,7 +139,7 @@ def prepare_data(
     if not force and _current(directory, key):  # no lock needed to read (read-only caches)
         print(f"using prepared data in {directory}", flush=True)
         return PreparedData.load(directory)
-    with _locked(directory):
+    with directory_lock(directory):
         if not force and _current(directory, key):  # built while we waited for the lock
             print(f"using prepared data in {directory}", flush=True)
             return PreparedData.load(directory)

@@ -31,7 +31,7 @@ from transformer_mt.data.directions import language_pairs
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding.translator import Translator
 from transformer_mt.errors import UserError
-from transformer_mt.formats.atomic import atomic_directory
+from transformer_mt.formats.atomic import atomic_directory, directory_lock
 from transformer_mt.formats.results import tuned_alphas
 from transformer_mt.model import Transformer
 from transformer_mt.model.attention import MultiHeadAttention
@@ -220,10 +220,12 @@ def export_ctranslate2(
     spec.optimize(quantization=quantization)
     metadata = _metadata(translator, checkpoint, quantization)
 
-    with atomic_directory(output_dir) as tmp:
-        spec.save(str(tmp))
-        (tmp / SPM_FILE).write_bytes(translator.tokenizer.model_bytes)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    with directory_lock(output_dir):  # one export at a time; a killed one's leftovers removed
+        _check_output_dir(output_dir, force)  # again: another export may have just finished
+        with atomic_directory(output_dir) as tmp:
+            spec.save(str(tmp))
+            (tmp / SPM_FILE).write_bytes(translator.tokenizer.model_bytes)
+            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
     return output_dir
 
 

@@ -8,6 +8,7 @@ fsyncing the parent directory.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import os
 import shutil
@@ -18,7 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_directory", "atomic_link", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "atomic_directory",
+    "atomic_link",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "directory_lock",
+]
 
 
 def _umask() -> int:
@@ -95,6 +102,38 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def directory_lock(directory: Path | str) -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside ``directory`` (waiting, with a message, while another process
+    holds it), then remove the temporary siblings (``.<name>.*.tmp``/``.old``) that writers of
+    ``directory`` killed mid-write left: with the lock held, no live writer owns them. The lock
+    file is removed on release (a waiter that then holds a removed file retries)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = directory.parent / f".{directory.name}.lock"
+    while True:
+        lock = open(lock_path, "a+b")  # noqa: SIM115 (closed below, after the unlink)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another writer of {directory} ({lock_path})", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break  # the file still in place: the lock is ours
+        except FileNotFoundError:
+            pass
+        lock.close()  # its holder removed it on release: take the new one
+    try:
+        for pattern in (f".{directory.name}.*.tmp", f".{directory.name}.*.old"):
+            for stale in directory.parent.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still holding it
+        lock.close()
 
 
 def _replace_dir(new: Path, target: Path) -> None:
