@@ -148,7 +148,7 @@ def test_output_layer_loss_frees_its_old_buffer_before_allocating_a_larger_one(
     hidden, weight, target = _projection_case(9, 6, 4, 9)
     criterion(hidden, weight.requires_grad_(), target)[0].backward()
     old = weakref.ref(criterion._buffers[torch.float32])
-    old_alive_at_allocation = []
+    old_alive_at_allocation: list[bool] = []
     real_empty = torch.empty
 
     def recording_empty(*args: object, **kwargs: object) -> torch.Tensor:

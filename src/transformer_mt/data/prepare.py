@@ -106,9 +106,6 @@ def fingerprint(data_cfg: DictConfig, spm_model: bytes | None = None) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-# -- the lock ----------------------------------------------------------------------------------
-
-
 # -- the whole preparation -----------------------------------------------------------------------
 
 
