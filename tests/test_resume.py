@@ -14,7 +14,7 @@ import torch
 from conftest import BIN, synthetic_corpus, synthetic_overrides
 from test_trainer import make_config
 from transformer_mt.errors import CheckpointError, ConfigError
-from transformer_mt.formats.checkpoint import load_checkpoint, step_checkpoints
+from transformer_mt.formats.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 from transformer_mt.training.schedule import inverse_sqrt_factor
 from transformer_mt.training.trainer import Trainer
 
@@ -195,6 +195,38 @@ def test_a_resumed_run_takes_this_launchs_optimizer_settings(corpus_root: Path) 
     assert group["lr"] == pytest.approx(peak / 4 * inverse_sqrt_factor(5, 10))
     state = changed.update.optimizer.state_dict()["state"]
     assert state and all(int(s["step"]) == 3 for s in state.values())  # moments kept
+
+
+def test_cosine_schedule_reaches_min_lr_and_a_resume_can_switch_to_it(
+    corpus_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cosine = ("optim.schedule=cosine", "optim.decay_steps=14", "optim.min_lr=1e-5")
+    done = Trainer(make_config(corpus_root, "trainer.max_steps=14", *cosine), corpus_root / "c")
+    done.train()
+    assert done.update.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)  # the floor
+    # A checkpoint written before optim.schedule existed resumes as the same schedule, quietly.
+    Trainer(make_config(corpus_root, "trainer.max_steps=3"), corpus_root / "r").train()
+    last = corpus_root / "r" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    for key in ("schedule", "decay_steps", "min_lr"):
+        del state["config"]["optim"][key]
+    save_checkpoint(last, state)
+    capsys.readouterr()
+    same = Trainer(make_config(corpus_root), corpus_root / "r")
+    assert same.state.step == 3 and "changed optimizer" not in capsys.readouterr().out
+    peak = same.update.optimizer.param_groups[0]["initial_lr"]
+    assert same.update.optimizer.param_groups[0]["lr"] == pytest.approx(
+        peak * inverse_sqrt_factor(4, 10)
+    )
+    # Resuming it with the cosine schedule applies that schedule from the step it reached.
+    switched = Trainer(make_config(corpus_root, *cosine), corpus_root / "r")
+    out = capsys.readouterr().out
+    assert "optim.schedule inverse_sqrt -> cosine" in out and switched.state.step == 3
+    assert switched.update.optimizer.param_groups[0]["lr"] == pytest.approx(peak * 4 / 10)
+    switched.update.optimizer.step()
+    for _ in range(11):  # to update 15: past decay_steps, at the floor
+        switched.update.scheduler.step()
+    assert switched.update.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
 
 
 def test_mid_epoch_resume_refuses_another_batch_plan(corpus_root: Path) -> None:

@@ -222,6 +222,11 @@ def test_bad_precision_fails_before_training(corpus_root: Path) -> None:
         ("optim.betas=[0.9,1.5]", "optim.betas"),
         ("optim.eps=0", "optim.eps"),
         ("optim.weight_decay=-0.1", "optim.weight_decay"),
+        ("optim.schedule=linear", "optim.schedule"),
+        ("optim.schedule=cosine", "optim.decay_steps"),  # cosine needs its end
+        ("optim.decay_steps=2.5", "optim.decay_steps"),
+        ("optim.decay_steps=100", "optim.decay_steps"),  # inverse_sqrt would ignore it
+        ("optim.min_lr=abc", "optim.min_lr"),
     ],
 )
 def test_bad_values_fail_before_any_work_naming_the_key(

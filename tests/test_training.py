@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transformer_mt.errors import CheckpointError
+from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.formats.checkpoint import (
     load_checkpoint,
     save_checkpoint,
@@ -17,7 +18,7 @@ from transformer_mt.formats.checkpoint import (
     spm_tensor_to_bytes,
 )
 from transformer_mt.training.loss import OutputLayerLoss, label_smoothed_nll_loss
-from transformer_mt.training.schedule import inverse_sqrt_schedule
+from transformer_mt.training.schedule import inverse_sqrt_schedule, lr_schedule
 
 
 def test_label_smoothed_loss_matches_direct_computation() -> None:
@@ -217,6 +218,48 @@ def test_warmup_schedule_matches_paper_formula() -> None:
             assert optimizer.param_groups[0]["lr"] == pytest.approx(paper, rel=1e-9)
         optimizer.step()
         scheduler.step()
+
+
+def test_cosine_schedule_matches_its_formula() -> None:
+    peak, floor_lr, warmup, decay = 2e-3, 1e-4, 100, 1100
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=peak)
+    scheduler = lr_schedule(optimizer, "cosine", warmup, decay, floor_lr)
+    seen = {}
+    for step_num in range(1, 1301):  # update step_num runs at the lr set before it
+        seen[step_num] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+    for step_num in (1, 50, 100):  # linear warmup, as the paper's
+        assert seen[step_num] == pytest.approx(peak * step_num / warmup, rel=1e-9)
+    for step_num in (101, 350, 600, 850, 1099):
+        progress = (step_num - warmup) / (decay - warmup)
+        expected = floor_lr + (peak - floor_lr) * (1 + math.cos(math.pi * progress)) / 2
+        assert seen[step_num] == pytest.approx(expected, rel=1e-9)
+    assert seen[600] == pytest.approx((peak + floor_lr) / 2)  # halfway down
+    assert all(seen[s] == pytest.approx(floor_lr) for s in (1100, 1101, 1300))  # then it stays
+    assert all(seen[s] > seen[s + 1] for s in range(100, 1099))  # falls at every update
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (("linear", 10, None, 0.0), "optim.schedule"),
+        (("cosine", 10, None, 0.0), "optim.decay_steps"),
+        (("cosine", 10, 10, 0.0), "optim.decay_steps"),
+        (("cosine", 10, 20, 1e-3), "optim.min_lr"),  # not below the peak
+        (("cosine", 10, 20, -1e-5), "optim.min_lr"),
+        (("inverse_sqrt", 10, 20, 0.0), "optim.decay_steps"),  # would do nothing
+        (("inverse_sqrt", 10, None, 1e-5), "optim.min_lr"),
+        (("inverse_sqrt", 0, None, 0.0), "optim.warmup_steps"),
+    ],
+)
+def test_schedule_settings_that_cannot_work_name_the_key(
+    args: tuple[str, int, int | None, float], key: str
+) -> None:
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        lr_schedule(optimizer, *args)
 
 
 def test_checkpoint_roundtrip_with_weights_only(tmp_path: Path) -> None:

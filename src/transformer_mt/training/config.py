@@ -16,6 +16,7 @@ from transformer_mt.decoding.search import is_length_penalty
 from transformer_mt.errors import ConfigError
 from transformer_mt.model.variants import VARIANTS, check_rope_head_size, check_variant
 from transformer_mt.training.precision import check_precision
+from transformer_mt.training.schedule import check_schedule
 
 RESUME_MODES = ("auto", "never")
 
@@ -151,6 +152,13 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_schedule(  # after optim.lr and optim.warmup_steps are known to be positive
+        str(OmegaConf.select(cfg, "optim.schedule")),
+        _integer(cfg, "optim.warmup_steps"),
+        _integer(cfg, "optim.decay_steps", allow_null=True),
+        _number(cfg, "optim.min_lr"),
+        _number(cfg, "optim.lr"),
+    )
     check_model_variants(cfg, int(d_model), int(n_heads))
     check_precision(t.precision, device)
     check_resume(str(t.resume))

@@ -32,7 +32,7 @@ from transformer_mt.training.init_from import (
 from transformer_mt.training.loss import OutputLayerLoss
 from transformer_mt.training.precision import configure_matmul, grad_scaler, resolve_precision
 from transformer_mt.training.rng import seed_everything
-from transformer_mt.training.schedule import inverse_sqrt_schedule
+from transformer_mt.training.schedule import lr_schedule
 from transformer_mt.training.step import UpdateStep
 
 
@@ -78,7 +78,13 @@ def build_training(cfg: DictConfig, model: Transformer | None = None) -> Trainin
     update = UpdateStep(
         model,
         optimizer,
-        inverse_sqrt_schedule(optimizer, cfg.optim.warmup_steps),
+        lr_schedule(
+            optimizer,
+            cfg.optim.schedule,
+            cfg.optim.warmup_steps,
+            cfg.optim.decay_steps,
+            cfg.optim.min_lr,
+        ),
         OutputLayerLoss(cfg.trainer.label_smoothing, data.tokenizer.pad_id),
         device,
         precision=precision,

@@ -24,6 +24,12 @@ from transformer_mt.training import distributed as dist
 from transformer_mt.training.rng import rng_state, set_rng_state
 from transformer_mt.training.step import UpdateStep
 
+PRE_SCHEDULE_OPTIM: dict[str, Any] = {
+    "schedule": "inverse_sqrt",
+    "decay_steps": None,
+    "min_lr": 0.0,
+}
+
 
 @dataclass
 class TrainState:
@@ -133,9 +139,11 @@ def restore_training(
     for group in optimizer.param_groups:  # the saved flags would override ours
         group.update(kernel)
     update.scheduler.load_state_dict(checkpoint["scheduler"])
-    changed = _changes(saved.get("optim", {}), config["optim"], "optim")
+    # checkpoints from before optim.schedule ran the one schedule there was then
+    saved_optim = {**PRE_SCHEDULE_OPTIM, **saved.get("optim", {})}
+    changed = _changes(saved_optim, config["optim"], "optim")
     if changed:
-        apply_optim(update, saved.get("optim", {}), config["optim"])
+        apply_optim(update, saved_optim, config["optim"])
         if update.dist.is_main:
             print(
                 f"resuming with a changed optimizer config, applied from step {state.step + 1}: "
