@@ -67,7 +67,7 @@ def lr_schedule(
     min_lr: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A scheduler whose lr is ``peak_lr · factor(step)`` for the named schedule; peak_lr is
-    the optimizer's lr (its first group's sets ``min_lr``'s fraction of it)."""
+    the optimizer's lr, and cosine's floor is ``min_lr`` over the first group's peak."""
     peak = float(optimizer.param_groups[0]["lr"])
     check_schedule(schedule, warmup_steps, decay_steps, min_lr, peak)
     if schedule == "cosine":
