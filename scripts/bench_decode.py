@@ -5,6 +5,8 @@ checkpoint and print, from one run, sentences/s and target tokens/s of
 * ``--engine ctranslate2`` (this project's CTranslate2 path: same options and scores),
 * bare CTranslate2: the library's own ``translate_batch`` on the exported model, fp32 and
   int8, on the same SentencePiece pieces, same threads, batch size and output limit,
+* with ``--bf16``, ours in bf16 autocast (``tmt-translate --precision bf16``) and bare
+  CTranslate2 in bfloat16 (where the installed build supports it; the 4.8 CPU wheel does not),
 
 with ratios to bare CTranslate2 fp32 of the same search, BLEU, and how many translations
 equal this project's. Beam search uses ``--alpha``, else the length penalty the checkpoint's
@@ -15,7 +17,7 @@ ratios are side by side on the same state of the machine. On CUDA the device is 
 around each run.
 
     python scripts/bench_decode.py --checkpoint runs/multi30k_en-de/default/checkpoints/final.pt
-    python scripts/bench_decode.py --device cuda --batch-size 128
+    python scripts/bench_decode.py --device cuda --batch-size 128 --bf16
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each row (best kept)")
     p.add_argument("--no-uncached", action="store_true", help="skip the slow uncached row")
+    p.add_argument("--bf16", action="store_true", help="add bf16 rows: ours and bare CT2")
     p.add_argument(
         "--alpha",
         type=float,
@@ -88,8 +91,9 @@ def load_engine(row: dict[str, Any]) -> Callable[[list[str]], list[str]]:
     torch.set_num_threads(row["threads"])
     src, bs, options = row["src"], row["batch_size"], row["options"]
     engine, device, threads = row["engine"], row["device"], row["threads"]
-    if engine in ("ours", "ours, no cache"):
-        ours = Translator.from_checkpoint(row["checkpoint"], device=device)
+    if engine.startswith("ours"):
+        precision = "bf16" if engine == "ours, bf16" else "fp32"
+        ours = Translator.from_checkpoint(row["checkpoint"], device=device, precision=precision)
         if engine == "ours, no cache":
             ours = Translator(ours.model, ours.tokenizer, ours.device, ours.config, use_cache=False)
         return lambda sentences: ours.translate(sentences, options, batch_size=bs)
@@ -97,7 +101,7 @@ def load_engine(row: dict[str, Any]) -> Callable[[list[str]], list[str]]:
         ct2 = CTranslate2Translator.from_dir(row["export"], device=device, intra_threads=threads)
         return lambda sentences: ct2.translate(sentences, options, batch_size=bs)
     # bare CTranslate2: pieces in, pieces out, as its users call it
-    compute_type = "int8" if engine.endswith("int8") else "float32"
+    compute_type = {"int8": "int8", "bf16": "bfloat16"}.get(engine.split()[-1], "float32")
     bare = import_ctranslate2().Translator(
         row["export"], device=device, compute_type=compute_type, intra_threads=threads
     )
@@ -189,9 +193,10 @@ def main() -> None:
     budget = int(
         output_budget(lengths, greedy.max_len_a, greedy.max_len_b, ours.model.max_positions).max()
     )
-    rows = [("greedy", greedy, e) for e in ENGINES] + [("beam 5", beam5, e) for e in ENGINES]
+    engines = ENGINES + (["ours, bf16", "bare CT2 bf16"] if args.bf16 else [])
+    rows = [("greedy", greedy, e) for e in engines] + [("beam 5", beam5, e) for e in engines]
     if not args.no_uncached:
-        rows.insert(len(ENGINES) + 1, ("beam 5", beam5, "ours, no cache"))
+        rows.insert(len(engines) + 1, ("beam 5", beam5, "ours, no cache"))
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +207,11 @@ def main() -> None:
         except (UserError, RuntimeError, ValueError) as e:  # no ctranslate2, or not here
             print(f"CTranslate2 rows skipped: {e}", file=sys.stderr)
             rows = [r for r in rows if r[2].startswith("ours")]
+        else:
+            supported = import_ctranslate2().get_supported_compute_types(args.device.split(":")[0])
+            if "bfloat16" not in supported:
+                print(f"bare CT2 bf16 skipped: {args.device} has no bfloat16", file=sys.stderr)
+                rows = [r for r in rows if r[2] != "bare CT2 bf16"]
         settings = {
             f"{search}, {engine}": {
                 "engine": engine,

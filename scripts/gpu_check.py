@@ -5,8 +5,8 @@ with one GPU and no network). Each step is a section of the report:
 2. a tiny model trained 100 updates in each precision, stopped at 50 and resumed;
 3. 30 timed updates of the default model against the plain nn.Transformer loop
    (``scripts/bench_train.py``: tokens/s, MFU, data wait, host syncs per update);
-4. the decoding benchmark (``scripts/bench_decode.py``) on ``--checkpoint``, or else on the
-   tiny model of step 2.
+4. the decoding benchmark (``scripts/bench_decode.py``, fp32 and bf16 rows) on
+   ``--checkpoint``, or else on the tiny model of step 2.
 
 ``--device cpu`` runs the same steps without a GPU (the CUDA tests are skipped there, and
 the precisions are those a CPU has); ``--quick`` shrinks every step, for the test suite.
@@ -187,7 +187,7 @@ def decode_benchmark(report: Report, args: argparse.Namespace, fallback: Path | 
         report.check(False, "no checkpoint to decode with")
         return
     command = [sys.executable, "scripts/bench_decode.py", "--checkpoint", str(checkpoint)]
-    command += ["--device", args.device]
+    command += ["--device", args.device, "--bf16"]
     if args.quick:
         command += ["--limit", "30", "--repeat", "1", "--no-uncached"]
     result, seconds = run(command, 600)

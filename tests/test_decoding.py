@@ -315,6 +315,41 @@ def test_translations_do_not_depend_on_batching(translator: Translator) -> None:
         assert len(set(one_by_one)) > 10  # real, varied outputs
 
 
+def test_bf16_decoding_multiplies_in_bf16_and_keeps_the_search_in_fp32(
+    translator: Translator,
+) -> None:
+    bf16 = Translator(translator.model, translator.tokenizer, translator.device, precision="bf16")
+    products: list[torch.dtype] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: products.append(out.dtype))
+        for m in translator.model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    lines = ["a man rides a bike", "two dogs play in the snow", "a woman"]
+    try:
+        fp32_hyps = translator.translate_ids(lines, beam_size=3, nbest=3)
+        assert products and set(products) == {torch.float32}
+        products.clear()
+        bf16_hyps = bf16.translate_ids(lines, beam_size=3, nbest=3)
+        assert products and set(products) == {torch.bfloat16}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for n_best in (*fp32_hyps, *bf16_hyps):
+        scores = [h.score for h in n_best]
+        assert len(n_best) == 3 and scores == sorted(scores, reverse=True)
+        assert all(isinstance(x, float) and math.isfinite(x) for x in scores)
+    assert not torch.is_autocast_enabled("cpu")  # the context ends with the call
+
+
+def test_an_unusable_precision_is_a_user_error_naming_it(translator: Translator) -> None:
+    model, tok, cpu = translator.model, translator.tokenizer, translator.device
+    with pytest.raises(UserError, match=r"precision must be one of .*got 'int8'"):
+        Translator(model, tok, cpu, precision="int8")
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        Translator(model, tok, cpu, precision="fp16")
+
+
 def test_too_long_inputs_are_truncated_with_a_warning(
     translator: Translator, capsys: pytest.CaptureFixture[str]
 ) -> None:

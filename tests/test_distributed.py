@@ -187,3 +187,19 @@ def test_sharded_translation_and_replica_checks(tmp_path: Path) -> None:
         assert "replicas diverged" in out["diverged"]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert len(ranks[0]["checksum"]) == 32
+
+
+def test_a_sharded_translator_keeps_the_translators_settings() -> None:
+    from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
+    from transformer_mt.decoding import SearchOptions, Translator
+    from transformer_mt.training import distributed as dist
+
+    rng = np.random.default_rng(0)
+    text = [" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(300)]
+    tokenizer = Tokenizer(train_sentencepiece(text, 80, "unigram", 1.0))
+    model = small_transformer(vocab_size=tokenizer.vocab_size, max_positions=24)
+    inner = Translator(model, tokenizer, torch.device("cpu"), step=3, precision="bf16")
+    sharded = dist.ShardedTranslator(inner, dist.DistContext())
+    assert (sharded.precision, sharded.step, sharded.use_cache) == ("bf16", 3, True)
+    options = SearchOptions(beam_size=3)
+    assert sharded.translate(text[:9], options) == inner.translate(text[:9], options)

@@ -1,7 +1,10 @@
-"""Which device to run on: the one place that turns ``auto`` / ``cpu`` / ``cuda[:N]`` into a
-``torch.device``."""
+"""Which device to run on, and in which precision: the one place that turns ``auto`` /
+``cpu`` / ``cuda[:N]`` into a ``torch.device``, and a precision name into an autocast context
+(shared by training and decoding)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -18,3 +21,13 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError as e:
         raise ConfigError(f"unknown device '{device}': {e}") from e
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``device``: bf16 or fp16 autocast (matrix
+    multiplies in that type, reductions such as softmax and norms in fp32), or a no-op for
+    fp32 and tf32 (whose TF32 matmuls are a global setting)."""
+    if precision in ("fp32", "tf32"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -87,7 +87,17 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
     b.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
     b.add_argument("--max-tokens", type=int, help="also cap a batch at this many source tokens")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    b.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="compute in fp32 (default), bf16 or fp16 (CUDA) autocast; with --engine "
+        "ctranslate2 its compute type (default: the export's)",
+    )
     return p
+
+
+# --precision as a CTranslate2 compute type (None: the one the export was written with)
+CT2_COMPUTE_TYPES = {None: "default", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 # The sampling flags (see add_sampling_flags), their SearchOptions fields and defaults.

@@ -15,8 +15,9 @@ JSON object per checkpoint and line. Each checkpoint's hypotheses are saved next
 ``<checkpoint stem>.<set>.<search>.<tgt lang>``, where <set> is the split's set, or for
 --src the file's stem and a short hash of its absolute path (``test-1a2b3c4d``: files of one
 name in two folders do not overwrite each other's hypotheses), and <search> is ``beam<N>``
-plus any non-default setting (``beam5-alpha1``); or to --output for one checkpoint. An
-unreadable checkpoint among several is reported and skipped (exit status 1 at the end).
+plus any non-default setting and precision (``beam5-alpha1-bf16``); or to --output for one
+checkpoint. An unreadable checkpoint among several is reported and skipped (exit status 1 at
+the end).
 
 The length penalty α: --alpha sets it; --alpha-grid decodes the checkpoint's val split at
 each α of the grid and scores the chosen split at the val-best one (as tmt-train's final
@@ -226,7 +227,9 @@ def evaluate_one(
     checkpoint, score it and save the hypotheses; one result per set. The α: --alpha, else
     tuned on val with --alpha-grid, else for a checkpoint ``named`` on the command line (not
     found in a run directory) the one its run chose, if any."""
-    translator = Translator.from_checkpoint(path, device=args.device)
+    translator = Translator.from_checkpoint(
+        path, device=args.device, precision=args.precision or "fp32"
+    )
     data_cfg = OmegaConf.create(translator.config["data"])
     if args.src is not None:
         # a language it translates into? (a multilingual model needs one)
@@ -269,13 +272,15 @@ def evaluate_one(
         else:
             decoded = decode_and_score(translator, target, search, metrics=args.metrics, **batching)
         name = target.name if args.src is None else source_name(args.src)
+        tag = search.tag() + ("" if translator.precision == "fp32" else f"-{translator.precision}")
         output = args.output or path.with_name(
-            f"{path.stem}.{name}.{search.tag()}.{target.tgt_lang or data_cfg.tgt_lang}"
+            f"{path.stem}.{name}.{tag}.{target.tgt_lang or data_cfg.tgt_lang}"
         )
         atomic_write_text(output, "".join(h + "\n" for h in decoded.hypotheses))
         scores = {m: s for m, s in decoded.scores.items() if m in args.metrics}
         result: dict[str, Any] = {"checkpoint": str(path), "step": translator.step}
         result |= {"split": target.name, "beam": search.beam_size, "alpha": search.alpha}
+        result["precision"] = translator.precision
         result |= {m: s.score for m, s in scores.items()}
         result["signatures"] = {m: s.signature for m, s in scores.items()}
         if "bleu" in scores:

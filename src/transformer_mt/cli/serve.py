@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from transformer_mt.cli.common import (
+    CT2_COMPUTE_TYPES,
     decoding_parser,
     exit_on_user_error,
     parse_decoding_args,
@@ -76,11 +77,15 @@ def load_engine(args: argparse.Namespace) -> Engine:
     if args.engine == "ctranslate2":
         if not args.checkpoint.is_dir():
             raise UserError(f"{args.checkpoint}: not a tmt-export directory")
-        ct2 = CTranslate2Translator.from_dir(args.checkpoint, device=args.device)
+        ct2 = CTranslate2Translator.from_dir(
+            args.checkpoint, device=args.device, compute_type=CT2_COMPUTE_TYPES[args.precision]
+        )
         return ctranslate2_engine(
             args.checkpoint, ct2, search_for_export(args, ct2), args.batch_size
         )
-    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    translator = Translator.from_checkpoint(
+        args.checkpoint, device=args.device, precision=args.precision or "fp32"
+    )
     search = search_for(args, args.checkpoint, translator.step)
     return torch_engine(translator, search, args.batch_size, args.max_tokens)
 

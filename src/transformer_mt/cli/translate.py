@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from transformer_mt.cli.common import (
+    CT2_COMPUTE_TYPES,
     add_sampling_flags,
     decoding_parser,
     exit_on_user_error,
@@ -287,11 +288,15 @@ def main(argv: list[str] | None = None) -> None:
     """Translate stdin (or --input) to stdout (or --output)."""
     args = parse_args(argv)
     if args.engine == "ctranslate2":
-        ct2 = CTranslate2Translator.from_dir(args.checkpoint, device=args.device)
+        ct2 = CTranslate2Translator.from_dir(
+            args.checkpoint, device=args.device, compute_type=CT2_COMPUTE_TYPES[args.precision]
+        )
         source_prefix(ct2.tokenizer, ct2.data, args.tgt_lang)  # a language it translates into?
         search = search_for_export(args, ct2)
     else:
-        translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+        translator = Translator.from_checkpoint(
+            args.checkpoint, device=args.device, precision=args.precision or "fp32"
+        )
         translator.source_prefix(args.tgt_lang)  # a language it translates into?
         search = search_for(args, args.checkpoint, translator.step)
         if args.attention_dir is not None:

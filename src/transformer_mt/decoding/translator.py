@@ -5,6 +5,7 @@
 >>> t.translate(["A man is riding a bike."])                # beam 5, the α its run chose
 >>> t.translate(["A dog runs."], beam_size=5, alpha=1.0, nbest=3)   # 3 strings per input
 >>> t.translate(["A dog runs."], sample=True, topk=10, seed=1)     # a top-10 sample
+>>> Translator.from_checkpoint(path, precision="bf16")    # matmuls in bf16 autocast
 """
 
 from __future__ import annotations
@@ -24,11 +25,25 @@ from transformer_mt.decoding.beam import Hypothesis, beam_search
 from transformer_mt.decoding.greedy import greedy_search
 from transformer_mt.decoding.sampling import sample_search
 from transformer_mt.decoding.search import SearchOptions, UncachedDecoder
-from transformer_mt.device import resolve_device
+from transformer_mt.device import autocast, resolve_device
 from transformer_mt.errors import CheckpointError, UserError
 from transformer_mt.formats.checkpoint import load_checkpoint, spm_tensor_to_bytes
 from transformer_mt.formats.results import tuned_alpha
 from transformer_mt.model import Transformer, build_model
+
+# What the search may run in: fp32, or bf16 or fp16 autocast (matmuls in that type; softmax,
+# norms and the search's log-probabilities in fp32). fp16 needs CUDA, as in training.
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """UserError for a precision the search cannot run in on ``device``."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(
+            f"precision fp16 needs a CUDA device (the device is {device.type}); use bf16 on CPU"
+        )
 
 
 class Translator:
@@ -37,7 +52,9 @@ class Translator:
     Search settings are keyword arguments of :meth:`translate` (or one ``SearchOptions``
     given as ``options``). Without ``alpha``, a checkpoint loaded from a run directory is
     decoded at the length penalty its run chose on val for it (as ``tmt-translate`` does),
-    else at ``SearchOptions.alpha``.
+    else at ``SearchOptions.alpha``. ``precision`` is one of :data:`PRECISIONS`; bf16 and fp16
+    outputs differ from fp32 ones in a few sentences and may depend on the batch, and bf16 was
+    not faster on the CPUs measured (docs/decoding.md).
     """
 
     def __init__(
@@ -49,7 +66,9 @@ class Translator:
         step: int | None = None,
         use_cache: bool = True,
         checkpoint: Path | None = None,
+        precision: str = "fp32",
     ) -> None:
+        check_precision(precision, device)
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = device
@@ -57,11 +76,16 @@ class Translator:
         self.step = step  # the training update the weights come from, when known
         self.use_cache = use_cache  # False: re-decode the whole prefix each step (benchmarks)
         self.checkpoint = checkpoint  # the file it was loaded from, for the tuned α
+        self.precision = precision
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Translator:
-        """Load everything needed (weights, model config, SentencePiece model) from one file."""
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "cpu", precision: str = "fp32"
+    ) -> Translator:
+        """Load everything needed (weights, model config, SentencePiece model) from one file;
+        decode on ``device`` in ``precision``."""
         dev = resolve_device(device)
+        check_precision(precision, dev)
         state = load_checkpoint(path, map_location="cpu")
         try:
             tokenizer = Tokenizer(spm_tensor_to_bytes(state["spm_model"]))
@@ -70,7 +94,9 @@ class Translator:
             step = int(state["step"])
         except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: inconsistent checkpoint: {e}") from e
-        return cls(model, tokenizer, dev, state["config"], step, checkpoint=Path(path))
+        return cls(
+            model, tokenizer, dev, state["config"], step, checkpoint=Path(path), precision=precision
+        )
 
     def search_options(
         self,
@@ -148,14 +174,15 @@ class Translator:
         decoder = self.model if self.use_cache else UncachedDecoder(self.model)
         for chunk in length_batches([len(s) + 1 for s in ids], batch_size, max_tokens):
             src = pad([[*ids[i], tok.eos_id] for i in chunk], tok.pad_id).to(self.device)
-            if options.sample:
-                streams = [first_index + i for i in chunk]
-                hyps = sample_search(decoder, src, tok.bos_id, tok.eos_id, options, streams)
-            elif options.beam_size == 1 and options.nbest == 1:
-                outs = greedy_search(decoder, src, tok.bos_id, tok.eos_id, options)
-                hyps = [[Hypothesis(o, 0.0, 0.0)] for o in outs]
-            else:
-                hyps = beam_search(decoder, src, tok.bos_id, tok.eos_id, options)
+            with autocast(self.device, self.precision):
+                if options.sample:
+                    streams = [first_index + i for i in chunk]
+                    hyps = sample_search(decoder, src, tok.bos_id, tok.eos_id, options, streams)
+                elif options.beam_size == 1 and options.nbest == 1:
+                    outs = greedy_search(decoder, src, tok.bos_id, tok.eos_id, options)
+                    hyps = [[Hypothesis(o, 0.0, 0.0)] for o in outs]
+                else:
+                    hyps = beam_search(decoder, src, tok.bos_id, tok.eos_id, options)
             for i, h in zip(chunk, hyps, strict=True):
                 results[i] = h
         return results

@@ -185,6 +185,7 @@ class ShardedTranslator(Translator):
             translator.step,
             translator.use_cache,
             translator.checkpoint,
+            translator.precision,
         )
         self.ctx = ctx
 

@@ -8,6 +8,7 @@ import contextlib
 
 import torch
 
+from transformer_mt.device import autocast as device_autocast
 from transformer_mt.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
@@ -55,12 +56,9 @@ def configure_matmul(precision: str, device: torch.device) -> None:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
-    precision = resolve_precision(precision, device)
-    if precision in ("fp32", "tf32"):
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """The autocast context of ``precision`` (``auto`` resolved) on ``device``; a no-op for
+    fp32 and tf32."""
+    return device_autocast(device, resolve_precision(precision, device))
 
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
