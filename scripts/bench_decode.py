@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from transformer_mt.cli.common import search_for
+from transformer_mt.cli.common import CT2_COMPUTE_TYPES, search_for
 from transformer_mt.data.directions import fetch_raw, read_references
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding import SearchOptions, Translator
@@ -101,7 +101,8 @@ def load_engine(row: dict[str, Any]) -> Callable[[list[str]], list[str]]:
         ct2 = CTranslate2Translator.from_dir(row["export"], device=device, intra_threads=threads)
         return lambda sentences: ct2.translate(sentences, options, batch_size=bs)
     # bare CTranslate2: pieces in, pieces out, as its users call it
-    compute_type = {"int8": "int8", "bf16": "bfloat16"}.get(engine.split()[-1], "float32")
+    precision = engine.split()[-1]  # fp32, int8 or bf16
+    compute_type = "int8" if precision == "int8" else CT2_COMPUTE_TYPES[precision]
     bare = import_ctranslate2().Translator(
         row["export"], device=device, compute_type=compute_type, intra_threads=threads
     )
