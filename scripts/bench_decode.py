@@ -5,7 +5,7 @@ checkpoint and print, from one run, sentences/s and target tokens/s of
 * ``--engine ctranslate2`` (this project's CTranslate2 path: same options and scores),
 * bare CTranslate2: the library's own ``translate_batch`` on the exported model, fp32 and
   int8, on the same SentencePiece pieces, same threads, batch size and output limit,
-* with ``--bf16``, ours in bf16 autocast (``tmt-translate --precision bf16``) and bare
+* with ``--bf16``, ours in bf16 (``tmt-translate --precision bf16``) and bare
   CTranslate2 in bfloat16 (where the installed build supports it; the 4.8 CPU wheel does not),
 
 with ratios to bare CTranslate2 fp32 of the same search, BLEU, and how many translations

@@ -322,7 +322,8 @@ def test_bf16_decoding_multiplies_in_bf16_and_keeps_the_search_in_fp32(
     products: list[torch.dtype] = []
     hooks = [
         m.register_forward_hook(lambda _m, _i, out: products.append(out.dtype))
-        for m in translator.model.modules()
+        for model in (translator.model, bf16.search_model)
+        for m in model.modules()
         if isinstance(m, torch.nn.Linear)
     ]
     lines = ["a man rides a bike", "two dogs play in the snow", "a woman"]
@@ -340,6 +341,39 @@ def test_bf16_decoding_multiplies_in_bf16_and_keeps_the_search_in_fp32(
         assert len(n_best) == 3 and scores == sorted(scores, reverse=True)
         assert all(isinstance(x, float) and math.isfinite(x) for x in scores)
     assert not torch.is_autocast_enabled("cpu")  # the context ends with the call
+
+
+def test_half_precision_searches_a_cast_copy_and_leaves_the_model_in_fp32(
+    translator: Translator,
+) -> None:
+    model = translator.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bf16 = Translator(model, translator.tokenizer, translator.device, precision="bf16")
+    assert translator.search_model is model and bf16.model is model
+    half = bf16.search_model
+    assert half is not model
+    kinds = {type(m).__name__ for m in half.modules()}
+    assert {"Linear", "Embedding", "LayerNorm"} <= kinds
+    for m in half.modules():  # linear layers in bf16; embeddings and norms in fp32
+        for p in m.parameters(recurse=False):
+            linear = isinstance(m, torch.nn.Linear)
+            assert p.dtype == (torch.bfloat16 if linear else torch.float32), type(m)
+    for name, buffer in half.named_buffers():
+        assert buffer.dtype == model.get_buffer(name).dtype, name
+    assert model.output_projection.weight is model.embedding.tokens.weight  # tied in the model
+    assert half.embedding.tokens.weight.dtype == torch.float32  # the copy's projection: bf16
+    for k, v in model.state_dict().items():  # the model keeps its fp32 weights, unchanged
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    for k, v in half.state_dict().items():  # the copy holds the same values, rounded
+        assert torch.allclose(v.float(), before[k], rtol=1e-2, atol=1e-6), k
+    src = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
+    for enabled, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=enabled):
+            cache = (half if enabled else model).start_decoding(*model.encode(src), group=2)
+        # keys and values are kept in the type the products come in: no cast at each step
+        assert cache.self_kv.dtype == cache.source_kv.dtype == dtype
+    lines = ["a man rides a bike", "two dogs play in the snow"]
+    assert bf16.translate(lines, beam_size=3) == bf16.translate(lines, beam_size=3)
 
 
 def test_an_unusable_precision_is_a_user_error_naming_it(translator: Translator) -> None:

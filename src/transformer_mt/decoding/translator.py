@@ -5,11 +5,12 @@
 >>> t.translate(["A man is riding a bike."])                # beam 5, the α its run chose
 >>> t.translate(["A dog runs."], beam_size=5, alpha=1.0, nbest=3)   # 3 strings per input
 >>> t.translate(["A dog runs."], sample=True, topk=10, seed=1)     # a top-10 sample
->>> Translator.from_checkpoint(path, precision="bf16")    # matmuls in bf16 autocast
+>>> Translator.from_checkpoint(path, precision="bf16")    # matmuls in bf16
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from transformer_mt.data.batching import pad
 from transformer_mt.data.directions import is_multilingual, language_pairs, target_tag
@@ -31,9 +33,11 @@ from transformer_mt.formats.checkpoint import load_checkpoint, spm_tensor_to_byt
 from transformer_mt.formats.results import tuned_alpha
 from transformer_mt.model import Transformer, build_model
 
-# What the search may run in: fp32, or bf16 or fp16 autocast (matmuls in that type; softmax,
-# norms and the search's log-probabilities in fp32). fp16 needs CUDA, as in training.
+# What the search may run in: fp32, or bf16 or fp16 (matmuls against weights cast to that type
+# once, under autocast; softmax, norms and the search's log-probabilities in fp32). fp16 needs
+# CUDA, as in training.
 PRECISIONS = ("fp32", "bf16", "fp16")
+HALF_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -46,6 +50,20 @@ def check_precision(precision: str, device: torch.device) -> None:
         )
 
 
+def half_precision_copy(model: Transformer, dtype: torch.dtype) -> Transformer:
+    """A copy of ``model`` for decoding whose linear layers hold their weights in ``dtype``:
+    under autocast its matrix multiplies then need no cast of the weights, which autocast
+    would otherwise redo at every call of a search step (it keeps no cast cache under
+    ``torch.inference_mode``). Embeddings, norms and position tables stay fp32, and with them
+    the residual stream; an output projection tied to the embeddings gets a copy of its own."""
+    half = copy.deepcopy(model)
+    for module in half.modules():
+        if isinstance(module, nn.Linear):
+            for name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+    return half
+
+
 class Translator:
     """A model and its tokenizer, ready to translate lists of raw sentences.
 
@@ -53,8 +71,10 @@ class Translator:
     given as ``options``). Without ``alpha``, a checkpoint loaded from a run directory is
     decoded at the length penalty its run chose on val for it (as ``tmt-translate`` does),
     else at ``SearchOptions.alpha``. ``precision`` is one of :data:`PRECISIONS`; bf16 and fp16
-    outputs differ from fp32 ones in a few sentences and may depend on the batch, and bf16 was
-    not faster on the CPUs measured (docs/decoding.md).
+    search a copy of the model with its matrix weights cast to that type when the Translator
+    is made (:func:`half_precision_copy`; later changes of ``model``'s weights do not reach
+    it), and their outputs differ from fp32 ones in a few sentences and may depend on the
+    batch (docs/decoding.md). ``model`` itself serves the attention maps, in fp32.
     """
 
     def __init__(
@@ -77,6 +97,9 @@ class Translator:
         self.use_cache = use_cache  # False: re-decode the whole prefix each step (benchmarks)
         self.checkpoint = checkpoint  # the file it was loaded from, for the tuned α
         self.precision = precision
+        half = HALF_TYPES.get(precision)
+        # what the searches run: the model, or its copy in half precision
+        self.search_model = self.model if half is None else half_precision_copy(self.model, half)
 
     @classmethod
     def from_checkpoint(
@@ -171,7 +194,8 @@ class Translator:
         prefix = self.source_prefix(tgt_lang)
         ids = encode_to_fit(tok, sentences, self.model.max_positions, on_truncate, prefix)
         results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in sentences]
-        decoder = self.model if self.use_cache else UncachedDecoder(self.model)
+        model = self.search_model
+        decoder = model if self.use_cache else UncachedDecoder(model)
         for chunk in length_batches([len(s) + 1 for s in ids], batch_size, max_tokens):
             src = pad([[*ids[i], tok.eos_id] for i in chunk], tok.pad_id).to(self.device)
             with autocast(self.device, self.precision):

@@ -203,8 +203,8 @@ class Transformer(nn.Module):
         attn = layers[0].self_attn
         steps = self.max_positions if max_steps is None else min(max_steps, self.max_positions)
         shape = (len(layers), 2, n * group, attn.n_heads, steps, attn.d_k)
-        self_kv = self_attention_buffer(shape, memory)
         source_kv = torch.stack([layer.cross_attn.source_keys_values(memory) for layer in layers])
+        self_kv = self_attention_buffer(shape, source_kv)  # in the products' type, as source_kv
         bias = torch.zeros(n, 1, 1, s, dtype=memory.dtype, device=memory.device)
         bias.masked_fill_(~memory_mask, -torch.inf)
         qkv = [
