@@ -33,6 +33,7 @@ from torch import nn
 from transformer_mt.cli.common import config_dir, register_resolvers
 from transformer_mt.data.batching import Batch, collate, token_batches
 from transformer_mt.data.loader import Prefetcher
+from transformer_mt.device import HALF_TYPES
 from transformer_mt.training.precision import autocast
 from transformer_mt.training.setup import build_training
 
@@ -93,7 +94,7 @@ class Reference(nn.Module):
 def matmul_peak(device: torch.device, precision: str, n: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of an n×n matrix multiply at ``precision`` on ``device``, best of a few runs
     (fp32 with IEEE matmuls, tf32 with TF32 tensor cores, bf16/fp16 in that type)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = HALF_TYPES.get(precision, torch.float32)
     if device.type == "cuda":
         n = max(n, 8192)
     a = torch.randn(n, n, dtype=dtype, device=device)

@@ -10,6 +10,9 @@ import torch
 
 from transformer_mt.errors import ConfigError
 
+# The half-precision settings and their types (fp32 and tf32 keep fp32 tensors).
+HALF_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
@@ -29,5 +32,4 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     fp32 and tf32 (whose TF32 matmuls are a global setting)."""
     if precision in ("fp32", "tf32"):
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=HALF_TYPES[precision])

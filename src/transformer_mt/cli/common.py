@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 
 from transformer_mt.decoding.search import SearchOptions
+from transformer_mt.decoding.translator import PRECISIONS
 from transformer_mt.errors import UserError
 from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.formats.results import tuned_alpha
@@ -89,7 +90,7 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
     b.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     b.add_argument(
         "--precision",
-        choices=["fp32", "bf16", "fp16"],
+        choices=PRECISIONS,
         help="compute in fp32 (default), bf16 or fp16 (CUDA) autocast; with --engine "
         "ctranslate2 its compute type (default: the export's)",
     )

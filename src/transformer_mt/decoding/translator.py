@@ -27,7 +27,7 @@ from transformer_mt.decoding.beam import Hypothesis, beam_search
 from transformer_mt.decoding.greedy import greedy_search
 from transformer_mt.decoding.sampling import sample_search
 from transformer_mt.decoding.search import SearchOptions, UncachedDecoder
-from transformer_mt.device import autocast, resolve_device
+from transformer_mt.device import HALF_TYPES, autocast, resolve_device
 from transformer_mt.errors import CheckpointError, UserError
 from transformer_mt.formats.checkpoint import load_checkpoint, spm_tensor_to_bytes
 from transformer_mt.formats.results import tuned_alpha
@@ -37,7 +37,6 @@ from transformer_mt.model import Transformer, build_model
 # once, under autocast; softmax, norms and the search's log-probabilities in fp32). fp16 needs
 # CUDA, as in training.
 PRECISIONS = ("fp32", "bf16", "fp16")
-HALF_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_precision(precision: str, device: torch.device) -> None:
