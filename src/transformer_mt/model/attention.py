@@ -187,15 +187,12 @@ class MultiHeadAttention(nn.Module):
         With ``rotary`` the query and key are rotated to position ``t`` first."""
         r = x.size(0)
         qkv_t = F.linear(x, *qkv).view(r, 3, self.n_heads, self.d_k)  # (R, 3, H, d_k)
-        if self.rotary is None:
-            cache[:, :, :, t] = qkv_t[:, 1:].transpose(0, 1)  # this position's key and value
-            q = qkv_t[:, 0, :, None]  # (R, H, 1, d_k)
-        else:
-            q, k = self.rotary(qkv_t[:, :2, :, None], t).unbind(1)  # each (R, H, 1, d_k)
-            cache[0, :, :, t] = k[:, :, 0]
-            cache[1, :, :, t] = qkv_t[:, 2]
-        out = attend(q, cache[0, :, :, : t + 1], cache[1, :, :, : t + 1])
-        return self.out_proj(out.view(r, -1))  # (R, H, 1, d_k) -> (R, d)
+        if self.rotary is not None:
+            self.rotary.rotate_(qkv_t[:, :2], t)  # the query and the key, in place
+        cache.select(3, t).copy_(qkv_t[:, 1:].transpose(0, 1))  # this position's key and value
+        k, v = cache.narrow(3, 0, t + 1).unbind(0)  # each (R, H, t+1, d_k)
+        out = attend(qkv_t[:, 0, :, None], k, v)  # (R, H, 1, d_k)
+        return self.out_proj(out.view(r, -1))  # (R, d)
 
     def step_cross(
         self,
