@@ -91,8 +91,9 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
     b.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="compute in fp32 (default), bf16 or fp16 (CUDA) autocast; with --engine "
-        "ctranslate2 its compute type (default: the export's)",
+        help="compute in fp32 (default), or multiply in bf16 or fp16 (CUDA) against a copy of "
+        "the weights in that type; with --engine ctranslate2 its compute type (default: the "
+        "export's)",
     )
     return p
 

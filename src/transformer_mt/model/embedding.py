@@ -69,9 +69,10 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)  # (P, d_k): θ_j at j and j + d_k/2
         self.register_buffer("cos", angles.cos(), persistent=False)  # (P, d_k)
         self.register_buffer("sin", angles.sin(), persistent=False)  # (P, d_k)
-        # -sin in the first half: rotate_ multiplies x with its halves swapped by it
-        signed = torch.cat([-angles[:, : d_k // 2].sin(), angles[:, d_k // 2 :].sin()], dim=-1)
-        self.register_buffer("sin_signed", signed, persistent=False)  # (P, d_k)
+        # sin with its first half negated: rotate_ multiplies x with its halves swapped by it
+        sin_signed = self.sin.clone()
+        sin_signed[:, : d_k // 2].neg_()
+        self.register_buffer("sin_signed", sin_signed, persistent=False)  # (P, d_k)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """x (..., T, d_k) at positions ``offset .. offset+T-1`` -> x rotated, same shape."""
