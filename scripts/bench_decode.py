@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from transformer_mt.cli.common import CT2_COMPUTE_TYPES, search_for
+from transformer_mt.cli.common import CT2_COMPUTE_TYPES, freeze_loaded, search_for
 from transformer_mt.data.directions import fetch_raw, read_references
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding import SearchOptions, Translator
@@ -128,6 +128,7 @@ def serve_row(row: dict[str, Any], conn: Connection) -> None:
     run over all sentences each time the parent asks. (Engines sharing a process slow each
     other down: with a torch model loaded beside it, CTranslate2 decoded 2.5 times slower.)"""
     run = load_engine(row)
+    freeze_loaded()  # as the console scripts do once loaded
     run(row["src"][: row["batch_size"]])  # warm-up: first-call allocations and kernels
     conn.send("ready")
     while conn.recv() == "run":

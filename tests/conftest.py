@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import math
 import os
@@ -23,6 +24,14 @@ from transformer_mt.model import Transformer
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MULTI30K = (REPO / ".." / "shared" / "data" / "multi30k").resolve()
 BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_after_test() -> object:
+    """Console scripts run in this process freeze what they loaded (``freeze_loaded``); after
+    each test the collector gets those objects back, so one test's leftovers stay collectable."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ trained run's val and test sets cut to their first EVAL_LINES lines, to keep dec
 
 from __future__ import annotations
 
+import gc
 import gzip
 import io
 import json
@@ -30,6 +31,7 @@ from conftest import (
 from transformer_mt.cli import evaluate as evaluate_cli
 from transformer_mt.cli import export as export_cli
 from transformer_mt.cli import translate as translate_cli
+from transformer_mt.cli.common import freeze_loaded
 from transformer_mt.cli.evaluate import expand_checkpoints
 from transformer_mt.formats.checkpoint import (
     checkpoint_step,
@@ -702,3 +704,13 @@ def test_evaluate_keeps_the_hypotheses_of_sources_of_one_name_apart(
     monkeypatch.chdir(tmp_path)  # the same file again, by a relative path: the same name
     evaluate_cli.main([*common, "--src", "a/test.en", "--ref", "a/test.de"])
     assert Path(json.loads(capsys.readouterr().out)["hypotheses"]) == hypotheses["a"]
+
+
+def test_freeze_loaded_takes_what_is_alive_out_of_the_collectors_generations() -> None:
+    loaded = [object()]  # a container the collector tracks, alive when loading is done
+    assert any(o is loaded for o in gc.get_objects())
+    freeze_loaded()
+    assert gc.get_freeze_count() > 0
+    assert not any(o is loaded for o in gc.get_objects())  # frozen: no pass walks it again
+    later = [object()]
+    assert any(o is later for o in gc.get_objects())  # what decoding allocates is not frozen

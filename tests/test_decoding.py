@@ -142,7 +142,7 @@ def test_block_repeated_ngrams_bans_exactly_the_completing_tokens() -> None:
     assert torch.isinf(lprobs[1]).nonzero().flatten().tolist() == [B]
 
 
-@pytest.mark.parametrize("m", [40000, 8000, 997, 30])
+@pytest.mark.parametrize("m", [40000, 8000, 12000, 10000, 997, 30])
 def test_top_k_and_argmax_equal_torch(m: int) -> None:
     g = torch.Generator().manual_seed(m)
     x = torch.randn(6, m, generator=g)

@@ -48,6 +48,7 @@ from omegaconf import OmegaConf
 from transformer_mt.cli.common import (
     decoding_parser,
     exit_on_user_error,
+    freeze_loaded,
     parse_decoding_args,
     search_for,
 )
@@ -230,6 +231,7 @@ def evaluate_one(
     translator = Translator.from_checkpoint(
         path, device=args.device, precision=args.precision or "fp32"
     )
+    freeze_loaded()
     data_cfg = OmegaConf.create(translator.config["data"])
     if args.src is not None:
         # a language it translates into? (a multilingual model needs one)

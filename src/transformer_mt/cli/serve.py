@@ -18,7 +18,6 @@ beam, α and n-best); --max-tokens needs --engine torch.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +26,7 @@ from transformer_mt.cli.common import (
     CT2_COMPUTE_TYPES,
     decoding_parser,
     exit_on_user_error,
+    freeze_loaded,
     parse_decoding_args,
     search_for,
     search_for_export,
@@ -119,10 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     app = create_app(engine, limits, executor)
-    # What is loaded now lives as long as the server: freezing it keeps the garbage
-    # collector's full passes (run from whichever thread allocates) from walking it again.
-    gc.collect()
-    gc.freeze()
+    freeze_loaded()  # what is loaded now lives as long as the server
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -50,6 +50,7 @@ from transformer_mt.cli.common import (
     add_sampling_flags,
     decoding_parser,
     exit_on_user_error,
+    freeze_loaded,
     parse_decoding_args,
     search_for,
     search_for_export,
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         search = search_for(args, args.checkpoint, translator.step)
         if args.attention_dir is not None:
             check_selection(translator.model, args.attention_layer, args.attention_head)
+    freeze_loaded()
     if search is not args.search:
         print(f"α {search.alpha:g}, chosen by the checkpoint's run", file=sys.stderr)
     args.search = search

@@ -3,6 +3,7 @@ drive, output length limits and n-gram blocking."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -234,16 +235,33 @@ def apply_constraints(
         lprobs[limit_rows, eos_id] = eos_lp
 
 
+@functools.lru_cache(maxsize=64)
 def _block_size(m: int, lo: int = 64, hi: int = 512) -> int | None:
-    """The largest divisor of ``m`` in [lo, hi], if any."""
-    return next((b for b in range(min(hi, m // 4), lo - 1, -1) if m % b == 0), None)
+    """The block length of the two-pass reductions over rows of ``m`` entries: a divisor of
+    ``m`` in [lo, hi], the multiple of 32 nearest 160 if there is one (the CPU's maximum over
+    blocks of 32·k floats is several times faster than over other lengths: 29 µs for 64 rows
+    of 8,000 in blocks of 160 against 118 µs in blocks of 80), else the largest; else None."""
+    divisors = [b for b in range(lo, min(hi, m // 4) + 1) if m % b == 0]
+    aligned = [b for b in divisors if b % 32 == 0]
+    if aligned:
+        return min(aligned, key=lambda b: abs(b - 160))
+    return divisors[-1] if divisors else None
+
+
+def _block_rows(x: torch.Tensor, b: int, which: torch.Tensor) -> torch.Tensor:
+    """Of (n, m) ``x`` in blocks of ``b``, the blocks ``which`` (n, k) of each row, as
+    (n, k·b): one ``index_select`` of whole blocks (a ``gather`` of their entries is slower)."""
+    n, m = x.shape
+    per_row = m // b
+    rows = which + torch.arange(0, n * per_row, per_row, device=x.device)[:, None]  # (n, k)
+    return x.reshape(n * per_row, b).index_select(0, rows.view(-1)).view(n, -1)
 
 
 def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(x, k, dim=1)`` of a (n, m) tensor: the k largest of each row, sorted,
     and their indices (which may differ only among exactly equal values).
 
-    A long row is read in two passes: the maximum of each block of ~500 entries, then a
+    A long row is read in two passes: the maximum of each block of ~160 entries, then a
     top-k over the k blocks with the largest maxima (they hold the row's k largest
     entries). On a CPU this takes a fraction of ``torch.topk``'s time at beam-search sizes.
     """
@@ -251,10 +269,8 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     b = _block_size(m)
     if b is None or m < 4 * k * b:
         return x.topk(k, dim=1)
-    blocks = x.view(n, m // b, b)
-    _, which = blocks.amax(dim=2).topk(k, dim=1)  # (n, k) blocks
-    candidates = blocks.gather(1, which[:, :, None].expand(n, k, b)).view(n, k * b)
-    values, i = candidates.topk(k, dim=1)
+    _, which = x.view(n, m // b, b).amax(dim=2).topk(k, dim=1)  # (n, k) blocks
+    values, i = _block_rows(x, b, which).topk(k, dim=1)  # among their k·b entries
     return values, which.gather(1, i // b) * b + i % b
 
 
@@ -266,10 +282,8 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     b = _block_size(m)
     if b is None:
         return x.argmax(dim=1)
-    blocks = x.view(n, m // b, b)
-    which = blocks.amax(dim=2).argmax(dim=1)  # (n,) the first block with the row's max
-    block = blocks.gather(1, which[:, None, None].expand(n, 1, b))[:, 0]  # (n, b)
-    return which * b + block.argmax(dim=1)
+    which = x.view(n, m // b, b).amax(dim=2).argmax(dim=1)  # (n,) first block with the max
+    return which * b + _block_rows(x, b, which[:, None]).argmax(dim=1)
 
 
 @dataclass
