@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import small_transformer
 from transformer_mt.model import Dropout, MultiHeadAttention, PositionalEncoding
-from transformer_mt.model.attention import ScaledDotProductAttention
+from transformer_mt.model.attention import WRITTEN_OUT_MAX_KEYS, ScaledDotProductAttention
 from transformer_mt.model.dropout import keep_mask, positive
 from transformer_mt.model.packed import PackedLinear
 
@@ -105,6 +105,32 @@ def test_attention_with_dropout_is_the_fused_kernel_when_nothing_is_dropped(
     grads = torch.autograd.grad(actual.square().sum(), qkv)
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masking", ["none", "key_padding", "causal"])
+def test_inference_attention_on_cpu_is_written_out_for_short_keys_only(
+    masking: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without gradients, over few keys, the written-out form (faster there) gives the fused
+    kernel's values; over more than WRITTEN_OUT_MAX_KEYS keys it is the fused kernel."""
+    qkv, mask, causal = _attention_inputs(masking)
+    q, k, v = (t.detach() for t in qkv)
+    attn = ScaledDotProductAttention(dropout=0.3).eval()
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    with monkeypatch.context() as patch, torch.inference_mode():
+        patch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: pytest.fail("fused"))
+        written = attn(q, k, v, mask=mask, causal=causal)
+    torch.testing.assert_close(written, fused, atol=1e-6, rtol=1e-5)
+    n = WRITTEN_OUT_MAX_KEYS + 1
+    long_k, long_v = (torch.randn(3, 4, n, 8) for _ in range(2))
+    long_q = long_k if causal else q
+    long_mask = None if mask is None else torch.ones(3, 1, 1, n, dtype=torch.bool)
+    with torch.no_grad():
+        long = attn(long_q, long_k, long_v, mask=long_mask, causal=causal)
+    fused = F.scaled_dot_product_attention(
+        long_q, long_k, long_v, attn_mask=long_mask, is_causal=causal
+    )
+    assert torch.equal(long, fused)
 
 
 def test_attention_dropout_drops_weights_without_bias_and_follows_torch_seed() -> None:
