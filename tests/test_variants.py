@@ -186,22 +186,26 @@ def test_rope_is_the_complex_rotation_and_depends_on_relative_positions() -> Non
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_in_place_at_one_position_gives_forwards_values_bit_for_bit(
-    dtype: torch.dtype,
-) -> None:
-    """Decoding rotates its one new position in place (``rotate_``); any difference from
-    ``forward``, which training and uncached decoding use, would make the two decode apart."""
+def test_rope_in_place_gives_forwards_values_bit_for_bit(dtype: torch.dtype) -> None:
+    """Inference rotates in place (``rotate_``): a decoding step its one new position, the
+    encoder whole sequences. Any difference from ``forward``, which training uses, would make
+    a model decode differently from how it was trained and validated."""
     torch.manual_seed(0)
     rope = RotaryEmbedding(d_k=8, max_positions=32)
     qkv = torch.randn(5, 3, 4, 8).to(dtype)  # (R, q/k/v, H, d_k) as a decoding step has them
     for position in (0, 1, 17, 31):
-        expected = rope(qkv[:, :2, :, None], offset=position)[:, :, :, 0]
+        expected = rope(qkv[:, :2, :, None], offset=position)
         rotated = qkv.clone()
-        rope.rotate_(rotated[:, :2], position)  # a strided view, as in the step
-        assert torch.equal(rotated[:, :2], expected)
+        rope.rotate_(rotated[:, :2, :, None], position)  # a strided view, as in the step
+        assert torch.equal(rotated[:, :2, :, None], expected)
         assert torch.equal(rotated[:, 2], qkv[:, 2])  # the values are not touched
+    seqs = torch.randn(3, 2, 4, 6, 8).to(dtype).permute(1, 0, 2, 3, 4)  # (q/k, B, H, T, d_k)
+    for offset in (0, 26):
+        rotated = seqs.clone()
+        rope.rotate_(rotated, offset)
+        assert torch.equal(rotated, rope(seqs, offset=offset))
     with pytest.raises(ValueError, match="max_positions=32"):
-        rope.rotate_(qkv[:, :2].clone(), 32)
+        rope.rotate_(qkv[:, :2, :, None].clone(), 32)
 
 
 def test_rope_rotates_self_attention_only_and_adds_no_absolute_positions() -> None:

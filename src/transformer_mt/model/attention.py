@@ -176,7 +176,8 @@ class MultiHeadAttention(nn.Module):
             if self.rotary is None:
                 q, k, v = qkv.unbind(0)
             else:  # queries and keys rotated in one pass (half the cost of one pass each)
-                q, k = self.rotary(qkv[:2]).unbind(0)  # (B, H, T, d_k), positions 0..T-1
+                rotate = self.rotary if torch.is_grad_enabled() else self.rotary.rotate_
+                q, k = rotate(qkv[:2]).unbind(0)  # (B, H, T, d_k), positions 0..T-1
                 v = qkv[2]
         else:  # cross-attention
             q = self._split_heads(self.q_proj(query))
@@ -204,7 +205,7 @@ class MultiHeadAttention(nn.Module):
         r = x.size(0)
         qkv_t = F.linear(x, *qkv).view(r, 3, self.n_heads, self.d_k)  # (R, 3, H, d_k)
         if self.rotary is not None:
-            self.rotary.rotate_(qkv_t[:, :2], t)  # the query and the key, in place
+            self.rotary.rotate_(qkv_t[:, :2, :, None], t)  # the query and the key, in place
         cache.select(3, t).copy_(qkv_t[:, 1:].transpose(0, 1))  # this position's key and value
         k, v = cache.narrow(3, 0, t + 1).unbind(0)  # each (R, H, t+1, d_k)
         out = attend(qkv_t[:, 0, :, None], k, v)  # (R, H, 1, d_k)

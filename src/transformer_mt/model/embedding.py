@@ -83,13 +83,16 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)  # (..., T, d_k/2) each
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
-    def rotate_(self, x: torch.Tensor, position: int) -> torch.Tensor:
-        """x (..., d_k), every vector at ``position``, rotated in place (the one new position
-        of a decoding step): bit for bit the values of ``forward``, in fewer operations, as
-        x·cos + [x2, x1]·[-sin, sin] = x·cos + [-x2, x1]·sin with each product rounded alike."""
-        _check_length(1, position, self.cos.size(0))
-        swapped = x.roll(x.size(-1) // 2, dims=-1).mul_(self.sin_signed[position].to(x.dtype))
-        return x.mul_(self.cos[position].to(x.dtype)).add_(swapped)
+    def rotate_(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """``forward`` in place, for inference (the encoder's and uncached decoding's queries
+        and keys, and the one new position of a decoding step): bit for bit its values, in
+        fewer operations and allocations, as x·cos + [x2, x1]·[-sin, sin] = x·cos + [-x2, x1]·sin
+        with each product rounded alike. x (..., T, d_k) at positions offset .. offset+T-1."""
+        t = x.size(-2)
+        _check_length(t, offset, self.cos.size(0))
+        sin_signed = self.sin_signed[offset : offset + t].to(x.dtype)  # (T, d_k)
+        swapped = x.roll(x.size(-1) // 2, dims=-1).mul_(sin_signed)
+        return x.mul_(self.cos[offset : offset + t].to(x.dtype)).add_(swapped)
 
 
 class TransformerEmbedding(nn.Module):
