@@ -187,11 +187,6 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, tq, self.n_heads * self.d_k))
 
     # -- incremental decoding (inference): one new target position per call ------------------
-    def source_keys_values(self, memory: torch.Tensor) -> torch.Tensor:
-        """Cross-attention keys and values of the encoder output, computed once per batch:
-        memory (N, S, d) -> (2, N, H, S, d_k)."""
-        return self._project(memory, self.k_proj, self.v_proj).contiguous()
-
     def step_self(
         self,
         x: torch.Tensor,  # (R, d) the newest position of each of R hypotheses
@@ -214,7 +209,7 @@ class MultiHeadAttention(nn.Module):
     def step_cross(
         self,
         x: torch.Tensor,  # (R, d), R = N·G: G consecutive rows (beam hypotheses) per sentence
-        source: torch.Tensor,  # (2, N, H, S, d_k) from source_keys_values
+        source: torch.Tensor,  # (2, N, H, S, d_k): the source's keys and values, once a batch
         bias: torch.Tensor,  # (N, 1, 1, S) 0 at source tokens, -inf at padding
     ) -> torch.Tensor:  # (R, d)
         """Encoder-decoder attention of the newest position. The G hypotheses of a sentence

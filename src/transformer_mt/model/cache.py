@@ -18,7 +18,7 @@ import math
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -87,18 +87,27 @@ class KVCache:
     rows: int = 0  # decoder rows in use
     sentences: int = 0  # source sentences in use
     length: int = 0  # positions decoded so far
+    # each layer's views of the rows and sentences in use, made again when those change
+    _self_views: list[torch.Tensor] = field(init=False, repr=False)
+    _source_views: list[tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         _WORKSPACE.lend(self)
+        self._make_views()
+
+    def _make_views(self) -> None:
+        layers, bias = range(self.self_kv.size(0)), self.source_bias[: self.sentences]
+        self._self_views = [self.self_kv[i, :, : self.rows] for i in layers]
+        self._source_views = [(self.source_kv[i, :, : self.sentences], bias) for i in layers]
 
     def layer_self(self, layer: int) -> torch.Tensor:
         """(2, R, H, T_max, d_k): layer ``layer``'s self-attention keys and values."""
-        return self.self_kv[layer, :, : self.rows]
+        return self._self_views[layer]
 
     def layer_source(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s cross-attention keys and values (2, N, H, S, d_k) and the source
         mask's additive bias (N, 1, 1, S)."""
-        return self.source_kv[layer, :, : self.sentences], self.source_bias[: self.sentences]
+        return self._source_views[layer]
 
     def keep(self, rows: np.ndarray, sentences: np.ndarray) -> None:
         """Row ``i`` takes row ``rows[i]``'s decoded prefix (beam reordering; several rows
@@ -116,3 +125,4 @@ class KVCache:
         _reorder(self.source_kv, 2, sentences)
         _reorder(self.source_bias, 0, sentences)
         self.sentences = len(sentences)
+        self._make_views()

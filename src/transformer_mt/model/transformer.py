@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from transformer_mt.model.cache import KVCache, self_attention_buffer
@@ -203,7 +204,17 @@ class Transformer(nn.Module):
         attn = layers[0].self_attn
         steps = self.max_positions if max_steps is None else min(max_steps, self.max_positions)
         shape = (len(layers), 2, n * group, attn.n_heads, steps, attn.d_k)
-        source_kv = torch.stack([layer.cross_attn.source_keys_values(memory) for layer in layers])
+        # Every layer's cross-attention keys and values in one product, (N, S, d) ->
+        # (N, S, L·2·d) -> (L, 2, N, H, S, d_k)
+        kv_weights = attn.stacked_weights(
+            *(
+                proj
+                for layer in layers
+                for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)
+            )
+        )
+        kv = F.linear(memory, *kv_weights).view(n, s, len(layers), 2, attn.n_heads, attn.d_k)
+        source_kv = kv.permute(2, 3, 0, 4, 1, 5).contiguous()
         self_kv = self_attention_buffer(shape, source_kv)  # in the products' type, as source_kv
         bias = torch.zeros(n, 1, 1, s, dtype=memory.dtype, device=memory.device)
         bias.masked_fill_(~memory_mask, -torch.inf)
