@@ -8,7 +8,7 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(autouse=True)
-def _unfreeze_after_test() -> object:
+def _unfreeze_after_test() -> Iterator[None]:
     """Console scripts run in this process freeze what they loaded (``freeze_loaded``); after
     each test the collector gets those objects back, so one test's leftovers stay collectable."""
     yield

@@ -111,8 +111,9 @@ def test_attention_with_dropout_is_the_fused_kernel_when_nothing_is_dropped(
 def test_inference_attention_on_cpu_is_written_out_for_short_keys_only(
     masking: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without gradients, over few keys, the written-out form (faster there) gives the fused
-    kernel's values; over more than WRITTEN_OUT_MAX_KEYS keys it is the fused kernel."""
+    """Without gradients, in fp32 over few keys, the written-out form (faster there) gives the
+    fused kernel's values; in bf16, or over more than WRITTEN_OUT_MAX_KEYS keys, it is the
+    fused kernel."""
     qkv, mask, causal = _attention_inputs(masking)
     q, k, v = (t.detach() for t in qkv)
     attn = ScaledDotProductAttention(dropout=0.3).eval()
@@ -121,6 +122,12 @@ def test_inference_attention_on_cpu_is_written_out_for_short_keys_only(
         patch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: pytest.fail("fused"))
         written = attn(q, k, v, mask=mask, causal=causal)
     torch.testing.assert_close(written, fused, atol=1e-6, rtol=1e-5)
+    half = [t.bfloat16() for t in (q, k, v)]  # bf16 keeps the kernel's fp32 scores
+    with torch.inference_mode():
+        assert torch.equal(
+            attn(*half, mask=mask, causal=causal),
+            F.scaled_dot_product_attention(*half, attn_mask=mask, is_causal=causal),
+        )
     n = WRITTEN_OUT_MAX_KEYS + 1
     long_k, long_v = (torch.randn(3, 4, n, 8) for _ in range(2))
     long_q = long_k if causal else q

@@ -238,9 +238,10 @@ def apply_constraints(
 @functools.lru_cache(maxsize=64)
 def _block_size(m: int, lo: int = 64, hi: int = 512) -> int | None:
     """The block length of the two-pass reductions over rows of ``m`` entries: a divisor of
-    ``m`` in [lo, hi], the multiple of 32 nearest 160 if there is one (the CPU's maximum over
-    blocks of 32·k floats is several times faster than over other lengths: 29 µs for 64 rows
-    of 8,000 in blocks of 160 against 118 µs in blocks of 80), else the largest; else None."""
+    ``m`` in [lo, hi] leaving at least 4 blocks, the multiple of 32 nearest 160 if there is
+    one (the CPU's maximum over blocks of 32·k floats is several times faster than over other
+    lengths: 29 µs for 64 rows of 8,000 in blocks of 160 against 118 µs in blocks of 80), else
+    the largest; else None (the reductions are then torch's own)."""
     divisors = [b for b in range(lo, min(hi, m // 4) + 1) if m % b == 0]
     aligned = [b for b in divisors if b % 32 == 0]
     if aligned:
@@ -261,9 +262,10 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(x, k, dim=1)`` of a (n, m) tensor: the k largest of each row, sorted,
     and their indices (which may differ only among exactly equal values).
 
-    A long row is read in two passes: the maximum of each block of ~160 entries, then a
-    top-k over the k blocks with the largest maxima (they hold the row's k largest
-    entries). On a CPU this takes a fraction of ``torch.topk``'s time at beam-search sizes.
+    A long row is read in two passes: the maximum of each block (``_block_size``: 160
+    entries for the usual vocabularies), then a top-k over the k blocks with the largest
+    maxima (they hold the row's k largest entries). On a CPU this takes a fraction of
+    ``torch.topk``'s time at beam-search sizes.
     """
     n, m = x.shape
     b = _block_size(m)

@@ -77,7 +77,8 @@ def _reorder(x: torch.Tensor, dim: int, order: np.ndarray) -> None:
 @dataclass
 class KVCache:
     """Keys and values of one batch being decoded: R decoder rows for N sentences, the rows
-    of a sentence consecutive (its beam hypotheses), as many for every sentence."""
+    of a sentence consecutive (its beam hypotheses), as many for every sentence. Only
+    ``keep`` changes ``rows`` and ``sentences`` (it remakes the per-layer views)."""
 
     self_kv: torch.Tensor  # (L, 2, R_0, H, T_max, d_k): decoded positions; rows [:R] in use
     source_kv: torch.Tensor  # (L, 2, N_0, H, S, d_k): the source's; sentences [:N] in use

@@ -206,14 +206,15 @@ class Transformer(nn.Module):
         shape = (len(layers), 2, n * group, attn.n_heads, steps, attn.d_k)
         # Every layer's cross-attention keys and values in one product, (N, S, d) ->
         # (N, S, L·2·d) -> (L, 2, N, H, S, d_k)
-        kv_weights = attn.stacked_weights(
+        cross = layers[0].cross_attn
+        kv_weights = cross.stacked_weights(
             *(
                 proj
                 for layer in layers
                 for proj in (layer.cross_attn.k_proj, layer.cross_attn.v_proj)
             )
         )
-        kv = F.linear(memory, *kv_weights).view(n, s, len(layers), 2, attn.n_heads, attn.d_k)
+        kv = F.linear(memory, *kv_weights).view(n, s, len(layers), 2, cross.n_heads, cross.d_k)
         source_kv = kv.permute(2, 3, 0, 4, 1, 5).contiguous()
         self_kv = self_attention_buffer(shape, source_kv)  # in the products' type, as source_kv
         bias = torch.zeros(n, 1, 1, s, dtype=memory.dtype, device=memory.device)
