@@ -57,9 +57,9 @@ class ScaledDotProductAttention(nn.Module):
         if mask is not None and causal:
             raise ValueError("pass a mask or causal=True, not both")
         p = self.dropout.p if self.training else 0.0
-        if p > 0.0 and Dropout.uses_keep_mask(q):
-            return self._written_out(q, k, v, mask, causal)
-        if p == 0.0 and _short_inference(q, k):
+        # written out with dropout on a CPU, or in short fp32 inference on a CPU (see above)
+        written_out = Dropout.uses_keep_mask(q) if p > 0.0 else _short_inference(q, k)
+        if written_out:
             return self._written_out(q, k, v, mask, causal)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal
