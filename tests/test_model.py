@@ -13,6 +13,7 @@ from torch import nn
 from conftest import small_transformer
 from transformer_mt.model import Dropout, MultiHeadAttention, PositionalEncoding
 from transformer_mt.model.attention import WRITTEN_OUT_MAX_KEYS, ScaledDotProductAttention
+from transformer_mt.model.cache import MIN_KEYS, padded_keys
 from transformer_mt.model.dropout import keep_mask, positive
 from transformer_mt.model.packed import PackedLinear
 
@@ -259,6 +260,29 @@ def test_caches_alive_together_have_their_own_buffers_and_a_dead_ones_is_reused(
     reused = first.self_kv.data_ptr()
     del first, second
     assert model.start_decoding(memory, mask, max_steps=4).self_kv.data_ptr() == reused
+
+
+def test_padded_attention_reads_no_stale_buffer_values() -> None:
+    """Steps with 4 to 15 keys read 16 (the source padded, the cache's undecoded positions
+    masked); whatever an earlier batch left in the reused buffer (here NaN) does not leak."""
+    assert [padded_keys(n) for n in (1, 3, 4, 9, 15, 16, 40)] == [1, 3, 16, 16, 16, 16, 40]
+    model = small_transformer().eval()
+    src, tgt = torch.randint(4, 50, (2, 5)), torch.randint(4, 50, (2, 7))
+    src[1, 3:] = 0
+    memory, mask = model.encode(src)
+    with torch.inference_mode():
+        clean = model.start_decoding(memory, mask, max_steps=7)
+        expected = [model.decode_step(tgt[:, t], clean) for t in range(7)]
+        clean.self_kv.fill_(torch.nan)  # what a diverged model could leave behind
+        buffer = clean.self_kv.data_ptr()
+        del clean
+        cache = model.start_decoding(memory, mask, max_steps=7)
+        assert cache.self_kv.data_ptr() == buffer  # the same (reused) storage
+        assert cache.source_kv.size(-2) == MIN_KEYS  # 5 source positions read as 16
+        for t in range(7):
+            torch.testing.assert_close(model.decode_step(tgt[:, t], cache), expected[t])
+        full = model(src, tgt)
+    torch.testing.assert_close(torch.stack(expected, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_tied_embeddings_and_parameter_count() -> None:

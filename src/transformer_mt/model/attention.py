@@ -197,17 +197,20 @@ class MultiHeadAttention(nn.Module):
         cache: torch.Tensor,  # (2, R, H, T_max, d_k) keys and values of positions < t
         t: int,
         qkv: tuple[torch.Tensor, torch.Tensor | None],  # stacked_weights(q, k, v)
+        keys: tuple[int, torch.Tensor | None],  # KVCache.self_keys(): positions read, bias
     ) -> torch.Tensor:  # (R, d)
         """Masked self-attention of position ``t`` over positions 0..t; its key and value are
-        written into ``cache`` at ``t`` (no mask is needed: every cached position is past).
-        With ``rotary`` the query and key are rotated to position ``t`` first."""
+        written into ``cache`` at ``t``. It reads ``keys[0]`` ≥ t + 1 cached positions, those
+        beyond ``t`` (padding) hidden by the bias ``keys[1]``. With ``rotary`` the query and
+        key are rotated to position ``t`` first."""
         r = x.size(0)
         qkv_t = F.linear(x, *qkv).view(r, 3, self.n_heads, self.d_k)  # (R, 3, H, d_k)
         if self.rotary is not None:
             self.rotary.rotate_(qkv_t[:, :2, :, None], t)  # the query and the key, in place
         cache.select(3, t).copy_(qkv_t[:, 1:].transpose(0, 1))  # this position's key and value
-        k, v = cache.narrow(3, 0, t + 1).unbind(0)  # each (R, H, t+1, d_k)
-        out = attend(qkv_t[:, 0, :, None], k, v)  # (R, H, 1, d_k)
+        span, bias = keys
+        k, v = cache.narrow(3, 0, span).unbind(0)  # each (R, H, span, d_k)
+        out = attend(qkv_t[:, 0, :, None], k, v, bias)  # (R, H, 1, d_k)
         return self.out_proj(out.view(r, -1))  # (R, d)
 
     def step_cross(

@@ -10,6 +10,13 @@ touches them; they change only when finished sentences leave the batch.
 On CPU the self-attention buffer is reused from batch to batch (one per thread, lent to one
 cache at a time): a fresh buffer of tens of megabytes is memory the kernel maps page by page
 as decoding first writes it, which cost beam search about 8% of its time.
+
+A step's attention reads at least ``MIN_KEYS`` keys once there are ``PAD_FROM`` or more
+(:func:`padded_keys`): the source is padded to that length, and the self-attention reads that
+many cached positions, those not decoded yet hidden by an additive -inf (and zero in the
+buffer, so that hiding them is exact). On a CPU a softmax over rows shorter than 16 floats and
+batched products of fewer than 400 multiply-adds take scalar code paths: attention over 4 to
+15 keys took up to 3× as long as over 16 with the extra ones masked (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -22,6 +29,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+MIN_KEYS = 16  # a step's attention reads at least this many keys (padded, masked) ...
+PAD_FROM = 4  # ... once it has this many: over fewer, the padding costs more than it saves
+
+
+def padded_keys(n: int) -> int:
+    """How many keys a decoding step's attention reads when ``n`` are real."""
+    return MIN_KEYS if PAD_FROM <= n < MIN_KEYS else n
+
+
+def pad_source(
+    memory: torch.Tensor,  # (N, S, d)
+    memory_mask: torch.Tensor,  # (N, 1, 1, S) bool, True at source tokens
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder output and mask padded to ``padded_keys(S)`` positions, the new ones masked."""
+    extra = padded_keys(memory.size(1)) - memory.size(1)
+    if extra == 0:
+        return memory, memory_mask
+    return F.pad(memory, (0, 0, 0, extra)), F.pad(memory_mask, (0, extra), value=False)
 
 
 class _Workspace(threading.local):
@@ -78,22 +105,32 @@ def _reorder(x: torch.Tensor, dim: int, order: np.ndarray) -> None:
 class KVCache:
     """Keys and values of one batch being decoded: R decoder rows for N sentences, the rows
     of a sentence consecutive (its beam hypotheses), as many for every sentence. Only
-    ``keep`` changes ``rows`` and ``sentences`` (it remakes the per-layer views)."""
+    ``keep`` changes ``rows`` and ``sentences`` (it remakes the per-layer views).
+
+    The buffer ``self_kv`` comes uninitialized; its first ``MIN_KEYS`` positions are zeroed here
+    (a padded step reads them before they are decoded), and it holds at least that many."""
 
     self_kv: torch.Tensor  # (L, 2, R_0, H, T_max, d_k): decoded positions; rows [:R] in use
     source_kv: torch.Tensor  # (L, 2, N_0, H, S, d_k): the source's; sentences [:N] in use
     source_bias: torch.Tensor  # (N_0, 1, 1, S): 0 at source tokens, -inf at padding
     qkv: list[tuple[torch.Tensor, torch.Tensor | None]]  # per layer: Q, K, V weights stacked
     project: Callable[[torch.Tensor], torch.Tensor]  # decoder states (R, d) -> logits (R, V)
+    steps: int  # positions that may be decoded (≤ T_max)
     rows: int = 0  # decoder rows in use
     sentences: int = 0  # source sentences in use
     length: int = 0  # positions decoded so far
     # each layer's views of the rows and sentences in use, made again when those change
     _self_views: list[torch.Tensor] = field(init=False, repr=False)
     _source_views: list[tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
+    _future: torch.Tensor = field(init=False, repr=False)  # (MIN_KEYS, MIN_KEYS) row i: -inf past i
 
     def __post_init__(self) -> None:
+        if self.self_kv.size(4) < MIN_KEYS:
+            raise ValueError(f"the self-attention buffer needs at least {MIN_KEYS} positions")
         _WORKSPACE.lend(self)
+        self.self_kv[:, :, :, :, :MIN_KEYS].zero_()
+        like = self.self_kv
+        self._future = like.new_full((MIN_KEYS, MIN_KEYS), -torch.inf).triu_(1)
         self._make_views()
 
     def _make_views(self) -> None:
@@ -104,6 +141,14 @@ class KVCache:
     def layer_self(self, layer: int) -> torch.Tensor:
         """(2, R, H, T_max, d_k): layer ``layer``'s self-attention keys and values."""
         return self._self_views[layer]
+
+    def self_keys(self) -> tuple[int, torch.Tensor | None]:
+        """How many cached positions this step's self-attention reads (``padded_keys`` of the
+        positions decoded, this one included), and the additive bias (that many,) hiding
+        those beyond this one; None when there are none."""
+        n = self.length + 1
+        span = padded_keys(n)
+        return span, None if span == n else self._future[n - 1]
 
     def layer_source(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s cross-attention keys and values (2, N, H, S, d_k) and the source

@@ -168,8 +168,9 @@ class DecoderLayer(nn.Module):
         # The sublayers one after the other, without the closures of forward: a decoding
         # step is many small operations, and on a CPU Python's share of its time is large.
         s1, s2, s3 = self.sublayer1, self.sublayer2, self.sublayer3
-        self_kv, qkv = cache.layer_self(layer), cache.qkv[layer]
-        y = s1.add(y, self.self_attn.step_self(s1.sublayer_input(y), self_kv, cache.length, qkv))
+        self_kv, qkv, keys = cache.layer_self(layer), cache.qkv[layer], cache.self_keys()
+        h = self.self_attn.step_self(s1.sublayer_input(y), self_kv, cache.length, qkv, keys)
+        y = s1.add(y, h)
         source, bias = cache.layer_source(layer)
         y = s2.add(y, self.cross_attn.step_cross(s2.sublayer_input(y), source, bias))
         return s3.add(y, self.feed_forward(s3.sublayer_input(y)))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformer_mt.model.cache import KVCache, self_attention_buffer
+from transformer_mt.model.cache import MIN_KEYS, KVCache, pad_source, self_attention_buffer
 from transformer_mt.model.embedding import RotaryEmbedding, TransformerEmbedding
 from transformer_mt.model.layers import DecoderLayer, EncoderLayer, make_norm
 from transformer_mt.model.packed import PackedLinear
@@ -200,10 +200,11 @@ class Transformer(nn.Module):
         cross-attention keys and values, computed here once, and the output projection,
         packed for the batch (``model.packed``)."""
         layers = self.decoder.layers
+        memory, memory_mask = pad_source(memory, memory_mask)  # see model.cache
         n, s, _ = memory.shape
         attn = layers[0].self_attn
         steps = self.max_positions if max_steps is None else min(max_steps, self.max_positions)
-        shape = (len(layers), 2, n * group, attn.n_heads, steps, attn.d_k)
+        shape = (len(layers), 2, n * group, attn.n_heads, max(steps, MIN_KEYS), attn.d_k)
         # Every layer's cross-attention keys and values in one product, (N, S, d) ->
         # (N, S, L·2·d) -> (L, 2, N, H, S, d_k)
         cross = layers[0].cross_attn
@@ -226,12 +227,12 @@ class Transformer(nn.Module):
             for layer in layers
         ]
         project = PackedLinear(self.output_projection.weight, n * group)
-        return KVCache(self_kv, source_kv, bias, qkv, project, rows=n * group, sentences=n)
+        return KVCache(self_kv, source_kv, bias, qkv, project, steps, rows=n * group, sentences=n)
 
     def decode_step(self, last_tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One incremental decoding step: the tokens produced at the previous step (R,) ->
         next-token logits (R, V) in fp32. Advances ``cache`` by one position."""
-        if cache.length >= cache.self_kv.size(4):
+        if cache.length >= cache.steps:
             raise ValueError(f"the cache holds {cache.length} positions; no room for another")
         y = self.embedding(last_tokens[:, None], cache.length)[:, 0]  # (R, d)
         y = self.decoder.step(y, cache)
