@@ -129,8 +129,7 @@ class KVCache:
             raise ValueError(f"the self-attention buffer needs at least {MIN_KEYS} positions")
         _WORKSPACE.lend(self)
         self.self_kv[:, :, :, :, :MIN_KEYS].zero_()
-        like = self.self_kv
-        self._future = like.new_full((MIN_KEYS, MIN_KEYS), -torch.inf).triu_(1)
+        self._future = self.self_kv.new_full((MIN_KEYS, MIN_KEYS), -torch.inf).triu_(1)
         self._make_views()
 
     def _make_views(self) -> None:
