@@ -110,8 +110,10 @@ class KVCache:
     The buffer ``self_kv`` comes uninitialized; its first ``MIN_KEYS`` positions are zeroed here
     (a padded step reads them before they are decoded), and it holds at least that many."""
 
-    self_kv: torch.Tensor  # (L, 2, R_0, H, T_max, d_k): decoded positions; rows [:R] in use
-    source_kv: torch.Tensor  # (L, 2, N_0, H, S, d_k): the source's; sentences [:N] in use
+    # (L, 2, R_0, H, T_max, d_k): decoded positions, T_max = max(steps, MIN_KEYS); rows [:R] in use
+    self_kv: torch.Tensor
+    # (L, 2, N_0, H, S, d_k): the source's, S = padded_keys(source length); sentences [:N] in use
+    source_kv: torch.Tensor
     source_bias: torch.Tensor  # (N_0, 1, 1, S): 0 at source tokens, -inf at padding
     qkv: list[tuple[torch.Tensor, torch.Tensor | None]]  # per layer: Q, K, V weights stacked
     project: Callable[[torch.Tensor], torch.Tensor]  # decoder states (R, d) -> logits (R, V)

@@ -197,8 +197,9 @@ class Transformer(nn.Module):
     ) -> KVCache:
         """An empty cache for decoding ``group`` rows per sentence (the beam size) for at
         most ``max_steps`` positions (default: the model's positions); it holds the source's
-        cross-attention keys and values, computed here once, and the output projection,
-        packed for the batch (``model.packed``)."""
+        cross-attention keys and values, computed here once (the source padded to
+        ``model.cache.padded_keys`` positions), and the output projection, packed for the
+        batch (``model.packed``)."""
         layers = self.decoder.layers
         memory, memory_mask = pad_source(memory, memory_mask)  # see model.cache
         n, s, _ = memory.shape
