@@ -12,7 +12,11 @@ from torch import nn
 
 from conftest import small_transformer
 from transformer_mt.model import Dropout, MultiHeadAttention, PositionalEncoding
-from transformer_mt.model.attention import WRITTEN_OUT_MAX_KEYS, ScaledDotProductAttention
+from transformer_mt.model.attention import (
+    WRITTEN_OUT_MAX_KEYS,
+    ScaledDotProductAttention,
+    attend,
+)
 from transformer_mt.model.cache import MIN_KEYS, padded_keys
 from transformer_mt.model.dropout import keep_mask, positive
 from transformer_mt.model.packed import PackedLinear
@@ -283,6 +287,25 @@ def test_padded_attention_reads_no_stale_buffer_values() -> None:
             torch.testing.assert_close(model.decode_step(tgt[:, t], cache), expected[t])
         full = model(src, tgt)
     torch.testing.assert_close(torch.stack(expected, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_step_attention_is_the_formula_on_views_of_the_cache() -> None:
+    """``attend`` flattens the leading dimensions for ``torch.bmm``: the same values as the
+    broadcasting ``@``, with keys and values read through a narrowed view of a buffer."""
+    torch.manual_seed(0)
+    buffer = torch.randn(2, 6, 4, 20, 8)  # (K/V, R, H, T_max, d_k)
+    k, v = buffer.narrow(3, 0, 16).unbind(0)  # not contiguous: 16 of 20 positions
+    bias = torch.zeros(16)
+    bias[9:] = -torch.inf
+    q = torch.randn(6, 4, 1, 8)
+    expected = ((q @ k.transpose(-2, -1)) * 8**-0.5 + bias).softmax(-1) @ v
+    assert torch.equal(attend(q, k, v, bias), expected)
+    # cross-attention: G = 3 queries per sentence, a source mask per sentence
+    source, q = torch.randn(2, 2, 4, 5, 8), torch.randn(2, 4, 3, 8)
+    mask_bias = torch.zeros(2, 1, 1, 5)
+    mask_bias[1, ..., 3:] = -torch.inf
+    expected = ((q @ source[0].transpose(-2, -1)) * 8**-0.5 + mask_bias).softmax(-1) @ source[1]
+    assert torch.equal(attend(q, source[0], source[1], mask_bias), expected)
 
 
 def test_tied_embeddings_and_parameter_count() -> None:

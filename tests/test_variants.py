@@ -28,7 +28,7 @@ from transformer_mt.model import (
     TransformerEmbedding,
     build_model,
 )
-from transformer_mt.model.layers import make_norm, swiglu_hidden_size
+from transformer_mt.model.layers import make_norm, normalize, swiglu_hidden_size
 from transformer_mt.training.config import check_model_variants
 
 # A "model" config section as checkpoints written before the variants stored it.
@@ -149,6 +149,25 @@ def test_cached_decoding_equals_uncached(name: str) -> None:
         torch.testing.assert_close(
             model.decode_step(tgt[:, t], cache), full[:, t], atol=1e-5, rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_the_decoding_steps_plain_calls_give_the_modules_values_bit_for_bit(name: str) -> None:
+    """A decoding step calls the norms, the feed-forward network and the embedding as plain
+    functions (``normalize``, ``FeedForward.step``, ``TransformerEmbedding.step``)."""
+    model = variant(name)
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        for layer in model.decoder.layers:
+            for sublayer in (layer.sublayer1, layer.sublayer2, layer.sublayer3):
+                assert torch.equal(normalize(sublayer.norm, x), sublayer.norm(x))
+            assert torch.equal(layer.feed_forward.step(x), layer.feed_forward(x))
+        final = model.decoder.final_norm  # nn.Identity after post-norm layers
+        assert torch.equal(normalize(final, x), final(x))
+        ids = torch.randint(4, V, (5,))
+        for position in (0, 3):
+            expected = model.embedding(ids[:, None], position)[:, 0]
+            assert torch.equal(model.embedding.step(ids, position), expected)
 
 
 # -- the papers' formulas --------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from transformer_mt.model.dropout import Dropout
@@ -128,3 +129,10 @@ class TransformerEmbedding(nn.Module):
         if self.positions is not None:
             x = x + self.positions(ids.size(1), offset).to(x.dtype)
         return self.dropout(x)
+
+    def step(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+        """``forward`` in inference for one position of each row: ids (R,) -> (R, d)."""
+        x = F.embedding(ids, self.tokens.weight, self.tokens.padding_idx) * math.sqrt(self.d_model)
+        if self.positions is not None:
+            x = x + self.positions(1, position).to(x.dtype)
+        return x

@@ -11,7 +11,7 @@ from torch import nn
 
 from transformer_mt.model.cache import MIN_KEYS, KVCache, pad_source, self_attention_buffer
 from transformer_mt.model.embedding import RotaryEmbedding, TransformerEmbedding
-from transformer_mt.model.layers import DecoderLayer, EncoderLayer, make_norm
+from transformer_mt.model.layers import DecoderLayer, EncoderLayer, make_norm, normalize
 from transformer_mt.model.packed import PackedLinear
 from transformer_mt.model.variants import check_rope_head_size, check_variant
 
@@ -78,7 +78,7 @@ class Decoder(nn.Module):
         """The newest position through every layer: (R, d) -> (R, d)."""
         for i, layer in enumerate(self.layers):
             y = layer.step(y, cache, i)
-        return self.final_norm(y)
+        return normalize(self.final_norm, y)
 
 
 class Transformer(nn.Module):
@@ -235,7 +235,7 @@ class Transformer(nn.Module):
         next-token logits (R, V) in fp32. Advances ``cache`` by one position."""
         if cache.length >= cache.steps:
             raise ValueError(f"the cache holds {cache.length} positions; no room for another")
-        y = self.embedding(last_tokens[:, None], cache.length)[:, 0]  # (R, d)
+        y = self.embedding.step(last_tokens, cache.length)  # (R, d)
         y = self.decoder.step(y, cache)
         cache.length += 1
         return cache.project(y).float()
