@@ -15,7 +15,7 @@ WRITTEN_OUT_MAX_KEYS = 128  # fp32 inference on a CPU: longer key sequences take
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` without the module call. A decoding step makes some 25 products of a few
-    dozen rows, each about 20 µs on a CPU, and a module call adds 2–3 µs of Python to each."""
+    dozen rows, each about 20 µs on a CPU, and a module call adds about 3 µs of Python to each."""
     return F.linear(x, layer.weight, layer.bias)
 
 

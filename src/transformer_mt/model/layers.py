@@ -28,8 +28,8 @@ def make_norm(norm: str, d_model: int) -> nn.Module:
 
 
 def normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` for a ``make_norm`` norm (or ``nn.Identity``) without the module call, which
-    costs about a quarter of a decoding step's small layer norm (13 of them a step)."""
+    """``norm(x)`` for a ``make_norm`` norm (or ``nn.Identity``) without the module call: about
+    a sixth of the time of a decoding step's small layer norms (13 of them a step)."""
     if isinstance(norm, nn.LayerNorm):
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     if isinstance(norm, nn.RMSNorm):
