@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import SMALL_MODEL_CONFIG, WORDS, FakeDecoder, small_transformer
 from transformer_mt.data.batching import pad
@@ -316,26 +317,25 @@ def test_translations_do_not_depend_on_batching(translator: Translator) -> None:
 
 
 def test_bf16_decoding_multiplies_in_bf16_and_keeps_the_search_in_fp32(
-    translator: Translator,
+    translator: Translator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bf16 = Translator(translator.model, translator.tokenizer, translator.device, precision="bf16")
-    products: list[torch.dtype] = []
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, out: products.append(out.dtype))
-        for model in (translator.model, bf16.search_model)
-        for m in model.modules()
-        if isinstance(m, torch.nn.Linear)
-    ]
+    products: list[torch.dtype] = []  # of every F.linear: the modules' and the decoding step's
+    linear = F.linear
+
+    def recorded(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = linear(*args, **kwargs)
+        products.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(F, "linear", recorded)
     lines = ["a man rides a bike", "two dogs play in the snow", "a woman"]
-    try:
-        fp32_hyps = translator.translate_ids(lines, beam_size=3, nbest=3)
-        assert products and set(products) == {torch.float32}
-        products.clear()
-        bf16_hyps = bf16.translate_ids(lines, beam_size=3, nbest=3)
-        assert products and set(products) == {torch.bfloat16}
-    finally:
-        for hook in hooks:
-            hook.remove()
+    fp32_hyps = translator.translate_ids(lines, beam_size=3, nbest=3)
+    assert products and set(products) == {torch.float32}
+    products.clear()
+    bf16_hyps = bf16.translate_ids(lines, beam_size=3, nbest=3)
+    # the layers' products of the encoder, of every decoding step and the output projection
+    assert len(products) > 100 and set(products) == {torch.bfloat16}
     for n_best in (*fp32_hyps, *bf16_hyps):
         scores = [h.score for h in n_best]
         assert len(n_best) == 3 and scores == sorted(scores, reverse=True)

@@ -241,10 +241,10 @@ def attend(
     bias: torch.Tensor | None = None,  # additive, broadcastable to (..., Tq, Tk)
 ) -> torch.Tensor:  # (..., Tq, d_k)
     """softmax(Q Kᵀ / √d_k + bias) V written out: for the few queries of a decoding step this
-    is faster than the fused kernel, which is built for long query blocks. The products are
-    ``torch.bmm`` over the leading dimensions flattened (views: ``k`` and ``v`` may be slices
-    of the cache), which spares ``@`` its broadcasting reshapes (the same kernel, the same
-    values)."""
+    is faster than the fused kernel, which is built for long query blocks. q, k and v have the
+    same leading dimensions (at least one; no broadcasting between them): the products are
+    ``torch.bmm`` over those flattened (views: ``k`` and ``v`` may be slices of the cache),
+    which spares ``@`` its broadcasting reshapes (the same kernel, the same values)."""
     lead, tq, tk = q.shape[:-2], q.size(-2), k.size(-2)
     scores = torch.bmm(q.flatten(0, -3), k.flatten(0, -3).transpose(1, 2))  # (B, Tq, Tk)
     scores = scores.view(*lead, tq, tk).mul_(q.size(-1) ** -0.5)

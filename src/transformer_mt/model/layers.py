@@ -28,8 +28,8 @@ def make_norm(norm: str, d_model: int) -> nn.Module:
 
 
 def normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` for a ``make_norm`` norm (or ``nn.Identity``) without the module call: about
-    a sixth of the time of a decoding step's small layer norms (13 of them a step)."""
+    """``norm(x)`` for a ``make_norm`` norm (or ``nn.Identity``) without the module call, which
+    saves about a sixth of the time of a decoding step's small layer norms (13 of them a step)."""
     if isinstance(norm, nn.LayerNorm):
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     if isinstance(norm, nn.RMSNorm):
@@ -69,7 +69,7 @@ class FeedForward(nn.Module):
             self.linear2 = nn.Linear(d_ff, d_model)
             self.activation = {"relu": nn.ReLU(), "gelu": nn.GELU()}[activation]
         self.dropout = Dropout(dropout)
-        # the same activation as a plain function, for ``step``
+        # ``activation`` as a plain function (SwiGLU's gate: SiLU), for ``step``
         self.activation_fn = {"relu": torch.relu, "gelu": F.gelu, "swiglu": F.silu}[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
