@@ -40,6 +40,9 @@ bench-variants: data  ## training tokens/s of each model.* variant against the d
 bench-decode: setup  ## decoding speed on test_2016_flickr of CKPT (default: make train's final.pt)
 	$(BIN)/python scripts/bench_decode.py --checkpoint $(CKPT) $(ARGS)
 
+bench-int8: setup  ## CTranslate2 int8 against fp32 at several model widths (CKPT: its vocabulary)
+	$(BIN)/python scripts/bench_int8.py --checkpoint $(CKPT) $(ARGS)
+
 bench-serve: setup  ## tmt-serve under 1/8/32 concurrent clients and 1,000 malformed requests (CKPT=final.pt)
 	$(BIN)/python scripts/bench_serve.py --checkpoint $(CKPT) $(ARGS)
 
