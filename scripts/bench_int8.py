@@ -1,8 +1,8 @@
 """When does CTranslate2's int8 pay? fp32 against int8 CTranslate2 models of several widths.
 
-For each ``--widths`` entry d a model like the default one (4+4 layers, rotary positions,
-GELU, heads of 32, feed-forward 2·d, the checkpoint's SentencePiece vocabulary) is built with
-random weights, saved as a checkpoint and exported twice with ``tmt-export``'s code: float32
+For each ``--widths`` entry d, a model like the checkpoint's (for the default recipe's: 4+4
+layers, rotary positions, GELU) but d wide, with heads of 32 and a feed-forward layer of 2·d,
+over the checkpoint's SentencePiece vocabulary, is built with random weights, saved as a checkpoint and exported twice with ``tmt-export``'s code: float32
 and ``--quantization int8``. Each export then translates the first ``--limit`` sentences of
 test_2016_flickr (its SentencePiece pieces) with CTranslate2's own ``translate_batch``,
 greedy and beam 5, batch 64, every hypothesis exactly ``--length`` tokens long (random
@@ -77,13 +77,11 @@ def worker(spec: dict[str, Any]) -> None:
     import ctranslate2
     import sentencepiece as spm
 
-    from transformer_mt.export.ctranslate2 import SPM_FILE
-
     compute_type = "int8" if spec["name"] == "int8" else "float32"
     translator = ctranslate2.Translator(
         spec["export"], device="cpu", compute_type=compute_type, intra_threads=spec["threads"]
     )
-    sp = spm.SentencePieceProcessor(model_file=str(Path(spec["export"]) / SPM_FILE))
+    sp = spm.SentencePieceProcessor(model_file=spec["spm"])
     pieces = [sp.encode(s, out_type=str) for s in spec["sentences"]]
 
     def run(beam: int) -> float:
@@ -97,6 +95,8 @@ def worker(spec: dict[str, Any]) -> None:
         )
         return time.perf_counter() - start
 
+    if "torch" in sys.modules:  # two OpenMP runtimes in one process would slow CTranslate2
+        sys.exit("error: the timing worker loaded torch")
     for beam in SEARCHES.values():
         run(beam)  # warm-up
     print("ready", flush=True)
@@ -122,6 +122,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from transformer_mt.data.directions import fetch_raw, read_references
+    from transformer_mt.export.ctranslate2 import SPM_FILE
     from transformer_mt.formats.checkpoint import load_checkpoint
 
     data_cfg = OmegaConf.create(load_checkpoint(args.checkpoint)["config"]["data"])
@@ -145,6 +146,7 @@ def main() -> None:
                         {
                             "name": name,
                             "export": str(export),
+                            "spm": str(export / SPM_FILE),
                             "threads": args.threads,
                             "sentences": sentences,
                             "length": args.length,
