@@ -2,8 +2,9 @@
 
 For each ``--widths`` entry d, a model like the checkpoint's (for the default recipe's: 4+4
 layers, rotary positions, GELU) but d wide, with heads of 32 and a feed-forward layer of 2·d,
-over the checkpoint's SentencePiece vocabulary, is built with random weights, saved as a checkpoint and exported twice with ``tmt-export``'s code: float32
-and ``--quantization int8``. Each export then translates the first ``--limit`` sentences of
+over the checkpoint's SentencePiece vocabulary, is built with random weights, saved as a
+checkpoint and exported twice with ``tmt-export``'s code: float32 and ``--quantization
+int8``. Each export then translates the first ``--limit`` sentences of
 test_2016_flickr (its SentencePiece pieces) with CTranslate2's own ``translate_batch``,
 greedy and beam 5, batch 64, every hypothesis exactly ``--length`` tokens long (random
 weights would otherwise decide the lengths), in a process of its own that loads no torch
