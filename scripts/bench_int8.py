@@ -43,21 +43,17 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def export_width(checkpoint: Path, width: int, out: Path) -> dict[str, Path]:
-    """A random model of ``width`` like the checkpoint's, exported as float32 and int8."""
+def export_width(state: dict[str, Any], width: int, out: Path) -> dict[str, Path]:
+    """A random model of ``width`` like that of the checkpoint ``state``, exported as float32
+    and int8."""
     import torch  # only the parent process loads torch
 
     from transformer_mt.data.tokenizer import Tokenizer
     from transformer_mt.export.ctranslate2 import export_ctranslate2
-    from transformer_mt.formats.checkpoint import (
-        load_checkpoint,
-        save_checkpoint,
-        spm_tensor_to_bytes,
-    )
+    from transformer_mt.formats.checkpoint import save_checkpoint, spm_tensor_to_bytes
     from transformer_mt.model import build_model
     from transformer_mt.model.transformer import with_defaults
 
-    state = load_checkpoint(checkpoint)
     tokenizer = Tokenizer(spm_tensor_to_bytes(state["spm_model"]))
     cfg = with_defaults(dict(state["config"]["model"]))
     cfg.update(d_model=width, n_heads=width // 32, d_ff=2 * width)
@@ -126,7 +122,8 @@ def main() -> None:
     from transformer_mt.export.ctranslate2 import SPM_FILE
     from transformer_mt.formats.checkpoint import load_checkpoint
 
-    data_cfg = OmegaConf.create(load_checkpoint(args.checkpoint)["config"]["data"])
+    state = load_checkpoint(args.checkpoint)
+    data_cfg = OmegaConf.create(state["config"]["data"])
     fetch_raw(data_cfg)
     sentences = read_references(data_cfg, "test")[0][1][: args.limit]
     print(
@@ -138,7 +135,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         for width in widths:
-            exports = export_width(args.checkpoint, width, Path(tmp))
+            exports = export_width(state, width, Path(tmp))
             procs = {}
             for name, export in exports.items():
                 spec = Path(tmp) / f"{name}.json"

@@ -69,8 +69,6 @@ class FeedForward(nn.Module):
             self.linear2 = nn.Linear(d_ff, d_model)
             self.activation = {"relu": nn.ReLU(), "gelu": nn.GELU()}[activation]
         self.dropout = Dropout(dropout)
-        # ``activation`` as a plain function (SwiGLU's gate: SiLU), for ``step``
-        self.activation_fn = {"relu": torch.relu, "gelu": F.gelu, "swiglu": F.silu}[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         h = self.linear1(x)  # (B, T, d_ff)
@@ -81,8 +79,9 @@ class FeedForward(nn.Module):
         return self.linear2(self.dropout(self.activation(h)))
 
     def step(self, x: torch.Tensor) -> torch.Tensor:  # (R, d) -> (R, d)
-        """``forward`` in inference (no dropout) as plain function calls, for decoding steps."""
-        h = self.activation_fn(linear(self.linear1, x))  # (R, d_ff)
+        """``forward`` in inference (no dropout) as plain function calls, for decoding steps
+        (the activation's ``forward``: its function, without the module call)."""
+        h = self.activation.forward(linear(self.linear1, x))  # (R, d_ff)
         if self.linear_v is not None:  # SwiGLU
             h = h * linear(self.linear_v, x)
         return linear(self.linear2, h)
@@ -181,13 +180,19 @@ class DecoderLayer(nn.Module):
         y = self.sublayer2(y, lambda h: self.cross_attn(h, memory, mask=memory_mask))
         return self.sublayer3(y, self.feed_forward)
 
-    def step(self, y: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+    def step(
+        self,
+        y: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        keys: tuple[int, torch.Tensor | None],  # cache.self_keys(), the same for every layer
+    ) -> torch.Tensor:
         """The newest position of each decoder row, (R, d) -> (R, d), with this layer's keys
         and values in ``cache`` (it is layer number ``layer``)."""
         # The sublayers one after the other, without the closures of forward: a decoding
         # step is many small operations, and on a CPU Python's share of its time is large.
         s1, s2, s3 = self.sublayer1, self.sublayer2, self.sublayer3
-        self_kv, qkv, keys = cache.layer_self(layer), cache.qkv[layer], cache.self_keys()
+        self_kv, qkv = cache.layer_self(layer), cache.qkv[layer]
         h = self.self_attn.step_self(s1.sublayer_input(y), self_kv, cache.length, qkv, keys)
         y = s1.add(y, h)
         source, bias = cache.layer_source(layer)

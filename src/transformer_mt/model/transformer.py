@@ -76,8 +76,9 @@ class Decoder(nn.Module):
 
     def step(self, y: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The newest position through every layer: (R, d) -> (R, d)."""
+        keys = cache.self_keys()  # which cached positions the self-attention reads, every layer
         for i, layer in enumerate(self.layers):
-            y = layer.step(y, cache, i)
+            y = layer.step(y, cache, i, keys)
         return normalize(self.final_norm, y)
 
 
