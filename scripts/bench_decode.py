@@ -7,6 +7,9 @@ checkpoint and print, from one run, sentences/s and target tokens/s of
   int8, on the same SentencePiece pieces, same threads, batch size and output limit,
 * with ``--bf16``, ours in bf16 (``tmt-translate --precision bf16``) and bare
   CTranslate2 in bfloat16 (where the installed build supports it; the 4.8 CPU wheel does not),
+* with ``--workers N``, ours in N worker processes (``tmt-translate --workers N``) and bare
+  CTranslate2 fp32 with ``inter_threads=N``, each worker on threads/N threads: their ratio is
+  to bare CTranslate2 with the same workers, and a last line gives it to the one-worker row,
 
 with ratios to bare CTranslate2 fp32 of the same search, BLEU, and how many translations
 equal this project's. Beam search uses ``--alpha``, else the length penalty the checkpoint's
@@ -41,6 +44,7 @@ from transformer_mt.data.directions import fetch_raw, read_references
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.decoding.search import output_budget
+from transformer_mt.decoding.workers import PooledTranslator, threads_per_worker
 from transformer_mt.errors import UserError
 from transformer_mt.evaluation import score
 from transformer_mt.export.ctranslate2 import SPM_FILE, export_ctranslate2, import_ctranslate2
@@ -61,6 +65,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each row (best kept)")
     p.add_argument("--no-uncached", action="store_true", help="skip the slow uncached row")
     p.add_argument("--bf16", action="store_true", help="add bf16 rows: ours and bare CT2")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="with N > 1, add rows of ours and bare CT2 fp32 in N workers of threads/N threads",
+    )
     p.add_argument(
         "--alpha",
         type=float,
@@ -90,21 +100,29 @@ def load_engine(row: dict[str, Any]) -> Callable[[list[str]], list[str]]:
     """The row's engine, loaded in this process: sentences in, translations out."""
     torch.set_num_threads(row["threads"])
     src, bs, options = row["src"], row["batch_size"], row["options"]
-    engine, device, threads = row["engine"], row["device"], row["threads"]
+    engine, device, threads, workers = row["engine"], row["device"], row["threads"], row["workers"]
     if engine.startswith("ours"):
         precision = "bf16" if engine == "ours, bf16" else "fp32"
         ours = Translator.from_checkpoint(row["checkpoint"], device=device, precision=precision)
         if engine == "ours, no cache":
             ours = Translator(ours.model, ours.tokenizer, ours.device, ours.config, use_cache=False)
+        if workers > 1:
+            pooled = PooledTranslator(ours, workers, threads_per_worker(workers))
+            pooled.start()  # its processes stop when this row's process ends
+            ours = pooled
         return lambda sentences: ours.translate(sentences, options, batch_size=bs)
     if engine == "--engine ctranslate2":
         ct2 = CTranslate2Translator.from_dir(row["export"], device=device, intra_threads=threads)
         return lambda sentences: ct2.translate(sentences, options, batch_size=bs)
     # bare CTranslate2: pieces in, pieces out, as its users call it
-    precision = engine.split()[-1]  # fp32, int8 or bf16
+    precision = engine.split(",")[0].split()[-1]  # fp32, int8 or bf16
     compute_type = "int8" if precision == "int8" else CT2_COMPUTE_TYPES[precision]
     bare = import_ctranslate2().Translator(
-        row["export"], device=device, compute_type=compute_type, intra_threads=threads
+        row["export"],
+        device=device,
+        compute_type=compute_type,
+        intra_threads=threads_per_worker(workers) if workers > 1 else threads,
+        inter_threads=workers,
     )
     sp = Tokenizer((Path(row["export"]) / SPM_FILE).read_bytes()).sp  # no torch model here
     pieces = {s: sp.encode(s, out_type=str) for s in src}
@@ -129,7 +147,7 @@ def serve_row(row: dict[str, Any], conn: Connection) -> None:
     other down: with a torch model loaded beside it, CTranslate2 decoded 2.5 times slower.)"""
     run = load_engine(row)
     freeze_loaded()  # as the console scripts do once loaded
-    run(row["src"][: row["batch_size"]])  # warm-up: first-call allocations and kernels
+    run(row["src"][: row["batch_size"] * row["workers"]])  # warm-up: first-call allocations
     conn.send("ready")
     while conn.recv() == "run":
         conn.send(timed(lambda: run(row["src"]), 1, row["device"].startswith("cuda")))
@@ -145,7 +163,8 @@ def time_rows(rows: dict[str, dict[str, Any]], repeat: int) -> dict[str, tuple[l
     try:
         for name, row in rows.items():
             parent, child = spawn.Pipe()
-            process = spawn.Process(target=serve_row, args=(row, child), daemon=True)
+            # (a daemon process cannot start the worker processes of its own)
+            process = spawn.Process(target=serve_row, args=(row, child), daemon=row["workers"] == 1)
             process.start()
             workers[name] = (process, parent)
             if parent.recv() != "ready":
@@ -196,6 +215,8 @@ def main() -> None:
         output_budget(lengths, greedy.max_len_a, greedy.max_len_b, ours.model.max_positions).max()
     )
     engines = ENGINES + (["ours, bf16", "bare CT2 bf16"] if args.bf16 else [])
+    if args.workers > 1:
+        engines += [f"ours, {args.workers} workers", f"bare CT2 fp32, {args.workers} workers"]
     rows = [("greedy", greedy, e) for e in engines] + [("beam 5", beam5, e) for e in engines]
     if not args.no_uncached:
         rows.insert(len(engines) + 1, ("beam 5", beam5, "ours, no cache"))
@@ -226,6 +247,7 @@ def main() -> None:
                 "export": str(export),
                 "max_length": budget - 1,
                 "repeat": 1 if engine == "ours, no cache" else args.repeat,
+                "workers": args.workers if engine.endswith(" workers") else 1,
             }
             for search, options, engine in rows
         }
@@ -247,19 +269,30 @@ def main() -> None:
     print(
         f"beam 5 at length penalty α {beam5.alpha:g} ({alpha_source}); best of {args.repeat} runs"
     )
-    print(f"{'mode':<30} {'sent/s':>8} {'tok/s':>9} {'× bare fp32':>12} {'BLEU':>6} {'= ours':>7}")
+    print(f"{'mode':<34} {'sent/s':>8} {'tok/s':>9} {'× bare fp32':>12} {'BLEU':>6} {'= ours':>7}")
     for name, r in results.items():
         search = name.split(",")[0]
-        base = results.get(f"{search}, bare CT2 fp32", {}).get("sentences_per_s")
+        workers = f", {args.workers} workers" if name.endswith(" workers") else ""
+        base = results.get(f"{search}, bare CT2 fp32{workers}", {}).get("sentences_per_s")
         same = results[f"{search}, ours"]["hyps"]
         agree = sum(a == b for a, b in zip(r["hyps"], same, strict=True)) / len(src)
         r["vs_bare_fp32"] = r["sentences_per_s"] / base if base else None
         r["same_as_ours"] = agree
         ratio = f"{r['vs_bare_fp32']:12.2f}" if base else f"{'-':>12}"
         print(
-            f"{name:<30} {r['sentences_per_s']:8.1f} {r['tokens_per_s']:9.0f} "
+            f"{name:<34} {r['sentences_per_s']:8.1f} {r['tokens_per_s']:9.0f} "
             f"{ratio} {r['bleu']:6.2f} {100 * agree:6.1f}%"
         )
+    for search in ("greedy", "beam 5") if args.workers > 1 else ():
+        pooled = results.get(f"{search}, ours, {args.workers} workers")
+        base = results.get(f"{search}, bare CT2 fp32")
+        if pooled and base:
+            ratio = pooled["sentences_per_s"] / base["sentences_per_s"]
+            pooled["vs_bare_fp32_one_worker"] = ratio
+            print(
+                f"{search}: ours in {args.workers} workers ÷ bare CT2 fp32 in one worker of "
+                f"{args.threads} threads: {ratio:.2f}"
+            )
     if args.save_hyps:
         args.save_hyps.mkdir(parents=True, exist_ok=True)
         for name, r in results.items():

@@ -105,6 +105,13 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
         "the weights in that type; with --engine ctranslate2 its compute type (default: the "
         "export's)",
     )
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="decode the batches in N processes of threads/N threads each (CPU; default 1): "
+        "faster on several cores, same output; with --engine ctranslate2 its inter_threads",
+    )
     return p
 
 
@@ -184,6 +191,8 @@ def parse_decoding_args(p: argparse.ArgumentParser, argv: list[str] | None) -> a
         p.error("--batch-size must be ≥ 1")
     if args.max_tokens is not None and args.max_tokens < 1:
         p.error("--max-tokens must be ≥ 1")
+    if args.workers < 1:
+        p.error("--workers must be ≥ 1")
     try:
         args.search = SearchOptions(
             beam_size=args.beam,

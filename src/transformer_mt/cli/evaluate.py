@@ -56,6 +56,7 @@ from transformer_mt.data.corpus import read_lines
 from transformer_mt.data.directions import corpora, fetch_raw, is_multilingual, languages
 from transformer_mt.decoding.search import is_length_penalty
 from transformer_mt.decoding.translator import Translator, source_prefix
+from transformer_mt.decoding.workers import PooledTranslator
 from transformer_mt.errors import CheckpointError, CorpusError, UserError
 from transformer_mt.evaluation.final import Decoded, EvalSet, decode_and_score, tune_alpha
 from transformer_mt.evaluation.metrics import METRICS
@@ -232,6 +233,18 @@ def evaluate_one(
         path, device=args.device, precision=args.precision or "fp32"
     )
     freeze_loaded()
+    with PooledTranslator(translator, args.workers) as pooled:
+        return _evaluate_with(pooled, path, args, sources, named)
+
+
+def _evaluate_with(
+    translator: Translator,
+    path: Path,
+    args: argparse.Namespace,
+    sources: dict[str, Any],
+    named: bool,
+) -> list[dict[str, Any]]:
+    """:func:`evaluate_one` with the checkpoint at ``path`` loaded into ``translator``."""
     data_cfg = OmegaConf.create(translator.config["data"])
     if args.src is not None:
         # a language it translates into? (a multilingual model needs one)

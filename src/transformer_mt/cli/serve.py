@@ -12,7 +12,8 @@ requests are decoded together, in batches of at most --max-batch-tokens source t
 batch waits at most --batch-timeout-ms for the clients the last batch answered to send again
 (see serve.batcher); each sentence gets what tmt-translate gives it. Decoding
 flags are tmt-translate's and set the server's default search (a request may change the
-beam, α and n-best); --max-tokens needs --engine torch.
+beam, α and n-best); --max-tokens needs --engine torch. With --workers N, the batches of one
+micro-batch (--batch-size sentences each) are decoded in N processes at once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from transformer_mt.cli.common import (
     search_for_export,
 )
 from transformer_mt.decoding.translator import Translator
+from transformer_mt.decoding.workers import PooledTranslator, threads_per_worker
 from transformer_mt.errors import UserError
 from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.serve.engine import Engine, ctranslate2_engine, torch_engine
@@ -78,14 +80,22 @@ def load_engine(args: argparse.Namespace) -> Engine:
         if not args.checkpoint.is_dir():
             raise UserError(f"{args.checkpoint}: not a tmt-export directory")
         ct2 = CTranslate2Translator.from_dir(
-            args.checkpoint, device=args.device, compute_type=CT2_COMPUTE_TYPES[args.precision]
+            args.checkpoint,
+            device=args.device,
+            compute_type=CT2_COMPUTE_TYPES[args.precision],
+            intra_threads=threads_per_worker(args.workers) if args.workers > 1 else 0,
+            inter_threads=args.workers,
         )
         return ctranslate2_engine(
             args.checkpoint, ct2, search_for_export(args, ct2), args.batch_size
         )
-    translator = Translator.from_checkpoint(
-        args.checkpoint, device=args.device, precision=args.precision or "fp32"
+    translator = PooledTranslator(
+        Translator.from_checkpoint(
+            args.checkpoint, device=args.device, precision=args.precision or "fp32"
+        ),
+        args.workers,
     )
+    translator.start()  # the workers load the model now, not at the first request
     search = search_for(args, args.checkpoint, translator.step)
     return torch_engine(translator, search, args.batch_size, args.max_tokens)
 

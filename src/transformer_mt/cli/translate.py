@@ -40,6 +40,7 @@ results.json; for a tmt-export directory, the one tmt-export recorded), else the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,6 +63,7 @@ from transformer_mt.decoding.attention_maps import (
 )
 from transformer_mt.decoding.beam import Hypothesis
 from transformer_mt.decoding.translator import Translator, encode_to_fit, source_prefix
+from transformer_mt.decoding.workers import PooledTranslator, threads_per_worker
 from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.formats.atomic import atomic_write_bytes, atomic_write_text
 from transformer_mt.serve.html import standalone_html
@@ -290,13 +292,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.engine == "ctranslate2":
         ct2 = CTranslate2Translator.from_dir(
-            args.checkpoint, device=args.device, compute_type=CT2_COMPUTE_TYPES[args.precision]
+            args.checkpoint,
+            device=args.device,
+            compute_type=CT2_COMPUTE_TYPES[args.precision],
+            intra_threads=threads_per_worker(args.workers) if args.workers > 1 else 0,
+            inter_threads=args.workers,
         )
         source_prefix(ct2.tokenizer, ct2.data, args.tgt_lang)  # a language it translates into?
         search = search_for_export(args, ct2)
     else:
-        translator = Translator.from_checkpoint(
-            args.checkpoint, device=args.device, precision=args.precision or "fp32"
+        translator = PooledTranslator(
+            Translator.from_checkpoint(
+                args.checkpoint, device=args.device, precision=args.precision or "fp32"
+            ),
+            args.workers,
         )
         translator.source_prefix(args.tgt_lang)  # a language it translates into?
         search = search_for(args, args.checkpoint, translator.step)
@@ -312,7 +321,10 @@ def main(argv: list[str] | None = None) -> None:
         raise IsADirectoryError(f"--input {args.input} is a directory, not a file")
     name = str(args.input or "<stdin>")
     explored: list[dict] | None = [] if args.attention_html is not None else None
-    with open(args.input, "rb") if args.input else sys.stdin.buffer as stream:
+    with (
+        open(args.input, "rb") if args.input else sys.stdin.buffer as stream,
+        translator if args.engine == "torch" else contextlib.nullcontext(),
+    ):
         chunks = read_chunks(stream, name, 1 if args.interactive else CHUNK_LINES)
 
         def write(out: BinaryIO) -> None:

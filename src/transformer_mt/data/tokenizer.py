@@ -47,6 +47,11 @@ class Tokenizer:
         self.pad_id, self.unk_id = PAD_ID, UNK_ID
         self.bos_id, self.eos_id = BOS_ID, EOS_ID
 
+    def __reduce__(self) -> tuple[type[Tokenizer], tuple[bytes]]:
+        """Pickled as its model's bytes (a SentencePiece processor itself is not picklable):
+        decoding worker processes get the tokenizer so."""
+        return (Tokenizer, (self.model_bytes,))
+
     @property
     def vocab_size(self) -> int:
         """Number of subword types, special tokens included."""

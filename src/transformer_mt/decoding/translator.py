@@ -63,6 +63,16 @@ def half_precision_copy(model: Transformer, dtype: torch.dtype) -> Transformer:
     return half
 
 
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One batch of a search: its sources (subword ids, without EOS), the search settings,
+    and each source's index in the whole input (its random stream when sampling)."""
+
+    sources: list[list[int]]
+    options: SearchOptions
+    streams: list[int]
+
+
 class Translator:
     """A model and its tokenizer, ready to translate lists of raw sentences.
 
@@ -99,6 +109,20 @@ class Translator:
         half = HALF_TYPES.get(precision)
         # what the searches run: the model, or its copy in half precision
         self.search_model = self.model if half is None else half_precision_copy(self.model, half)
+
+    def settings(self) -> dict[str, Any]:
+        """This translator's constructor arguments: ``type(t)(**t.settings())`` is a copy
+        of ``t`` sharing its model and tokenizer (subclasses that add a behaviour start so)."""
+        return {
+            "model": self.model,
+            "tokenizer": self.tokenizer,
+            "device": self.device,
+            "config": self.config,
+            "step": self.step,
+            "use_cache": self.use_cache,
+            "checkpoint": self.checkpoint,
+            "precision": self.precision,
+        }
 
     @classmethod
     def from_checkpoint(
@@ -193,22 +217,37 @@ class Translator:
         prefix = self.source_prefix(tgt_lang)
         ids = encode_to_fit(tok, sentences, self.model.max_positions, on_truncate, prefix)
         results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in sentences]
-        model = self.search_model
-        decoder = model if self.use_cache else UncachedDecoder(model)
-        for chunk in length_batches([len(s) + 1 for s in ids], batch_size, max_tokens):
-            src = pad([[*ids[i], tok.eos_id] for i in chunk], tok.pad_id).to(self.device)
-            with autocast(self.device, self.precision):
-                if options.sample:
-                    streams = [first_index + i for i in chunk]
-                    hyps = sample_search(decoder, src, tok.bos_id, tok.eos_id, options, streams)
-                elif options.beam_size == 1 and options.nbest == 1:
-                    outs = greedy_search(decoder, src, tok.bos_id, tok.eos_id, options)
-                    hyps = [[Hypothesis(o, 0.0, 0.0)] for o in outs]
-                else:
-                    hyps = beam_search(decoder, src, tok.bos_id, tok.eos_id, options)
+        chunks = list(length_batches([len(s) + 1 for s in ids], batch_size, max_tokens))
+        batches = [
+            Batch([ids[i] for i in chunk], options, [first_index + i for i in chunk])
+            for chunk in chunks
+        ]
+        for chunk, hyps in zip(chunks, self.search_batches(batches), strict=True):
             for i, h in zip(chunk, hyps, strict=True):
                 results[i] = h
         return results
+
+    def close(self) -> None:
+        """Release what this translator holds besides its model: nothing here; a
+        :class:`~transformer_mt.decoding.workers.PooledTranslator` stops its processes."""
+
+    def search_batches(self, batches: list[Batch]) -> Iterator[list[list[Hypothesis]]]:
+        """Each batch's hypotheses, in order (:meth:`search_batch`); a subclass may share
+        the batches out (:class:`~transformer_mt.decoding.workers.PooledTranslator`)."""
+        return (self.search_batch(batch) for batch in batches)
+
+    def search_batch(self, batch: Batch) -> list[list[Hypothesis]]:
+        """The n-best hypotheses of each source of one batch (subword ids without EOS)."""
+        tok, options = self.tokenizer, batch.options
+        src = pad([[*s, tok.eos_id] for s in batch.sources], tok.pad_id).to(self.device)
+        decoder = self.search_model if self.use_cache else UncachedDecoder(self.search_model)
+        with autocast(self.device, self.precision):
+            if options.sample:
+                return sample_search(decoder, src, tok.bos_id, tok.eos_id, options, batch.streams)
+            if options.beam_size == 1 and options.nbest == 1:
+                outs = greedy_search(decoder, src, tok.bos_id, tok.eos_id, options)
+                return [[Hypothesis(o, 0.0, 0.0)] for o in outs]
+            return beam_search(decoder, src, tok.bos_id, tok.eos_id, options)
 
     def translate(
         self,

@@ -151,8 +151,11 @@ class CTranslate2Translator:
         device: str = "cpu",
         compute_type: str = "default",
         intra_threads: int = 0,
+        inter_threads: int = 1,
     ) -> CTranslate2Translator:
-        """Load a directory written by :func:`export_ctranslate2`."""
+        """Load a directory written by :func:`export_ctranslate2`, to decode with
+        ``inter_threads`` workers (batches in parallel) of ``intra_threads`` threads each
+        (0: CTranslate2's default)."""
         path = Path(path)
         meta_path = path / METADATA_FILE
         if not meta_path.is_file() or not (path / SPM_FILE).is_file():
@@ -165,7 +168,11 @@ class CTranslate2Translator:
         ct2 = import_ctranslate2()
         try:
             translator = ct2.Translator(
-                str(path), device=device, compute_type=compute_type, intra_threads=intra_threads
+                str(path),
+                device=device,
+                compute_type=compute_type,
+                intra_threads=intra_threads,
+                inter_threads=inter_threads,
             )
         except (RuntimeError, ValueError) as e:  # unknown device/compute type, no CUDA ...
             raise UserError(f"CTranslate2 cannot load {path} on {device}: {e}") from e

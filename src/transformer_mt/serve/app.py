@@ -249,6 +249,7 @@ def create_app(
         batcher.start()
         yield
         await batcher.stop()
+        engine.close()
 
     app = FastAPI(
         title="transformer_mt",

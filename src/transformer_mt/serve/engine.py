@@ -30,6 +30,7 @@ class Engine:
     count_tokens: Callable[[str], int]  # source tokens of one sentence: subwords and EOS
     max_positions: int  # the model's positions: the longest source, EOS (and tag) included
     attention: Callable[[str, SearchOptions, str | None], dict[str, Any]] | None = None
+    close: Callable[[], None] = lambda: None  # at shutdown: stop its worker processes, if any
 
     @property
     def max_subwords(self) -> int:
@@ -109,6 +110,7 @@ def torch_engine(
         count_tokens=lambda text: len(tok.encode([text])[0]) + 1,
         max_positions=translator.model.max_positions,
         attention=attention,
+        close=translator.close,
     )
 
 

@@ -177,16 +177,7 @@ class ShardedTranslator(Translator):
     batch shapes can mean other kernels, up to floating-point rounding."""
 
     def __init__(self, translator: Translator, ctx: DistContext) -> None:
-        super().__init__(
-            translator.model,
-            translator.tokenizer,
-            translator.device,
-            translator.config,
-            translator.step,
-            translator.use_cache,
-            translator.checkpoint,
-            translator.precision,
-        )
+        super().__init__(**translator.settings())
         self.ctx = ctx
 
     def translate(  # type: ignore[override]
