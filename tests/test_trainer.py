@@ -20,6 +20,7 @@ from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.formats.results import RunResults, tuned_alpha
 from transformer_mt.model import Transformer
+from transformer_mt.training import distributed as dist
 from transformer_mt.training.averaging import average_checkpoints
 from transformer_mt.training.config import validate_config
 from transformer_mt.training.setup import build_training
@@ -159,6 +160,7 @@ def test_a_list_of_alphas_is_tuned_on_val_and_only_the_winner_decodes_test(
         "trainer.final_eval=true",
         "trainer.final_beam_size=4",
         f"trainer.final_alpha=[{','.join(map(str, grid))}]",
+        "trainer.final_workers=2",  # decoded in two processes: as in one (checked below)
     )
     result = Trainer(cfg, corpus_root / "run").train()
     saved = RunResults.read(corpus_root / "run").checkpoints["best.pt"]
@@ -214,6 +216,8 @@ def test_bad_precision_fails_before_training(corpus_root: Path) -> None:
         ("trainer.average_last=2.5", "trainer.average_last"),  # a fraction for a count
         ("trainer.keep_best=1.5", "trainer.keep_best"),
         ("trainer.final_beam_size=2.5", "trainer.final_beam_size"),
+        ("trainer.final_workers=0", "trainer.final_workers"),
+        ("trainer.final_workers=1.5", "trainer.final_workers"),
         ("trainer.valid_max_sentences=-1", "trainer.valid_max_sentences"),
         ("seed=1.5", "seed"),
         ("seed=null", "seed"),
@@ -234,6 +238,20 @@ def test_bad_values_fail_before_any_work_naming_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         Trainer(make_config(corpus_root, override), corpus_root / "run")
+    assert not (corpus_root / "prepared").exists()
+
+
+def test_final_workers_are_for_one_process_on_a_cpu(
+    corpus_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_config(corpus_root, "trainer.final_workers=2")
+    validate_config(cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"trainer\.final_workers=2 is for CPUs"):
+        validate_config(cfg, torch.device("cuda"))
+    two_ranks = dist.DistContext(rank=0, world_size=2, local_rank=0)
+    monkeypatch.setattr(dist, "init_distributed", lambda device: (two_ranks, device))
+    with pytest.raises(ConfigError, match=r"trainer\.final_workers=2 is for one process"):
+        build_training(cfg)
     assert not (corpus_root / "prepared").exists()
 
 

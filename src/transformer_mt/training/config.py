@@ -133,6 +133,12 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
         ),
         count("trainer.max_nonfinite_updates"),
         count("trainer.final_beam_size"),
+        count("trainer.final_workers"),
+        (
+            device.type == "cpu" or t.final_workers == 1,
+            f"trainer.final_workers={t.final_workers} is for CPUs; on {device.type} the final "
+            "evaluation decodes in one process (set it to 1)",
+        ),
         (keep_best >= 0, f"trainer.keep_best must be ≥ 0, got {keep_best}"),
         (clip_norm >= 0, f"trainer.clip_norm must be ≥ 0 (0 = off), got {clip_norm}"),
         (

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transformer_mt.decoding.translator import Translator
+from transformer_mt.decoding.workers import PooledTranslator
 from transformer_mt.errors import CheckpointError
 from transformer_mt.evaluation.final import choose_final, eval_sets, evaluate_checkpoint
 from transformer_mt.formats.atomic import atomic_link
@@ -112,15 +113,22 @@ def evaluate_candidates(
             translator = Translator(receiver, setup.tokenizer, setup.device, checkpoint=path)
         dist.broadcast_parameters(translator.model, ctx)
         translator.step = dist.broadcast_object(translator.step, ctx)
-        results.checkpoints[path.name] = evaluate_checkpoint(
-            dist.ShardedTranslator(translator, ctx),
-            valid,
-            tests,
-            tcfg.final_beam_size,
-            final_alphas(tcfg.final_alpha),
-            tcfg.valid_batch_size,
-            log,
-        )
+        if ctx.enabled:  # each rank decodes its share
+            decoder: Translator = dist.ShardedTranslator(translator, ctx)
+        else:  # in trainer.final_workers processes
+            decoder = PooledTranslator(translator, tcfg.final_workers)
+        try:
+            results.checkpoints[path.name] = evaluate_checkpoint(
+                decoder,
+                valid,
+                tests,
+                tcfg.final_beam_size,
+                final_alphas(tcfg.final_alpha),
+                tcfg.valid_batch_size,
+                log,
+            )
+        finally:
+            decoder.close()
     results.final = choose_final(results.checkpoints)
 
 

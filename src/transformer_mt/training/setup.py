@@ -19,6 +19,7 @@ from transformer_mt.data.dataset import EncodedSplit, PreparedData
 from transformer_mt.data.prepare import prepare_data
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.device import resolve_device
+from transformer_mt.errors import ConfigError
 from transformer_mt.evaluation.final import EvalSet, eval_sets
 from transformer_mt.model import Transformer, build_model
 from transformer_mt.training import distributed as dist
@@ -113,6 +114,11 @@ def _setup_device(cfg: DictConfig) -> tuple[dist.DistContext, torch.device]:
     device = resolve_device(cfg.trainer.device)
     validate_config(cfg, device)
     ctx, device = dist.init_distributed(device)
+    if ctx.enabled and cfg.trainer.final_workers > 1:
+        raise ConfigError(
+            f"trainer.final_workers={cfg.trainer.final_workers} is for one process: under DDP "
+            "the ranks share the final evaluation's sentences (set it to 1)"
+        )
     configure_matmul(cfg.trainer.precision, device)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
