@@ -26,6 +26,7 @@ around each run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import sys
@@ -182,13 +183,16 @@ def time_rows(rows: dict[str, dict[str, Any]], repeat: int) -> dict[str, tuple[l
                 time.sleep(0.5)  # the last run's OpenMP threads stop spinning
     finally:
         for process, conn in workers.values():
-            conn.send("stop")
+            with contextlib.suppress(OSError):  # it died: its error is printed above
+                conn.send("stop")
             process.join(timeout=30)
     return best
 
 
 def main() -> None:
     args = parse_args()
+    if args.workers < 1:
+        sys.exit(f"error: --workers must be ≥ 1, got {args.workers}")
     if not args.checkpoint.is_file():
         sys.exit(
             f"error: {args.checkpoint} not found; train first (make train) or pass --checkpoint"

@@ -17,6 +17,7 @@ from transformer_mt.cli.common import config_dir
 from transformer_mt.cli.train import record_failure, report
 from transformer_mt.data.directions import read_references
 from transformer_mt.decoding import SearchOptions, Translator
+from transformer_mt.decoding.workers import PooledTranslator
 from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.formats.results import RunResults, tuned_alpha
 from transformer_mt.model import Transformer
@@ -151,7 +152,16 @@ def test_a_list_of_alphas_is_tuned_on_val_and_only_the_winner_decodes_test(
 ) -> None:
     # Scored by output length, the α that writes the longest val output must win, and test
     # must be decoded at it; a real BLEU is ~0 for every α this early in training.
-    monkeypatch.setattr("transformer_mt.evaluation.final.score", length_score)
+    scored: list[list[str]] = []  # every list of hypotheses the final evaluation scored
+
+    def record(hyps: list[str], refs: list[str], *metrics: object) -> dict[str, _Score]:
+        scored.append(hyps)
+        return length_score(hyps, refs)
+
+    monkeypatch.setattr("transformer_mt.evaluation.final.score", record)
+    started = []  # the final evaluation decodes in worker processes (trainer.final_workers)
+    start = PooledTranslator._start
+    monkeypatch.setattr(PooledTranslator, "_start", lambda self: (started.append(1), start(self)))
     grid = [0.0, 0.5, 4.0]
     cfg = make_config(
         corpus_root,
@@ -177,6 +187,8 @@ def test_a_list_of_alphas_is_tuned_on_val_and_only_the_winner_decodes_test(
         _, src, refs = read_references(cfg.data, role)[0]
         hyps = translator.translate(src, SearchOptions(beam_size=4, alpha=chosen))
         assert length_score(hyps, refs)["bleu"].score == pytest.approx(scores[role])
+        assert hyps in scored  # sentence by sentence, those of one process
+    assert started
 
 
 @pytest.mark.parametrize("average_last", [1, 6])

@@ -4,6 +4,7 @@ process, errors that say what went wrong, and a pool that survives a dead worker
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import pickle
 import signal
@@ -24,6 +25,7 @@ from transformer_mt.cli import evaluate as evaluate_cli
 from transformer_mt.cli import serve as serve_cli
 from transformer_mt.cli import translate as translate_cli
 from transformer_mt.decoding import SearchOptions, Translator
+from transformer_mt.decoding import workers as workers_module
 from transformer_mt.decoding.workers import PooledTranslator
 from transformer_mt.errors import UserError
 from transformer_mt.export.ctranslate2 import export_ctranslate2
@@ -73,10 +75,26 @@ def test_two_workers_translate_as_one_process(
     assert tail == single.translate_ids(text[7:], options, batch_size=4, first_index=7)
 
 
-def test_the_batches_are_shared_between_separate_processes(pooled: PooledTranslator) -> None:
+def test_the_workers_are_other_processes_and_ignore_ctrl_c(
+    single: Translator, pooled: PooledTranslator
+) -> None:
     pids = pooled.pids()
     assert len(pids) == 2 and os.getpid() not in pids
-    assert pooled.threads == torch.get_num_threads()
+    os.kill(pids[0], signal.SIGINT)  # what Ctrl-C sends the whole process group
+    time.sleep(0.5)
+    assert not is_gone(pids[0]) and pooled.pids() == pids
+    text = lines(12)
+    assert pooled.translate(text, batch_size=2) == single.translate(text, batch_size=2)
+
+
+def test_a_half_precision_translator_keeps_its_copy_and_workers_make_theirs(
+    checkpoint: Path,
+) -> None:
+    half = Translator.from_checkpoint(checkpoint, precision="bf16")
+    text = lines(16)
+    with PooledTranslator(half, workers=2, threads=torch.get_num_threads()) as pooled:
+        assert pooled.search_model is half.search_model and pooled.precision == "bf16"
+        assert pooled.translate(text, batch_size=4) == half.translate(text, batch_size=4)
 
 
 def test_one_worker_decodes_in_this_process(single: Translator) -> None:
@@ -99,17 +117,18 @@ def test_the_workers_end_with_the_pool_or_when_their_parent_is_killed(
     with PooledTranslator(single, workers=2, threads=1) as translator:
         pids = translator.pids()
     assert all(is_gone(pid) for pid in pids)
-    parent = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", KILLED_PARENT, str(checkpoint)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    )
-    assert parent.stdout is not None
-    pids = [int(pid) for pid in parent.stdout.readline().split()]
-    assert len(pids) == 2 and not any(is_gone(pid) for pid in pids)
-    parent.kill()  # no shutdown of its pool: the workers notice that their parent is gone
-    parent.wait()
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            pids = [int(pid) for pid in parent.stdout.readline().split()]
+            assert len(pids) == 2 and not any(is_gone(pid) for pid in pids)
+        finally:
+            parent.kill()  # no shutdown of its pool: the workers notice their parent is gone
     for _ in range(300):
         if all(is_gone(pid) for pid in pids):
             break
@@ -129,6 +148,72 @@ sys.stdin.read()
 """
 
 
+def test_a_script_without_the_main_guard_is_told_why_its_workers_did_not_start(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    script = tmp_path / "unguarded.py"  # spawned workers import it, and start workers again
+    script.write_text(KILLED_PARENT.replace("sys.stdin.read()", ""))
+    done = subprocess.run(
+        [sys.executable, str(script), str(checkpoint)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "failed to start" in done.stderr and '`if __name__ == "__main__":`' in done.stderr
+
+
+def test_weights_that_do_not_fit_in_shared_memory_are_a_clear_error(
+    single: Translator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(obj: object) -> bytes:
+        raise RuntimeError("unable to write to file </torch_1_2_3>: No space left on device (28)")
+
+    monkeypatch.setattr(workers_module.ForkingPickler, "dumps", full)
+    translator = PooledTranslator(single, workers=2, threads=1)
+    with pytest.raises(UserError, match=r"No space left.*/dev/shm too small.*--workers 1"):
+        translator.start()
+    assert translator._pool is None  # nothing started
+
+
+def test_workers_left_running_stop_when_their_translator_goes_or_their_process_ends(
+    single: Translator, checkpoint: Path, tmp_path: Path
+) -> None:
+    translator = PooledTranslator(single, workers=2, threads=1)
+    pids = translator.pids()
+    del translator  # never closed
+    gc.collect()
+    assert all(is_gone(pid) for pid in pids)
+    script = tmp_path / "child.py"  # a child process that leaves its workers running
+    script.write_text(CHILD_WITH_WORKERS)
+    done = subprocess.run(
+        [sys.executable, str(script), str(checkpoint)], capture_output=True, text=True, timeout=60
+    )  # before the exit hook that stops them, the child waited for them forever
+    assert done.returncode == 0, done.stderr
+    pids = [int(pid) for pid in done.stdout.split()]
+    assert len(pids) == 2 and all(is_gone(pid) for pid in pids)
+
+
+CHILD_WITH_WORKERS = """
+import gc
+import multiprocessing
+import sys
+
+from transformer_mt.decoding import Translator
+from transformer_mt.decoding.workers import PooledTranslator
+
+
+def child(path):
+    translator = PooledTranslator(Translator.from_checkpoint(path), workers=2, threads=1)
+    print(*translator.pids(), flush=True)  # not closed, and never collected:
+    gc.freeze()  # as the console scripts do once loaded
+
+
+if __name__ == "__main__":
+    process = multiprocessing.get_context("spawn").Process(target=child, args=(sys.argv[1],))
+    process.start()
+    process.join()
+    sys.exit(process.exitcode)
+"""
+
+
 def test_a_dead_worker_is_an_error_and_the_next_call_starts_new_workers(
     single: Translator,
 ) -> None:
@@ -144,13 +229,13 @@ def test_a_dead_worker_is_an_error_and_the_next_call_starts_new_workers(
 
 
 def test_bad_worker_settings_are_clear_errors(single: Translator) -> None:
-    with pytest.raises(UserError, match="workers must be ≥ 1, got 0"):
+    with pytest.raises(UserError, match="--workers must be ≥ 1, got 0"):
         PooledTranslator(single, workers=0)
     with pytest.raises(UserError, match="threads per worker must be ≥ 1, got 0"):
         PooledTranslator(single, workers=2, threads=0)
     on_gpu = copy.copy(single)
     on_gpu.device = torch.device("cuda")
-    with pytest.raises(UserError, match="decoding workers are for CPUs"):
+    with pytest.raises(UserError, match="--workers 2: decoding workers are for CPUs"):
         PooledTranslator(on_gpu, workers=2)
 
 
@@ -160,6 +245,14 @@ def test_a_tokenizer_pickles_as_its_model(single: Translator) -> None:
     assert tokenizer.encode(["a red dog"]) == single.tokenizer.encode(["a red dog"])
 
 
+@pytest.fixture
+def threads_of_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each worker gets this process's threads: the same kernels, so the same sums."""
+    for module in (workers_module, translate_cli, serve_cli):
+        monkeypatch.setattr(module, "threads_per_worker", lambda n: torch.get_num_threads())
+
+
+@pytest.mark.usefixtures("threads_of_one_process")
 def test_tmt_translate_and_tmt_evaluate_with_workers_write_what_one_process_writes(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -186,8 +279,13 @@ def test_tmt_translate_and_tmt_evaluate_with_workers_write_what_one_process_writ
         translate_cli.main([str(checkpoint), "--workers", "0"])
     assert exit_info.value.code == 2
     assert "--workers must be ≥ 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        translate_cli.main([str(checkpoint), "--workers", "2", "--interactive"])
+    assert exit_info.value.code == 2
+    assert "--interactive decodes one line at a time" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("threads_of_one_process")
 def test_tmt_serve_with_workers_answers_as_with_one_and_stops_them_at_shutdown(
     checkpoint: Path,
 ) -> None:
@@ -206,9 +304,11 @@ def test_tmt_serve_with_workers_answers_as_with_one_and_stops_them_at_shutdown(
     assert all(is_gone(pid) for pid in pids)
 
 
+@pytest.mark.usefixtures("threads_of_one_process")
 def test_ctranslate2_workers_are_its_inter_threads(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    pytest.importorskip("ctranslate2")
     export = export_ctranslate2(checkpoint, tmp_path / "ct2")
     src = tmp_path / "in.en"
     src.write_text("".join(line + "\n" for line in lines(40)))

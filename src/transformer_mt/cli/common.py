@@ -110,7 +110,8 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
         type=int,
         default=1,
         help="decode the batches in N processes of threads/N threads each (CPU; default 1): "
-        "faster on several cores, same output; with --engine ctranslate2 its inter_threads",
+        "the translations of one process, faster on several cores (docs/decoding.md); "
+        "with --engine ctranslate2 its inter_threads",
     )
     return p
 

@@ -117,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_decoding_args(p, argv)
     if args.interactive and args.output is not None:
         p.error("--interactive writes to stdout; drop --output")
+    if args.interactive and args.workers > 1:
+        p.error("--interactive decodes one line at a time: --workers would leave all but one idle")
     selection = {"--attention-layer": args.attention_layer, "--attention-head": args.attention_head}
     for flag, value in selection.items():  # they choose what --attention-dir's maps show
         if value is not None and args.attention_dir is None:

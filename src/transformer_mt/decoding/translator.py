@@ -111,8 +111,9 @@ class Translator:
         self.search_model = self.model if half is None else half_precision_copy(self.model, half)
 
     def settings(self) -> dict[str, Any]:
-        """This translator's constructor arguments: ``type(t)(**t.settings())`` is a copy
-        of ``t`` sharing its model and tokenizer (subclasses that add a behaviour start so)."""
+        """The arguments that make a Translator like this one: ``Translator(**t.settings())``
+        decodes as ``t`` does, with the same model and tokenizer (a half-precision copy of
+        the weights is made anew). Subclasses that add a behaviour are built from them."""
         return {
             "model": self.model,
             "tokenizer": self.tokenizer,
@@ -230,6 +231,13 @@ class Translator:
     def close(self) -> None:
         """Release what this translator holds besides its model: nothing here; a
         :class:`~transformer_mt.decoding.workers.PooledTranslator` stops its processes."""
+
+    def __enter__(self) -> Translator:
+        """``with translator:`` closes it at the end of the block."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def search_batches(self, batches: list[Batch]) -> Iterator[list[list[Hypothesis]]]:
         """Each batch's hypotheses, in order (:meth:`search_batch`); a subclass may share

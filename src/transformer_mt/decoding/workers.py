@@ -20,7 +20,10 @@ sentences of the default en→de model came out the same. The workers are starte
 ``spawn`` (a fork of a process whose OpenMP threads have run can hang) and share the parent's
 weights through shared memory; starting them takes a few seconds (each imports torch), so
 they pay off on inputs of thousands of sentences, or over many calls of one PooledTranslator
-(they live until :meth:`PooledTranslator.close`, and end if this process dies).
+(they live until :meth:`PooledTranslator.close`, the PooledTranslator's collection or this
+process's exit, and end if this process is killed). A bf16 or fp16 translator's workers make
+their own half-precision copies of the weights. A script that starts workers needs the ``if
+__name__ == "__main__":`` guard: each worker imports the main module.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from types import TracebackType
-from typing import Any, NoReturn
+from multiprocessing.reduction import ForkingPickler
+from multiprocessing.util import Finalize
 
 import torch
 
@@ -46,13 +50,15 @@ from transformer_mt.errors import UserError
 _WORKER: Translator | None = None
 
 
-def _start_worker(settings: dict[str, Any], threads: int, parent: int) -> None:
-    """A worker process's initializer: its translator, on ``threads`` intra-op threads, and
-    a watch that ends the process if its parent (process id ``parent``) dies."""
+def _start_worker(settings: multiprocessing.Queue, threads: int, parent: int) -> None:
+    """A worker process's initializer: its translator (the Translator settings it takes from
+    the queue ``settings``, pickled), on ``threads`` intra-op threads, and a watch that ends the
+    process if its parent (process id ``parent``) dies."""
     global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)
-    _WORKER = Translator(**settings)
+    _WORKER = Translator(**ForkingPickler.loads(settings.get()))
     gc.collect()
     gc.freeze()  # the loaded objects are not garbage: collections need not walk them
 
@@ -89,53 +95,98 @@ class PooledTranslator(Translator):
     With one worker it decodes in this process, as a plain Translator. CPU only.
 
     The processes start at the first translation (or :meth:`start`, or the start of a
-    ``with`` block) and stop at :meth:`close` or the end of the block. If one dies, the
-    translation that needed it raises RuntimeError and the pool is started anew at the next
-    call."""
+    ``with`` block) and stop at :meth:`close` or the end of the block; a translation after
+    :meth:`close` starts them again. If one dies, the translation that needed it raises
+    RuntimeError and the next call starts new ones. A script that makes a PooledTranslator
+    needs the ``if __name__ == "__main__":`` guard (the workers are spawned: each imports the
+    main module)."""
 
     def __init__(self, translator: Translator, workers: int, threads: int | None = None) -> None:
         if workers < 1:
-            raise UserError(f"workers must be ≥ 1, got {workers}")
+            raise UserError(f"--workers must be ≥ 1, got {workers}")
         if threads is not None and threads < 1:
             raise UserError(f"threads per worker must be ≥ 1, got {threads}")
         if workers > 1 and translator.device.type != "cpu":
             raise UserError(
-                f"decoding workers are for CPUs (the device is {translator.device}): on a GPU "
-                "one process keeps it busy; decode with one worker and a larger --batch-size"
+                f"--workers {workers}: decoding workers are for CPUs, but the device is "
+                f"{translator.device} (--device auto chooses CUDA where there is one); on a GPU "
+                "one process keeps it busy: use --workers 1 (and a larger --batch-size) or "
+                "--device cpu"
             )
-        super().__init__(**translator.settings())
+        # the same model and half-precision copy as ``translator`` (not a second copy)
+        super().__init__(**(translator.settings() | {"precision": "fp32"}))
+        self.precision, self.search_model = translator.precision, translator.search_model
         self.workers = workers
         self.threads = threads or threads_per_worker(workers)
         self._pool: ProcessPoolExecutor | None = None
+        self._stop: Finalize | None = None  # stops the pool, at close() or at exit
         self._pids: list[int] = []
+        self._lock = threading.Lock()  # one pool, even if two threads make the first call
 
     def start(self) -> None:
         """Start the worker processes, and return once each has loaded the model (else the
         first translation starts them). Nothing to do when they run, or with one worker."""
-        if self._pool is not None or self.workers == 1:
-            return
-        self._pool = ProcessPoolExecutor(
+        with self._lock:
+            if self._pool is None and self.workers > 1:
+                self._start()
+
+    def _start(self) -> None:
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # a spawned worker importing a main module that starts workers: stop here (its
+            # own pool would keep it from exiting, and its parent would wait for it forever)
+            raise RuntimeError(
+                "decoding workers started while a worker process imports the main module: "
+                'the script needs the `if __name__ == "__main__":` guard'
+            )
+        context = multiprocessing.get_context("spawn")
+        # The settings (the model, its tokenizer) go through a queue, written by a thread of
+        # its own: a process's start arguments are written by the thread that starts it,
+        # which would wait forever on a worker that died before reading them all. They are
+        # pickled here, once per worker, so that a failure is raised here: the weights move
+        # to shared memory, and the workers map them.
+        settings: multiprocessing.Queue = context.Queue()
+        settings.cancel_join_thread()  # at exit, do not wait to write to workers that died
+        try:
+            for _ in range(self.workers):
+                settings.put(bytes(ForkingPickler.dumps(self.settings())))
+        except RuntimeError as e:  # the weights could not be put in shared memory
+            settings.close()
+            raise UserError(
+                f"cannot share the model with decoding worker processes: {e}. Is /dev/shm too "
+                "small (a container's default is 64 MB)? Use --workers 1, or more shared "
+                "memory (docker run --shm-size)"
+            ) from e
+        pool = ProcessPoolExecutor(
             self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=context,
             initializer=_start_worker,
-            initargs=(self.settings(), self.threads, os.getpid()),
+            initargs=(settings, self.threads, os.getpid()),
         )
-        # the pool starts a process per call while none is idle: calls that pause until
-        # every worker has taken one (a call returns once its worker is initialized)
+        # The pool starts a process per call while none is idle: calls that pause until
+        # every worker has taken one (a call returns once its worker is initialized).
         pids: set[int] = set()
         try:
             while len(pids) < self.workers:
-                pids.update(self._pool.map(_worker_pid, range(4 * self.workers)))
+                pids.update(pool.map(_worker_pid, range(4 * self.workers)))
         except BrokenProcessPool as e:
-            self._broken(e)
-        self._pids = sorted(pids)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise RuntimeError(
+                f"the decoding worker processes failed to start ({e}; their error is printed "
+                'above). A script that starts them needs the `if __name__ == "__main__":` '
+                "guard: each worker imports the main module"
+            ) from e
+        self._pool, self._pids = pool, sorted(pids)
+        # Stop the workers when this translator is collected, or at exit before the
+        # process waits for its children: a child process (a decoding worker of its own
+        # parent's pool, say) does not run the pool's own exit hook, and would wait forever.
+        self._stop = Finalize(self, pool.shutdown, kwargs={"cancel_futures": True}, exitpriority=10)
 
     def pids(self) -> list[int]:
         """The worker processes' ids (starting them if need be; this process's with one)."""
         if self.workers == 1:
             return [os.getpid()]
         self.start()
-        return self._pids
+        return list(self._pids)
 
     def search_batches(self, batches: list[Batch]) -> Iterator[list[list[Hypothesis]]]:
         """Each batch's hypotheses in order, the batches shared out between the workers."""
@@ -143,36 +194,35 @@ class PooledTranslator(Translator):
             yield from super().search_batches(batches)
             return
         self.start()
-        assert self._pool is not None
+        pool = self._pool
+        assert pool is not None
         try:
-            yield from self._pool.map(_search, batches)
+            yield from pool.map(_search, batches)
         except BrokenProcessPool as e:
-            self._broken(e)
-
-    def _broken(self, error: BrokenProcessPool) -> NoReturn:
-        """A worker died: drop the pool (the next call starts another) and say so."""
-        assert self._pool is not None
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool, self._pids = None, []
-        raise RuntimeError(
-            f"a decoding worker process died ({error}); out of memory, or killed? The "
-            "translations of this call are lost; the next call starts new workers"
-        ) from error
+            with self._lock:
+                if self._pool is pool:  # not yet replaced or closed by another thread
+                    stop = self._drop()
+                    if stop is not None:
+                        stop.cancel()  # not at exit: now, without waiting
+                    pool.shutdown(wait=False, cancel_futures=True)
+            raise RuntimeError(
+                f"a decoding worker process died ({e}); out of memory, or killed? The "
+                "translations of this call are lost; the next call starts new workers"
+            ) from e
 
     def close(self) -> None:
-        """Stop the worker processes."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool, self._pids = None, []
+        """Stop the worker processes (after the batches they are decoding)."""
+        with self._lock:
+            stop = self._drop()
+        if stop is not None:
+            stop()  # runs once: not again at exit
+
+    def _drop(self) -> Finalize | None:
+        """Forget the pool; returns what stops it (None without a pool)."""
+        stop = self._stop
+        self._pool, self._stop, self._pids = None, None, []
+        return stop
 
     def __enter__(self) -> PooledTranslator:
         self.start()
         return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

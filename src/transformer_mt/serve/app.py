@@ -247,9 +247,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
-        yield
-        await batcher.stop()
-        engine.close()
+        try:
+            yield
+        finally:
+            try:
+                await batcher.stop()
+            finally:
+                engine.close()  # after the decoding in progress, if any
 
     app = FastAPI(
         title="transformer_mt",
