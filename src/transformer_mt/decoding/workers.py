@@ -83,6 +83,11 @@ def _worker_pid(_: int) -> int:
     return os.getpid()
 
 
+def padded_tokens(batch: Batch) -> int:
+    """The size of a batch's source tensor: sentences × the longest source."""
+    return len(batch.sources) * max((len(s) for s in batch.sources), default=0)
+
+
 def threads_per_worker(workers: int) -> int:
     """Intra-op threads for each of ``workers`` processes: this process's shared out, at
     least one each."""
@@ -189,7 +194,10 @@ class PooledTranslator(Translator):
         return list(self._pids)
 
     def search_batches(self, batches: list[Batch]) -> Iterator[list[list[Hypothesis]]]:
-        """Each batch's hypotheses in order, the batches shared out between the workers."""
+        """Each batch's hypotheses in order, the batches shared out between the workers:
+        the largest first (padded source tokens), so that the last to finish are small and
+        the workers end together (in length order the largest batch came last, and one
+        worker waited for the other: docs/decoding.md)."""
         if self.workers == 1:
             yield from super().search_batches(batches)
             return
@@ -197,7 +205,10 @@ class PooledTranslator(Translator):
         pool = self._pool
         assert pool is not None
         try:
-            yield from pool.map(_search, batches)
+            largest_first = sorted(range(len(batches)), key=lambda i: -padded_tokens(batches[i]))
+            futures = {i: pool.submit(_search, batches[i]) for i in largest_first}
+            for i in range(len(batches)):
+                yield futures[i].result()
         except BrokenProcessPool as e:
             with self._lock:
                 if self._pool is pool:  # not yet replaced or closed by another thread
