@@ -21,6 +21,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from conftest import WORDS, random_en_de_checkpoint
+from transformer_mt.cli import common as cli_common
 from transformer_mt.cli import evaluate as evaluate_cli
 from transformer_mt.cli import serve as serve_cli
 from transformer_mt.cli import translate as translate_cli
@@ -248,7 +249,7 @@ def test_a_tokenizer_pickles_as_its_model(single: Translator) -> None:
 @pytest.fixture
 def threads_of_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each worker gets this process's threads: the same kernels, so the same sums."""
-    for module in (workers_module, translate_cli, serve_cli):
+    for module in (workers_module, cli_common):
         monkeypatch.setattr(module, "threads_per_worker", lambda n: torch.get_num_threads())
 
 

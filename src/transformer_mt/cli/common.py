@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 
 from transformer_mt.decoding.search import SearchOptions
-from transformer_mt.decoding.translator import PRECISIONS
+from transformer_mt.decoding.translator import PRECISIONS, Translator
+from transformer_mt.decoding.workers import PooledTranslator, threads_per_worker
 from transformer_mt.errors import UserError
 from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.formats.results import tuned_alpha
@@ -118,6 +119,27 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
 
 # --precision as a CTranslate2 compute type (None: the one the export was written with)
 CT2_COMPUTE_TYPES = {None: "default", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def load_translator(path: Path, args: argparse.Namespace) -> PooledTranslator:
+    """The checkpoint at ``path`` on --device in --precision, decoding in --workers
+    processes (one: in this one); use it in a ``with`` block, which stops them."""
+    translator = Translator.from_checkpoint(
+        path, device=args.device, precision=args.precision or "fp32"
+    )
+    return PooledTranslator(translator, args.workers)
+
+
+def load_export(args: argparse.Namespace) -> CTranslate2Translator:
+    """The tmt-export directory ``args.checkpoint`` on --device in --precision's compute
+    type, its --workers as CTranslate2's ``inter_threads`` (threads shared out)."""
+    return CTranslate2Translator.from_dir(
+        args.checkpoint,
+        device=args.device,
+        compute_type=CT2_COMPUTE_TYPES[args.precision],
+        intra_threads=threads_per_worker(args.workers) if args.workers > 1 else 0,
+        inter_threads=args.workers,
+    )
 
 
 # The sampling flags (see add_sampling_flags), their SearchOptions fields and defaults.

@@ -49,6 +49,7 @@ from transformer_mt.cli.common import (
     decoding_parser,
     exit_on_user_error,
     freeze_loaded,
+    load_translator,
     parse_decoding_args,
     search_for,
 )
@@ -56,7 +57,6 @@ from transformer_mt.data.corpus import read_lines
 from transformer_mt.data.directions import corpora, fetch_raw, is_multilingual, languages
 from transformer_mt.decoding.search import is_length_penalty
 from transformer_mt.decoding.translator import Translator, source_prefix
-from transformer_mt.decoding.workers import PooledTranslator
 from transformer_mt.errors import CheckpointError, CorpusError, UserError
 from transformer_mt.evaluation.final import Decoded, EvalSet, decode_and_score, tune_alpha
 from transformer_mt.evaluation.metrics import METRICS
@@ -229,12 +229,10 @@ def evaluate_one(
     checkpoint, score it and save the hypotheses; one result per set. The α: --alpha, else
     tuned on val with --alpha-grid, else for a checkpoint ``named`` on the command line (not
     found in a run directory) the one its run chose, if any."""
-    translator = Translator.from_checkpoint(
-        path, device=args.device, precision=args.precision or "fp32"
-    )
+    translator = load_translator(path, args)
     freeze_loaded()
-    with PooledTranslator(translator, args.workers) as pooled:
-        return _evaluate_with(pooled, path, args, sources, named)
+    with translator:
+        return _evaluate_with(translator, path, args, sources, named)
 
 
 def _evaluate_with(

@@ -24,18 +24,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from transformer_mt.cli.common import (
-    CT2_COMPUTE_TYPES,
     decoding_parser,
     exit_on_user_error,
     freeze_loaded,
+    load_export,
+    load_translator,
     parse_decoding_args,
     search_for,
     search_for_export,
 )
-from transformer_mt.decoding.translator import Translator
-from transformer_mt.decoding.workers import PooledTranslator, threads_per_worker
 from transformer_mt.errors import UserError
-from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.serve.engine import Engine, ctranslate2_engine, torch_engine
 
 
@@ -79,22 +77,11 @@ def load_engine(args: argparse.Namespace) -> Engine:
     if args.engine == "ctranslate2":
         if not args.checkpoint.is_dir():
             raise UserError(f"{args.checkpoint}: not a tmt-export directory")
-        ct2 = CTranslate2Translator.from_dir(
-            args.checkpoint,
-            device=args.device,
-            compute_type=CT2_COMPUTE_TYPES[args.precision],
-            intra_threads=threads_per_worker(args.workers) if args.workers > 1 else 0,
-            inter_threads=args.workers,
-        )
+        ct2 = load_export(args)
         return ctranslate2_engine(
             args.checkpoint, ct2, search_for_export(args, ct2), args.batch_size
         )
-    translator = PooledTranslator(
-        Translator.from_checkpoint(
-            args.checkpoint, device=args.device, precision=args.precision or "fp32"
-        ),
-        args.workers,
-    )
+    translator = load_translator(args.checkpoint, args)
     translator.start()  # the workers load the model now, not at the first request
     search = search_for(args, args.checkpoint, translator.step)
     return torch_engine(translator, search, args.batch_size, args.max_tokens)

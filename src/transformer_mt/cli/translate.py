@@ -47,11 +47,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from transformer_mt.cli.common import (
-    CT2_COMPUTE_TYPES,
     add_sampling_flags,
     decoding_parser,
     exit_on_user_error,
     freeze_loaded,
+    load_export,
+    load_translator,
     parse_decoding_args,
     search_for,
     search_for_export,
@@ -63,7 +64,6 @@ from transformer_mt.decoding.attention_maps import (
 )
 from transformer_mt.decoding.beam import Hypothesis
 from transformer_mt.decoding.translator import Translator, encode_to_fit, source_prefix
-from transformer_mt.decoding.workers import PooledTranslator, threads_per_worker
 from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.formats.atomic import atomic_write_bytes, atomic_write_text
 from transformer_mt.serve.html import standalone_html
@@ -293,22 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     """Translate stdin (or --input) to stdout (or --output)."""
     args = parse_args(argv)
     if args.engine == "ctranslate2":
-        ct2 = CTranslate2Translator.from_dir(
-            args.checkpoint,
-            device=args.device,
-            compute_type=CT2_COMPUTE_TYPES[args.precision],
-            intra_threads=threads_per_worker(args.workers) if args.workers > 1 else 0,
-            inter_threads=args.workers,
-        )
+        ct2 = load_export(args)
         source_prefix(ct2.tokenizer, ct2.data, args.tgt_lang)  # a language it translates into?
         search = search_for_export(args, ct2)
     else:
-        translator = PooledTranslator(
-            Translator.from_checkpoint(
-                args.checkpoint, device=args.device, precision=args.precision or "fp32"
-            ),
-            args.workers,
-        )
+        translator = load_translator(args.checkpoint, args)
         translator.source_prefix(args.tgt_lang)  # a language it translates into?
         search = search_for(args, args.checkpoint, translator.step)
         if args.attention_dir is not None:

@@ -11,19 +11,19 @@ workers):
 >>> with PooledTranslator(Translator.from_checkpoint("final.pt"), workers=2) as t:
 ...     t.translate(sentences, beam_size=5)   # 2 processes of 1 thread each on 2 cores
 
-The batches are those one process would make (sorted by length), handed out in order to
-whichever worker is free, and their results put back in input order: the translations are
-those of one process (a batch's search does not depend on the other batches), bit for bit
-when each worker has that process's number of threads (tested). With fewer threads a matrix
-product may sum in another order and round differently in the last bit; the 1,000 test
-sentences of the default en→de model came out the same. The workers are started with
-``spawn`` (a fork of a process whose OpenMP threads have run can hang) and share the parent's
-weights through shared memory; starting them takes a few seconds (each imports torch), so
-they pay off on inputs of thousands of sentences, or over many calls of one PooledTranslator
-(they live until :meth:`PooledTranslator.close`, the PooledTranslator's collection or this
-process's exit, and end if this process is killed). A bf16 or fp16 translator's workers make
-their own half-precision copies of the weights. A script that starts workers needs the ``if
-__name__ == "__main__":`` guard: each worker imports the main module.
+The batches are those one process would make (sorted by length), handed out the largest first
+to whichever worker is free (so that the workers end together), and their results put back in
+input order: the translations are those of one process (a batch's search does not depend on the
+other batches), bit for bit when each worker has that process's number of threads (tested).
+With fewer threads a matrix product may sum in another order and round differently in the last
+bit; the 1,000 test sentences of the default en→de model came out the same. The workers are
+started with ``spawn`` (a fork of a process whose OpenMP threads have run can hang) and share
+the parent's weights through shared memory; starting them takes a few seconds (each imports
+torch), so they pay off on inputs of thousands of sentences, or over many calls of one
+PooledTranslator (they live until :meth:`PooledTranslator.close`, the PooledTranslator's
+collection or this process's exit, and end if this process is killed). A bf16 or fp16
+translator's workers make their own half-precision copies of the weights. A script that starts
+workers needs the ``if __name__ == "__main__":`` guard: each worker imports the main module.
 """
 
 from __future__ import annotations
