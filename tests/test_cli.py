@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import sacrebleu
 import torch
+from omegaconf import OmegaConf
 
 from conftest import (
     BIN,
@@ -104,6 +105,9 @@ def test_training_writes_checkpoints_logs_and_config(trained_run: Path) -> None:
     assert state["spm_model"].dtype == torch.uint8 and state["spm_model"].numel() > 1000
     assert list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
     assert "max_steps: 300" in (trained_run / "config.yaml").read_text()
+    # config.yaml is the config the checkpoints record (derived values resolved).
+    written = OmegaConf.to_container(OmegaConf.load(trained_run / "config.yaml"))
+    assert written == state["config"]
 
 
 def test_evaluate_json_on_a_file_and_on_the_test_split(

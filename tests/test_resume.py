@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from test_trainer import make_config
 from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.formats.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 from transformer_mt.training.schedule import inverse_sqrt_factor
+from transformer_mt.training.step import StepResult
 from transformer_mt.training.trainer import Trainer
 
 
@@ -227,6 +230,41 @@ def test_cosine_schedule_reaches_min_lr_and_a_resume_can_switch_to_it(
     for _ in range(11):  # to update 15: past decay_steps, at the floor
         switched.update.scheduler.step()
     assert switched.update.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+
+
+def test_cosine_schedule_ends_at_the_runs_last_planned_update_by_default(
+    corpus_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cosine = ("optim.schedule=cosine", "optim.min_lr=1e-5", "trainer.max_steps=null")
+    epochs = ("trainer.max_epochs=2", "trainer.update_freq=2")  # a short last update per epoch
+    trainer = Trainer(make_config(corpus_root, *cosine, *epochs), corpus_root / "c")
+    planned = trainer.setup.config["optim"]["decay_steps"]
+    lrs: list[float] = []  # the lr of each update
+    train_step = trainer.train_step
+
+    def recording_step(*args: Any) -> StepResult:
+        lrs.append(trainer.update.optimizer.param_groups[0]["lr"])
+        return train_step(*args)
+
+    trainer.train_step = recording_step  # type: ignore[method-assign]
+    trainer.train()
+    assert trainer.state.epoch == 2 and trainer.state.step == planned > 10  # past the warmup
+    # After the warmup the lr falls at every update; the last planned one runs at min_lr.
+    assert all(a > b for a, b in itertools.pairwise(lrs[10:]))
+    assert lrs[-2] > 1e-5 and lrs[-1] == pytest.approx(1e-5)
+    saved = load_checkpoint(corpus_root / "c" / "checkpoints" / "last.pt")
+    assert saved["config"]["optim"]["decay_steps"] == planned  # the run's record says it
+    # Resumed with the same settings it resolves to the same update, so nothing changes.
+    capsys.readouterr()
+    again = Trainer(make_config(corpus_root, *cosine, *epochs), corpus_root / "c")
+    assert again.setup.config["optim"]["decay_steps"] == planned
+    assert "optim.decay_steps" not in capsys.readouterr().out
+    # trainer.max_steps, when it comes first, is the last planned update.
+    short = make_config(corpus_root, *cosine, "trainer.max_steps=13")
+    assert Trainer(short, corpus_root / "s").setup.config["optim"]["decay_steps"] == 13
+    # A plan that ends inside the warmup cannot decay: the error names the keys.
+    with pytest.raises(ConfigError, match=r"optim\.decay_steps=null.*trainer\.max_steps=8"):
+        Trainer(make_config(corpus_root, *cosine, "trainer.max_steps=8"), corpus_root / "e")
 
 
 def test_mid_epoch_resume_refuses_another_batch_plan(corpus_root: Path) -> None:

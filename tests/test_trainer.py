@@ -239,7 +239,7 @@ def test_bad_precision_fails_before_training(corpus_root: Path) -> None:
         ("optim.eps=0", "optim.eps"),
         ("optim.weight_decay=-0.1", "optim.weight_decay"),
         ("optim.schedule=linear", "optim.schedule"),
-        ("optim.schedule=cosine", "optim.decay_steps"),  # cosine needs its end
+        ("optim.decay_steps=0", "optim.decay_steps"),  # before the warmup's end
         ("optim.decay_steps=2.5", "optim.decay_steps"),
         ("optim.decay_steps=100", "optim.decay_steps"),  # inverse_sqrt would ignore it
         ("optim.min_lr=abc", "optim.min_lr"),

@@ -18,7 +18,7 @@ from transformer_mt.formats.checkpoint import (
     spm_tensor_to_bytes,
 )
 from transformer_mt.training.loss import OutputLayerLoss, label_smoothed_nll_loss
-from transformer_mt.training.schedule import inverse_sqrt_schedule, lr_schedule
+from transformer_mt.training.schedule import inverse_sqrt_schedule, lr_schedule, planned_updates
 
 
 def test_label_smoothed_loss_matches_direct_computation() -> None:
@@ -239,6 +239,13 @@ def test_cosine_schedule_matches_its_formula() -> None:
     assert seen[600] == pytest.approx((peak + floor_lr) / 2)  # halfway down
     assert all(seen[s] == pytest.approx(floor_lr) for s in (1100, 1101, 1300))  # then it stays
     assert all(seen[s] > seen[s + 1] for s in range(100, 1099))  # falls at every update
+
+
+def test_planned_updates_count_each_epochs_short_last_update() -> None:
+    assert planned_updates(133, 1, 30, None) == 3990
+    assert planned_updates(133, 2, 30, None) == 30 * 67  # 66 full updates and one short
+    assert planned_updates(133, 2, 30, 1000) == 1000  # max_steps comes first
+    assert planned_updates(133, 1, 30, 5000) == 3990
 
 
 @pytest.mark.parametrize(

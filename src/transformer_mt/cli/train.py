@@ -36,7 +36,9 @@ def train(cfg: DictConfig) -> float:
     try:
         trainer = Trainer(cfg, run_dir)
         if trainer.dist.is_main:
-            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            # The run's config as its checkpoints record it (derived values resolved).
+            config = OmegaConf.create(trainer.setup.config)
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(config))
         result = trainer.train()
     except UserError as e:
         if hydra_cfg.mode != RunMode.MULTIRUN:

@@ -1,6 +1,7 @@
 """Learning-rate schedules: the paper's (§5.3) linear warmup, then inverse square root decay;
 or the same warmup, then a cosine decay to a floor at a set update (Loshchilov & Hutter 2017,
-"SGDR: Stochastic Gradient Descent with Warm Restarts", without the restarts)."""
+"SGDR: Stochastic Gradient Descent with Warm Restarts", without the restarts), by default the
+run's last planned update (:func:`planned_updates`)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,23 @@ def cosine_factor(step: int, warmup_steps: int, decay_steps: int, floor: float) 
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def planned_updates(
+    batches_per_epoch: int, batches_per_update: int, max_epochs: int, max_steps: int | None
+) -> int:
+    """The updates a run plans: ``max_epochs`` epochs of ⌈batches_per_epoch /
+    batches_per_update⌉ updates (an epoch's last update may be short), or ``max_steps`` if
+    that comes first. ``trainer.max_minutes`` and early stopping may end the run sooner."""
+    per_epoch = -(-batches_per_epoch // batches_per_update)
+    planned = max_epochs * per_epoch
+    return planned if max_steps is None else min(planned, max_steps)
+
+
 def check_schedule(
     schedule: str, warmup_steps: int, decay_steps: int | None, min_lr: float, lr: float
 ) -> None:
-    """``optim.schedule`` is known; cosine needs ``optim.decay_steps`` after the warmup and an
-    ``optim.min_lr`` in [0, ``optim.lr``); the other schedule leaves both unset."""
+    """``optim.schedule`` is known; cosine's ``optim.decay_steps`` (None: the run's planned
+    updates, resolved by the caller) comes after the warmup and its ``optim.min_lr`` is in
+    [0, ``optim.lr``); the other schedule leaves both unset."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={schedule}: not one of {' | '.join(SCHEDULES)}")
     if warmup_steps <= 0:
@@ -50,7 +63,7 @@ def check_schedule(
                 f"optim.schedule=cosine; with {schedule} leave them at null and 0"
             )
         return
-    if decay_steps is None or decay_steps <= warmup_steps:
+    if decay_steps is not None and decay_steps <= warmup_steps:
         raise ConfigError(
             f"optim.schedule=cosine needs optim.decay_steps (the update at which the lr reaches "
             f"optim.min_lr) above optim.warmup_steps={warmup_steps}, got {decay_steps}"
@@ -67,11 +80,16 @@ def lr_schedule(
     min_lr: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A scheduler whose lr is ``peak_lr · factor(step)`` for the named schedule; peak_lr is
-    the optimizer's lr, and cosine's floor is ``min_lr`` over the first group's peak."""
+    the optimizer's lr, and cosine's floor is ``min_lr`` over the first group's peak. Cosine
+    needs ``decay_steps`` (training resolves ``optim.decay_steps: null`` with
+    :func:`planned_updates` first)."""
     peak = float(optimizer.param_groups[0]["lr"])
     check_schedule(schedule, warmup_steps, decay_steps, min_lr, peak)
     if schedule == "cosine":
-        assert decay_steps is not None  # checked above
+        if decay_steps is None:
+            raise ConfigError(
+                "optim.schedule=cosine needs optim.decay_steps here (an update count)"
+            )
         floor = min_lr / peak
 
         def factor(done: int) -> float:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from transformer_mt.data.batching import token_batches
 from transformer_mt.data.dataset import EncodedSplit, PreparedData
 from transformer_mt.data.prepare import prepare_data
 from transformer_mt.data.tokenizer import Tokenizer
@@ -33,7 +34,7 @@ from transformer_mt.training.init_from import (
 from transformer_mt.training.loss import OutputLayerLoss
 from transformer_mt.training.precision import configure_matmul, grad_scaler, resolve_precision
 from transformer_mt.training.rng import seed_everything
-from transformer_mt.training.schedule import lr_schedule
+from transformer_mt.training.schedule import lr_schedule, planned_updates
 from transformer_mt.training.step import UpdateStep
 
 
@@ -75,16 +76,15 @@ def build_training(cfg: DictConfig, model: Transformer | None = None) -> Trainin
         config["lineage"] = source.lineage()  # carried by the run's checkpoints
     model = model.to(device)
     optimizer = _setup_optimizer(cfg.optim, model, device)
+    train_split = data.split("train")
+    decay_steps = _setup_decay_steps(cfg, train_split, ctx)
+    config["optim"]["decay_steps"] = decay_steps  # as resolved: the run's record says it
     precision = resolve_precision(cfg.trainer.precision, device)
     update = UpdateStep(
         model,
         optimizer,
         lr_schedule(
-            optimizer,
-            cfg.optim.schedule,
-            cfg.optim.warmup_steps,
-            cfg.optim.decay_steps,
-            cfg.optim.min_lr,
+            optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, decay_steps, cfg.optim.min_lr
         ),
         OutputLayerLoss(cfg.trainer.label_smoothing, data.tokenizer.pad_id),
         device,
@@ -100,13 +100,35 @@ def build_training(cfg: DictConfig, model: Transformer | None = None) -> Trainin
         dist=ctx,
         device=device,
         data=data,
-        train_split=data.split("train"),
+        train_split=train_split,
         valid_split=data.split("valid"),
         valid=_setup_valid_set(cfg),
         model=model,
         update=update,
         init_source=source,
     )
+
+
+def _setup_decay_steps(
+    cfg: DictConfig, train_split: EncodedSplit, ctx: dist.DistContext
+) -> int | None:
+    """``optim.decay_steps``; for a cosine schedule, null becomes the run's planned updates
+    (``trainer.max_steps``, else ``trainer.max_epochs`` epochs of this corpus's batches: as
+    many in every epoch, since shuffling changes only their order and which of equally long
+    examples share one)."""
+    decay_steps, t = cfg.optim.decay_steps, cfg.trainer
+    if cfg.optim.schedule != "cosine" or decay_steps is not None:
+        return decay_steps
+    batches = len(token_batches(train_split.src_lengths, train_split.tgt_lengths, t.max_tokens))
+    planned = planned_updates(batches, ctx.world_size * t.update_freq, t.max_epochs, t.max_steps)
+    if planned <= cfg.optim.warmup_steps:
+        raise ConfigError(
+            f"optim.decay_steps=null: the cosine schedule would end at the run's last planned "
+            f"update, {planned} (trainer.max_epochs={t.max_epochs}, trainer.max_steps="
+            f"{t.max_steps}), not after optim.warmup_steps={cfg.optim.warmup_steps}; set "
+            "optim.decay_steps or train longer"
+        )
+    return planned
 
 
 def _setup_device(cfg: DictConfig) -> tuple[dist.DistContext, torch.device]:
