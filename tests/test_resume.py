@@ -247,6 +247,7 @@ def test_cosine_schedule_ends_at_the_runs_last_planned_update_by_default(
         return train_step(*args)
 
     trainer.train_step = recording_step  # type: ignore[method-assign]
+    assert f"cosine from 0.003 down to 1e-05 at update {planned}" in capsys.readouterr().out
     trainer.train()
     assert trainer.state.epoch == 2 and trainer.state.step == planned > 10  # past the warmup
     # After the warmup the lr falls at every update; the last planned one runs at min_lr.

@@ -104,6 +104,12 @@ class Trainer:
             )
         total, trainable = self.model.num_parameters()
         self.progress.log(f"model parameters: {total:,} total, {trainable:,} trainable")
+        optim = self.setup.config["optim"]
+        if optim["schedule"] == "cosine":
+            self.progress.log(
+                f"lr schedule: cosine from {optim['lr']:g} down to {optim['min_lr']:g} at "
+                f"update {optim['decay_steps']:,}"
+            )
 
     def keep_lineage(self, resumed_config: dict[str, Any]) -> None:
         """A resumed run keeps the lineage its checkpoint records (where its weights came
