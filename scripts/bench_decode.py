@@ -40,11 +40,12 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from transformer_mt.cli.common import CT2_COMPUTE_TYPES, freeze_loaded, search_for
+from transformer_mt.cli.common import CT2_COMPUTE_TYPES, search_for
 from transformer_mt.data.directions import fetch_raw, read_references
 from transformer_mt.data.tokenizer import Tokenizer
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.decoding.search import output_budget
+from transformer_mt.decoding.translator import freeze_loaded
 from transformer_mt.decoding.workers import PooledTranslator, threads_per_worker
 from transformer_mt.errors import UserError
 from transformer_mt.evaluation import score
@@ -108,7 +109,7 @@ def load_engine(row: dict[str, Any]) -> Callable[[list[str]], list[str]]:
         if engine == "ours, no cache":
             ours = Translator(ours.model, ours.tokenizer, ours.device, ours.config, use_cache=False)
         if workers > 1:
-            pooled = PooledTranslator(ours, workers, threads_per_worker(workers))
+            pooled = PooledTranslator(ours, workers)
             pooled.start()  # its processes stop when this row's process ends
             ours = pooled
         return lambda sentences: ours.translate(sentences, options, batch_size=bs)

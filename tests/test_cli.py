@@ -32,8 +32,8 @@ from conftest import (
 from transformer_mt.cli import evaluate as evaluate_cli
 from transformer_mt.cli import export as export_cli
 from transformer_mt.cli import translate as translate_cli
-from transformer_mt.cli.common import freeze_loaded
 from transformer_mt.cli.evaluate import expand_checkpoints
+from transformer_mt.decoding.translator import freeze_loaded
 from transformer_mt.formats.checkpoint import (
     checkpoint_step,
 )

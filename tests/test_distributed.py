@@ -201,5 +201,6 @@ def test_a_sharded_translator_keeps_the_translators_settings() -> None:
     inner = Translator(model, tokenizer, torch.device("cpu"), step=3, precision="bf16")
     sharded = dist.ShardedTranslator(inner, dist.DistContext())
     assert (sharded.precision, sharded.step, sharded.use_cache) == ("bf16", 3, True)
+    assert sharded.search_model is inner.search_model  # not a second bf16 copy
     options = SearchOptions(beam_size=3)
     assert sharded.translate(text[:9], options) == inner.translate(text[:9], options)

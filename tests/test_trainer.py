@@ -260,8 +260,15 @@ def test_final_workers_are_for_one_process_on_a_cpu(
     validate_config(cfg, torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"trainer\.final_workers=2 is for CPUs"):
         validate_config(cfg, torch.device("cuda"))
+    with pytest.raises(ConfigError, match=r"trainer\.final_workers=2 is for one process"):
+        validate_config(cfg, torch.device("cpu"), world_size=2)
+
+    def join(device: torch.device) -> None:
+        raise AssertionError("joined the job before checking the config")
+
     two_ranks = dist.DistContext(rank=0, world_size=2, local_rank=0)
-    monkeypatch.setattr(dist, "init_distributed", lambda device: (two_ranks, device))
+    monkeypatch.setattr(dist, "job_context", lambda: two_ranks)
+    monkeypatch.setattr(dist, "init_distributed", join)
     with pytest.raises(ConfigError, match=r"trainer\.final_workers=2 is for one process"):
         build_training(cfg)
     assert not (corpus_root / "prepared").exists()

@@ -240,6 +240,19 @@ def test_bad_worker_settings_are_clear_errors(single: Translator) -> None:
         PooledTranslator(on_gpu, workers=2)
 
 
+def test_the_threads_are_shared_out_between_the_workers(
+    single: Translator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # this process's threads
+    assert workers_module.thread_shares(2) == [2, 1]  # the remainder is not left idle
+    assert workers_module.thread_shares(3) == [1, 1, 1]
+    assert workers_module.thread_shares(4) == [1, 1, 1, 1]  # at least one each
+    assert workers_module.threads_per_worker(2) == 1  # CTranslate2's: one count for all
+    with PooledTranslator(single, workers=2) as translator:
+        assert sorted(translator.worker_threads().values()) == [1, 2]  # as the workers see it
+    assert PooledTranslator(single, workers=3, threads=2).threads == [2, 2, 2]
+
+
 def test_a_tokenizer_pickles_as_its_model(single: Translator) -> None:
     tokenizer = pickle.loads(pickle.dumps(single.tokenizer))
     assert tokenizer.model_bytes == single.tokenizer.model_bytes
@@ -249,8 +262,8 @@ def test_a_tokenizer_pickles_as_its_model(single: Translator) -> None:
 @pytest.fixture
 def threads_of_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each worker gets this process's threads: the same kernels, so the same sums."""
-    for module in (workers_module, cli_common):
-        monkeypatch.setattr(module, "threads_per_worker", lambda n: torch.get_num_threads())
+    monkeypatch.setattr(workers_module, "thread_shares", lambda n: [torch.get_num_threads()] * n)
+    monkeypatch.setattr(cli_common, "threads_per_worker", lambda n: torch.get_num_threads())
 
 
 @pytest.mark.usefixtures("threads_of_one_process")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import hashlib
 import os
 import sys
@@ -46,15 +45,6 @@ def register_resolvers() -> None:
     """The config resolvers our YAML uses: ``${tmt.run_name:...}``."""
     if not OmegaConf.has_resolver("tmt.run_name"):
         OmegaConf.register_new_resolver("tmt.run_name", run_name)
-
-
-def freeze_loaded() -> None:
-    """Put every object alive now (the libraries, the loaded model) out of the garbage
-    collector's reach. Decoding allocates many small objects, and each of the collector's
-    full passes that they trigger would walk all of these again: about 90 ms with torch
-    loaded, 4% of a greedy pass over the 1,000 test sentences. Call it once loading is done."""
-    gc.collect()
-    gc.freeze()
 
 
 def exit_on_user_error(fn: F) -> F:

@@ -48,7 +48,6 @@ from omegaconf import OmegaConf
 from transformer_mt.cli.common import (
     decoding_parser,
     exit_on_user_error,
-    freeze_loaded,
     load_translator,
     parse_decoding_args,
     search_for,
@@ -56,7 +55,7 @@ from transformer_mt.cli.common import (
 from transformer_mt.data.corpus import read_lines
 from transformer_mt.data.directions import corpora, fetch_raw, is_multilingual, languages
 from transformer_mt.decoding.search import is_length_penalty
-from transformer_mt.decoding.translator import Translator, source_prefix
+from transformer_mt.decoding.translator import Translator, freeze_loaded, source_prefix
 from transformer_mt.errors import CheckpointError, CorpusError, UserError
 from transformer_mt.evaluation.final import Decoded, EvalSet, decode_and_score, tune_alpha
 from transformer_mt.evaluation.metrics import METRICS

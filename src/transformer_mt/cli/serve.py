@@ -26,13 +26,13 @@ from pathlib import Path
 from transformer_mt.cli.common import (
     decoding_parser,
     exit_on_user_error,
-    freeze_loaded,
     load_export,
     load_translator,
     parse_decoding_args,
     search_for,
     search_for_export,
 )
+from transformer_mt.decoding.translator import freeze_loaded
 from transformer_mt.errors import UserError
 from transformer_mt.serve.engine import Engine, ctranslate2_engine, torch_engine
 

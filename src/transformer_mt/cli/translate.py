@@ -50,7 +50,6 @@ from transformer_mt.cli.common import (
     add_sampling_flags,
     decoding_parser,
     exit_on_user_error,
-    freeze_loaded,
     load_export,
     load_translator,
     parse_decoding_args,
@@ -63,7 +62,12 @@ from transformer_mt.decoding.attention_maps import (
     write_attention_map,
 )
 from transformer_mt.decoding.beam import Hypothesis
-from transformer_mt.decoding.translator import Translator, encode_to_fit, source_prefix
+from transformer_mt.decoding.translator import (
+    Translator,
+    encode_to_fit,
+    freeze_loaded,
+    source_prefix,
+)
 from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.formats.atomic import atomic_write_bytes, atomic_write_text
 from transformer_mt.serve.html import standalone_html

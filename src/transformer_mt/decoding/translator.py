@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -113,7 +114,7 @@ class Translator:
     def settings(self) -> dict[str, Any]:
         """The arguments that make a Translator like this one: ``Translator(**t.settings())``
         decodes as ``t`` does, with the same model and tokenizer (a half-precision copy of
-        the weights is made anew). Subclasses that add a behaviour are built from them."""
+        the weights is made anew)."""
         return {
             "model": self.model,
             "tokenizer": self.tokenizer,
@@ -124,6 +125,12 @@ class Translator:
             "checkpoint": self.checkpoint,
             "precision": self.precision,
         }
+
+    def _init_like(self, other: Translator) -> None:
+        """Make this Translator (a subclass's, in its ``__init__``) decode as ``other`` does,
+        with its model, tokenizer and half-precision copy (not a second copy of the weights)."""
+        Translator.__init__(self, **(other.settings() | {"precision": "fp32"}))
+        self.precision, self.search_model = other.precision, other.search_model
 
     @classmethod
     def from_checkpoint(
@@ -292,6 +299,16 @@ class Translator:
         if options is not None and search:
             raise TypeError(f"pass either options= or search keywords, not both ({list(search)})")
         return options if options is not None else self.search_options(**search)
+
+
+def freeze_loaded() -> None:
+    """Put every object alive now (the libraries, the loaded model) out of the garbage
+    collector's reach. Decoding allocates many small objects, and each of the collector's
+    full passes that they trigger would walk all of these again: about 90 ms with torch
+    loaded, 4% of a greedy pass over the 1,000 test sentences. Call it once loading is done
+    (the console scripts and each decoding worker process do)."""
+    gc.collect()
+    gc.freeze()
 
 
 def length_batches(

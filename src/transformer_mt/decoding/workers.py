@@ -28,7 +28,6 @@ workers needs the ``if __name__ == "__main__":`` guard: each worker imports the 
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import signal
@@ -43,24 +42,24 @@ from multiprocessing.util import Finalize
 import torch
 
 from transformer_mt.decoding.beam import Hypothesis
-from transformer_mt.decoding.translator import Batch, Translator
+from transformer_mt.decoding.translator import Batch, Translator, freeze_loaded
 from transformer_mt.errors import UserError
 
 # The translator of a worker process, set once by _start_worker.
 _WORKER: Translator | None = None
 
 
-def _start_worker(settings: multiprocessing.Queue, threads: int, parent: int) -> None:
-    """A worker process's initializer: its translator (the Translator settings it takes from
-    the queue ``settings``, pickled), on ``threads`` intra-op threads, and a watch that ends the
-    process if its parent (process id ``parent``) dies."""
+def _start_worker(settings: multiprocessing.Queue, parent: int) -> None:
+    """A worker process's initializer: its translator and its number of intra-op threads
+    (taken from the queue ``settings``: the Translator settings pickled, and the count), and a
+    watch that ends the process if its parent (process id ``parent``) dies."""
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    pickled, threads = settings.get()
     torch.set_num_threads(threads)
-    _WORKER = Translator(**ForkingPickler.loads(settings.get()))
-    gc.collect()
-    gc.freeze()  # the loaded objects are not garbage: collections need not walk them
+    _WORKER = Translator(**ForkingPickler.loads(pickled))
+    freeze_loaded()
 
 
 def _exit_with(parent: int) -> None:
@@ -77,10 +76,11 @@ def _search(batch: Batch) -> list[list[Hypothesis]]:
     return _WORKER.search_batch(batch)
 
 
-def _worker_pid(_: int) -> int:
-    """This worker's process id, after a pause that lets the other workers take a call."""
+def _worker_id(_: int) -> tuple[int, int]:
+    """This worker's process id and intra-op threads, after a pause that lets the other
+    workers take a call."""
     time.sleep(0.05)
-    return os.getpid()
+    return os.getpid(), torch.get_num_threads()
 
 
 def padded_tokens(batch: Batch) -> int:
@@ -89,14 +89,21 @@ def padded_tokens(batch: Batch) -> int:
 
 
 def threads_per_worker(workers: int) -> int:
-    """Intra-op threads for each of ``workers`` processes: this process's shared out, at
-    least one each."""
+    """Intra-op threads for each of ``workers`` processes that must all have the same number
+    (CTranslate2's ``inter_threads``): this process's shared out, rounded down, at least one."""
     return max(1, torch.get_num_threads() // workers)
+
+
+def thread_shares(workers: int) -> list[int]:
+    """Intra-op threads for each of ``workers`` processes: this process's shared out, the
+    remainder one each to the first (3 threads, 2 workers: ``[2, 1]``), at least one each."""
+    base, extra = divmod(torch.get_num_threads(), workers)
+    return [max(1, base + (i < extra)) for i in range(workers)]
 
 
 class PooledTranslator(Translator):
     """A Translator whose batches are decoded by ``workers`` processes of ``threads``
-    intra-op threads each (default: this process's threads shared out, at least one each).
+    intra-op threads each (default: this process's threads shared out, :func:`thread_shares`).
     With one worker it decodes in this process, as a plain Translator. CPU only.
 
     The processes start at the first translation (or :meth:`start`, or the start of a
@@ -118,14 +125,13 @@ class PooledTranslator(Translator):
                 "one process keeps it busy: use --workers 1 (and a larger --batch-size) or "
                 "--device cpu"
             )
-        # the same model and half-precision copy as ``translator`` (not a second copy)
-        super().__init__(**(translator.settings() | {"precision": "fp32"}))
-        self.precision, self.search_model = translator.precision, translator.search_model
+        self._init_like(translator)
         self.workers = workers
-        self.threads = threads or threads_per_worker(workers)
+        # each worker's intra-op threads
+        self.threads = [threads] * workers if threads else thread_shares(workers)
         self._pool: ProcessPoolExecutor | None = None
         self._stop: Finalize | None = None  # stops the pool, at close() or at exit
-        self._pids: list[int] = []
+        self._threads_of: dict[int, int] = {}  # each worker's process id: its threads
         self._lock = threading.Lock()  # one pool, even if two threads make the first call
 
     def start(self) -> None:
@@ -152,8 +158,8 @@ class PooledTranslator(Translator):
         settings: multiprocessing.Queue = context.Queue()
         settings.cancel_join_thread()  # at exit, do not wait to write to workers that died
         try:
-            for _ in range(self.workers):
-                settings.put(bytes(ForkingPickler.dumps(self.settings())))
+            for threads in self.threads:
+                settings.put((bytes(ForkingPickler.dumps(self.settings())), threads))
         except RuntimeError as e:  # the weights could not be put in shared memory
             settings.close()
             raise UserError(
@@ -165,14 +171,14 @@ class PooledTranslator(Translator):
             self.workers,
             mp_context=context,
             initializer=_start_worker,
-            initargs=(settings, self.threads, os.getpid()),
+            initargs=(settings, os.getpid()),
         )
         # The pool starts a process per call while none is idle: calls that pause until
         # every worker has taken one (a call returns once its worker is initialized).
-        pids: set[int] = set()
+        threads_of: dict[int, int] = {}
         try:
-            while len(pids) < self.workers:
-                pids.update(pool.map(_worker_pid, range(4 * self.workers)))
+            while len(threads_of) < self.workers:
+                threads_of.update(pool.map(_worker_id, range(4 * self.workers)))
         except BrokenProcessPool as e:
             pool.shutdown(wait=False, cancel_futures=True)
             raise RuntimeError(
@@ -180,7 +186,7 @@ class PooledTranslator(Translator):
                 'above). A script that starts them needs the `if __name__ == "__main__":` '
                 "guard: each worker imports the main module"
             ) from e
-        self._pool, self._pids = pool, sorted(pids)
+        self._pool, self._threads_of = pool, threads_of
         # Stop the workers when this translator is collected, or at exit before the
         # process waits for its children: a child process (a decoding worker of its own
         # parent's pool, say) does not run the pool's own exit hook, and would wait forever.
@@ -188,10 +194,15 @@ class PooledTranslator(Translator):
 
     def pids(self) -> list[int]:
         """The worker processes' ids (starting them if need be; this process's with one)."""
+        return sorted(self.worker_threads())
+
+    def worker_threads(self) -> dict[int, int]:
+        """Each worker process's id and its number of intra-op threads (starting them if
+        need be; this process's with one worker)."""
         if self.workers == 1:
-            return [os.getpid()]
+            return {os.getpid(): torch.get_num_threads()}
         self.start()
-        return list(self._pids)
+        return dict(self._threads_of)
 
     def search_batches(self, batches: list[Batch]) -> Iterator[list[list[Hypothesis]]]:
         """Each batch's hypotheses in order, the batches shared out between the workers:
@@ -231,7 +242,7 @@ class PooledTranslator(Translator):
     def _drop(self) -> Finalize | None:
         """Forget the pool; returns what stops it (None without a pool)."""
         stop = self._stop
-        self._pool, self._stop, self._pids = None, None, []
+        self._pool, self._stop, self._threads_of = None, None, {}
         return stop
 
     def __enter__(self) -> PooledTranslator:

@@ -89,10 +89,10 @@ def final_alphas(value: float | ListConfig | list[float]) -> list[float]:
     return [float(value)]
 
 
-def validate_config(cfg: DictConfig, device: torch.device) -> None:
-    """Raise ConfigError for settings that cannot train; the message names the key. Every
-    numeric value is read through ``_number`` (or ``_integer`` for counts), which checks its
-    type first."""
+def validate_config(cfg: DictConfig, device: torch.device, world_size: int = 1) -> None:
+    """Raise ConfigError for settings that cannot train on ``device`` in a job of
+    ``world_size`` processes; the message names the key. Every numeric value is read through
+    ``_number`` (or ``_integer`` for counts), which checks its type first."""
     t = cfg.trainer
     num, whole = partial(_number, cfg), partial(_integer, cfg)
     count = partial(_positive, cfg, integer=True)
@@ -138,6 +138,11 @@ def validate_config(cfg: DictConfig, device: torch.device) -> None:
             device.type == "cpu" or t.final_workers == 1,
             f"trainer.final_workers={t.final_workers} is for CPUs; on {device.type} the final "
             "evaluation decodes in one process (set it to 1)",
+        ),
+        (
+            world_size == 1 or t.final_workers == 1,
+            f"trainer.final_workers={t.final_workers} is for one process: under DDP the "
+            "ranks share the final evaluation's sentences (set it to 1)",
         ),
         (keep_best >= 0, f"trainer.keep_best must be ≥ 0, got {keep_best}"),
         (clip_norm >= 0, f"trainer.clip_norm must be ≥ 0 (0 = off), got {clip_norm}"),

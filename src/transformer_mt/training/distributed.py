@@ -56,18 +56,26 @@ def _export_slurm_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export()
 
 
-def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
-    """Join the process group when launched with several processes; returns the context and
-    this rank's device (``cuda:<local_rank>`` on GPUs)."""
+def job_context() -> DistContext:
+    """Where this process sits in the job, as its launcher (torchrun, or SLURM) set it; a
+    single-process context when not launched as a distributed job. Joins nothing."""
     _export_slurm_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return DistContext(), device
-    ctx = DistContext(
+        return DistContext()
+    return DistContext(
         rank=int(os.environ["RANK"]),
         world_size=world_size,
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
+
+
+def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
+    """Join the process group when launched with several processes; returns the context and
+    this rank's device (``cuda:<local_rank>`` on GPUs)."""
+    ctx = job_context()
+    if not ctx.enabled:
+        return ctx, device
     if device.type == "cuda":
         if torch.cuda.device_count() <= ctx.local_rank:
             raise UserError(
@@ -177,7 +185,7 @@ class ShardedTranslator(Translator):
     batch shapes can mean other kernels, up to floating-point rounding."""
 
     def __init__(self, translator: Translator, ctx: DistContext) -> None:
-        super().__init__(**translator.settings())
+        self._init_like(translator)  # its model and half-precision copy
         self.ctx = ctx
 
     def translate(  # type: ignore[override]

@@ -134,13 +134,8 @@ def _setup_decay_steps(
 def _setup_device(cfg: DictConfig) -> tuple[dist.DistContext, torch.device]:
     """Check the config, join the process group, set threads, matmul precision and seeds."""
     device = resolve_device(cfg.trainer.device)
-    validate_config(cfg, device)
+    validate_config(cfg, device, dist.job_context().world_size)  # before joining the job
     ctx, device = dist.init_distributed(device)
-    if ctx.enabled and cfg.trainer.final_workers > 1:
-        raise ConfigError(
-            f"trainer.final_workers={cfg.trainer.final_workers} is for one process: under DDP "
-            "the ranks share the final evaluation's sentences (set it to 1)"
-        )
     configure_matmul(cfg.trainer.precision, device)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
