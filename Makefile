@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-TORCH  := torch==2.13.0
+TORCH  ?= torch==2.13.0
 ARGS   ?=
 
 .PHONY: setup data prepare train evaluate bench bench-decode bench-prepare bench-serve bench-variants test lint clean
@@ -11,11 +11,14 @@ CKPT   ?= runs/multi30k_en-de/default/checkpoints/final.pt
 
 setup: $(STAMP)
 
-# The pinned CPU wheel goes in first: an unpinned torch would pull a multi-GB CUDA build.
+# torch goes in first, pinned: an unpinned torch would pull a multi-GB CUDA build. A torch
+# 2.4 or newer already in .venv (a CUDA build installed by hand) is kept. Where PyPI's wheel
+# is the CUDA build, TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 4))" 2>/dev/null \
+		|| $(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -174,7 +174,7 @@ def main() -> None:
         cfg = compose(
             "train",
             overrides=[
-                "model=small",  # the shape of the reference loop; override at will
+                "model=small",  # the shape make bench compares (docs/benchmarks.md); override at will
                 f"trainer.device={args.device}",
                 f"trainer.precision={args.precision}",
                 "trainer.final_eval=false",

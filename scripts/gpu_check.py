@@ -44,7 +44,18 @@ def parse_args() -> argparse.Namespace:
         help="for the decoding benchmark (default: make train's final.pt, else the tiny run's)",
     )
     p.add_argument("--quick", action="store_true", help="a few updates and sentences per step")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=570,
+        help="seconds for the whole check (default 570): a step still running then is stopped "
+        "and reported as failed, and the steps after it fail at once",
+    )
     return p.parse_args()
+
+
+# When the whole check must end (time.perf_counter()); set from --budget in main.
+DEADLINE = float("inf")
 
 
 class Report:
@@ -67,8 +78,12 @@ class Report:
 
 
 def run(command: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, float]:
-    """Run a command from the repository root; its result and its wall time."""
+    """Run a command from the repository root, for at most ``timeout`` seconds and not past
+    the check's deadline; its result (exit status 124 when stopped) and its wall time."""
     start = time.perf_counter()
+    left = DEADLINE - start
+    budget = left < timeout  # the check's deadline comes first
+    timeout = max(1, int(min(timeout, left)))
     env = {
         **os.environ,
         "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -79,7 +94,8 @@ def run(command: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, 
         )
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        result = subprocess.CompletedProcess(command, 124, out, f"timed out after {timeout} s")
+        why = f"timed out after {timeout} s" + (": the check's --budget is spent" if budget else "")
+        result = subprocess.CompletedProcess(command, 124, out, why)
     return result, time.perf_counter() - start
 
 
@@ -150,7 +166,7 @@ def tiny_trainings(report: Report, args: argparse.Namespace) -> Path | None:
             f"{precision}: {half} + {full - half} updates, resumed ({s1:.0f} s + {s2:.0f} s{summary})",
         )
         if not ok:
-            report.add("```", tail(first.stderr + second.stderr), "```")
+            report.add("```", tail(first.stderr + "\n" + second.stderr), "```")
     return last
 
 
@@ -159,7 +175,8 @@ def train_benchmark(report: Report, args: argparse.Namespace) -> None:
     cuda = args.device.startswith("cuda")
     rows = ["fp32", "tf32", "bf16"] if cuda else ["fp32"]
     steps = ["--steps", "3", "--warmup", "1"] if args.quick else ["--steps", "30", "--warmup", "5"]
-    model = ["model=tiny", *quick_overrides(args)] if args.quick else []
+    # the default recipe's model (bench_train.py's own default is the plain loop's shape)
+    model = ["model=tiny", *quick_overrides(args)] if args.quick else ["model=multi30k"]
     for precision in rows:
         command = [sys.executable, "scripts/bench_train.py", "--device", args.device]
         command += ["--precision", precision, *steps, "--json", *model]
@@ -202,12 +219,15 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         sys.exit("error: no CUDA device; use --device cpu for the parts that need none")
     name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    global DEADLINE
     start = time.perf_counter()
+    DEADLINE = start + args.budget
     report.add(
         f"# GPU check: {name}",
         "",
-        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
-        f"CUDA {torch.version.cuda}; Python {platform.python_version()}",
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}; "
+        f"Python {platform.python_version()}; budget {args.budget:.0f} s",
     )
     if cuda:
         cuda_tests(report)

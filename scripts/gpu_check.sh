@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA check: on a machine with one GPU and no network, run the CUDA tests, a tiny
 # training in each precision with a resume, 30 timed updates of the default model and the
-# decoding benchmark, and print one report (also written to $REPORT). About 5-10 minutes.
+# decoding benchmark, and print one report (also written to $REPORT). At most 570 s of
+# steps (--budget SECONDS): a step still running then is stopped and reported as failed.
 #
 # What the machine needs beside a CUDA build of PyTorch (>= 2.4): the Python packages of
 # pyproject.toml. Those it lacks can travel as wheels in .whl/ (scripts/gpu_wheels.sh

@@ -16,7 +16,7 @@ from transformer_mt.decoding import Translator
 from transformer_mt.errors import ConfigError, TrainingDivergedError
 from transformer_mt.formats.checkpoint import load_checkpoint, step_checkpoints
 from transformer_mt.training.loss import label_smoothed_nll_loss
-from transformer_mt.training.precision import resolve_precision
+from transformer_mt.training.precision import configure_matmul, resolve_precision
 from transformer_mt.training.setup import TrainingSetup, build_training
 from transformer_mt.training.step import Outcome
 from transformer_mt.training.trainer import Trainer
@@ -88,6 +88,27 @@ def test_precision_settings(corpus_root: Path) -> None:
     loss = setup.update([(batch_of(setup, range(0, 8)), 1.0)]).loss
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in setup.model.parameters())  # autocast only
+
+
+@pytest.mark.parametrize("bf16_gpu", [True, False], ids=["ampere", "older gpu"])
+def test_matmul_precision_follows_the_resolved_precision(
+    bf16_gpu: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: bf16_gpu)
+    before = torch.get_float32_matmul_precision()
+    try:
+        configure_matmul("auto", torch.device("cuda"))  # sets flags only: no GPU needed
+        # auto: bf16 with TF32 for the fp32 rest, or fp32 with IEEE matmuls
+        assert torch.get_float32_matmul_precision() == ("high" if bf16_gpu else "highest")
+        configure_matmul("fp32", torch.device("cuda"))
+        assert torch.get_float32_matmul_precision() == "highest"
+        configure_matmul("tf32", torch.device("cuda"))
+        assert torch.get_float32_matmul_precision() == "high"
+        torch.set_float32_matmul_precision("medium")
+        configure_matmul("auto", torch.device("cpu"))  # a no-op on CPU
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_compiled_training_step_matches_eager(

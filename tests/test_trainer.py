@@ -54,6 +54,17 @@ def test_same_seed_gives_the_same_run(corpus_root: Path) -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_an_updates_token_count_comes_from_the_batch_plan_not_a_collective(
+    corpus_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def collective(*args: object) -> float:  # a host sync per update under DDP
+        raise AssertionError("the update summed its token count with a collective")
+
+    monkeypatch.setattr(dist, "all_reduce_sum", collective)
+    cfg = make_config(corpus_root, "trainer.max_steps=3", "trainer.update_freq=2")
+    assert Trainer(cfg, corpus_root / "run").train().steps == 3
+
+
 def test_stops_at_max_epochs_and_writes_usable_checkpoints(corpus_root: Path) -> None:
     cfg = make_config(
         corpus_root, "trainer.max_epochs=2", "trainer.max_steps=null", "trainer.log_every=1"

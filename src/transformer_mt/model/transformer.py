@@ -92,7 +92,8 @@ class Transformer(nn.Module):
     The defaults are the paper's model. Architecture variants (``variants.VARIANTS``):
     ``positions`` sinusoidal | learned | rope (rotary, in the encoder's and the decoder's
     self-attention only), ``norm`` layernorm | rmsnorm (every norm of the model) and
-    ``activation`` relu | gelu | swiglu (see ``FeedForward``).
+    ``activation`` relu | gelu | swiglu (see ``FeedForward``). The source and target share one
+    embedding table; ``tie_embeddings`` makes it the output layer too (the paper's §3.4).
     """
 
     def __init__(
@@ -140,7 +141,8 @@ class Transformer(nn.Module):
         self.encoder = Encoder(n_encoder_layers, **layer_args)
         self.decoder = Decoder(n_decoder_layers, **layer_args)
         self.output_projection = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:  # paper §3.4: share embeddings and the pre-softmax linear layer
+        # paper §3.4 (Press & Wolf 2017): the pre-softmax linear layer is the embedding table
+        if tie_embeddings:
             self.output_projection.weight = self.embedding.tokens.weight
         else:
             nn.init.normal_(self.output_projection.weight, mean=0.0, std=d_model**-0.5)

@@ -68,12 +68,14 @@ def load_init_source(path: str | Path) -> tuple[InitSource, dict[str, torch.Tens
         raise CheckpointError(
             f"trainer.init_from: {path}: spm_model is not a SentencePiece model: {e}"
         ) from e
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):  # hashlib.file_digest needs 3.11
+            digest.update(chunk)
     source = InitSource(
         path=path.resolve(),
         step=int(checkpoint["step"]),
-        sha256=sha256,
+        sha256=digest.hexdigest(),
         config=checkpoint["config"],
         spm_model=spm_model,
     )

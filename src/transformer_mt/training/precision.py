@@ -46,11 +46,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def configure_matmul(precision: str, device: torch.device) -> None:
     """The one place that sets torch's float32 matmul precision: on CUDA, TF32 tensor cores for
-    fp32 matmuls (those left outside autocast) unless ``precision`` is ``fp32``, which keeps
-    full-precision (IEEE) matmuls. A no-op on CPU."""
+    fp32 matmuls (those left outside autocast) unless ``precision`` is (or ``auto`` resolves
+    to) ``fp32``, which keeps full-precision (IEEE) matmuls. A no-op on CPU."""
     if device.type != "cuda":
         return
-    tf32 = precision != "fp32"
+    tf32 = resolve_precision(precision, device) != "fp32"
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
 
