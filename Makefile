@@ -11,14 +11,19 @@ CKPT   ?= runs/multi30k_en-de/default/checkpoints/final.pt
 
 setup: $(STAMP)
 
-# torch goes in first, pinned: an unpinned torch would pull a multi-GB CUDA build. A torch
-# 2.4 or newer already in .venv (a CUDA build installed by hand) is kept. Where PyPI's wheel
-# is the CUDA build, TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
+# torch goes in first, pinned: an unpinned torch would pull a multi-GB CUDA build. A CUDA
+# build of torch 2.4 or newer already in .venv (installed by hand) is kept, unless TORCH is
+# given. Where PyPI's wheel is the CUDA build,
+# TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
+KEEP_TORCH := $(BIN)/python -c "import sys, torch; \
+	sys.exit(torch.version.cuda is None or tuple(map(int, torch.__version__.split('.')[:2])) < (2, 4))"
+ifneq ($(origin TORCH),file)
+KEEP_TORCH := false
+endif
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 4))" 2>/dev/null \
-		|| $(BIN)/pip install --quiet $(TORCH)
+	$(KEEP_TORCH) 2>/dev/null || $(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -109,7 +109,8 @@ def load_engine(row: dict[str, Any]) -> Callable[[list[str]], list[str]]:
         if engine == "ours, no cache":
             ours = Translator(ours.model, ours.tokenizer, ours.device, ours.config, use_cache=False)
         if workers > 1:
-            pooled = PooledTranslator(ours, workers)
+            # as many threads each as CTranslate2's replicas get: like for like
+            pooled = PooledTranslator(ours, workers, threads_per_worker(workers))
             pooled.start()  # its processes stop when this row's process ends
             ours = pooled
         return lambda sentences: ours.translate(sentences, options, batch_size=bs)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA check: on a machine with one GPU and no network, run the CUDA tests, a tiny
-# training in each precision with a resume, 30 timed updates of the default model and the
-# decoding benchmark, and print one report (also written to $REPORT). At most 570 s of
-# steps (--budget SECONDS): a step still running then is stopped and reported as failed.
+# training in each precision with a resume, 30 timed updates of make bench's model and the
+# decoding benchmark, and print one report (also written to $REPORT). At most 570 s from the
+# start of this script (--budget SECONDS): a step still running then is stopped and reported
+# as failed, and the steps after it are not run.
 #
 # What the machine needs beside a CUDA build of PyTorch (>= 2.4): the Python packages of
 # pyproject.toml. Those it lacks can travel as wheels in .whl/ (scripts/gpu_wheels.sh
@@ -14,6 +15,7 @@
 #   REPORT=$OUT/gpu_report.md scripts/gpu_check.sh
 #   scripts/gpu_check.sh --device cpu --quick   # the parts that need no GPU
 set -euo pipefail
+export GPU_CHECK_START=${GPU_CHECK_START:-$(date +%s)}  # --budget counts from here
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then

@@ -16,7 +16,9 @@ to whichever worker is free (so that the workers end together), and their result
 input order: the translations are those of one process (a batch's search does not depend on the
 other batches), bit for bit when each worker has that process's number of threads (tested).
 With fewer threads a matrix product may sum in another order and round differently in the last
-bit; the 1,000 test sentences of the default en→de model came out the same. The workers are
+bit; the 1,000 test sentences of the default en→de model came out the same. Threads that do
+not divide by the workers are shared out unevenly (:func:`thread_shares`), and a batch may then
+be decoded with either count from one run to the next. The workers are
 started with ``spawn`` (a fork of a process whose OpenMP threads have run can hang) and share
 the parent's weights through shared memory; starting them takes a few seconds (each imports
 torch), so they pay off on inputs of thousands of sentences, or over many calls of one
