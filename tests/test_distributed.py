@@ -189,6 +189,20 @@ def test_sharded_translation_and_replica_checks(tmp_path: Path) -> None:
     assert len(ranks[0]["checksum"]) == 32
 
 
+def test_the_replica_checksum_sees_one_bit_and_does_not_depend_on_its_chunks() -> None:
+    from transformer_mt.training import distributed as dist
+
+    torch.manual_seed(0)
+    model = small_transformer(vocab_size=40, max_positions=24)
+    whole = dist.parameters_checksum(model, chunk=1 << 30)
+    assert torch.equal(dist.parameters_checksum(model, chunk=7), whole)
+    assert torch.equal(dist.parameters_checksum(model), whole)
+    with torch.no_grad():  # one bit of one weight, in the middle of a chunk
+        w = next(model.parameters()).view(-1)
+        w[10:11].view(torch.int32).bitwise_xor_(1)
+    assert not torch.equal(dist.parameters_checksum(model, chunk=7), whole)
+
+
 def test_a_sharded_translator_keeps_the_translators_settings() -> None:
     from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
     from transformer_mt.decoding import SearchOptions, Translator

@@ -141,17 +141,22 @@ def barrier(ctx: DistContext) -> None:
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def parameters_checksum(model: torch.nn.Module) -> torch.Tensor:
+def parameters_checksum(model: torch.nn.Module, chunk: int = 1 << 22) -> torch.Tensor:
     """Two int64 sums over the bit patterns of every parameter, plain and weighted by
     position, computed where the parameters are (no copy to the host): replicas whose
     parameters differ in any bit give different sums, barring a vanishing coincidence.
-    Integer sums wrap identically in any order, so equal parameters give equal sums."""
+    Integer sums wrap identically in any order, so equal parameters give equal sums, and the
+    sums do not depend on ``chunk``: the elements taken at a time (its int64 temporaries take
+    3 × 8 bytes each, 96 MiB at the default, whatever the size of the largest parameter)."""
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.int64, device=device)
     for p in model.parameters():
-        bits = p.detach().reshape(-1).view(_BITS[p.element_size()]).long()
-        total[0] += bits.sum()
-        total[1] += (bits * torch.arange(1, bits.numel() + 1, device=device)).sum()
+        bits = p.detach().reshape(-1).view(_BITS[p.element_size()])
+        for start in range(0, bits.numel(), chunk):
+            part = bits[start : start + chunk].long()
+            positions = torch.arange(start + 1, start + part.numel() + 1, device=device)
+            total[0] += part.sum()
+            total[1] += (part * positions).sum()
     return total
 
 
