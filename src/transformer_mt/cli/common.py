@@ -100,7 +100,7 @@ def decoding_parser(prog: str, description: str | None) -> argparse.ArgumentPars
         "--workers",
         type=int,
         default=1,
-        help="decode the batches in N processes of threads/N threads each (CPU; default 1): "
+        help="decode the batches in N processes sharing the threads (CPU; default 1): "
         "the translations of one process, faster on several cores (docs/decoding.md); "
         "with --engine ctranslate2 its inter_threads",
     )
