@@ -274,7 +274,7 @@ def test_final_workers_are_for_one_process_on_a_cpu(
     with pytest.raises(ConfigError, match=r"trainer\.final_workers=2 is for one process"):
         validate_config(cfg, torch.device("cpu"), world_size=2)
 
-    def join(device: torch.device) -> None:
+    def join(ctx: dist.DistContext, device: torch.device) -> None:
         raise AssertionError("joined the job before checking the config")
 
     two_ranks = dist.DistContext(rank=0, world_size=2, local_rank=0)

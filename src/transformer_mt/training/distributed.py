@@ -70,12 +70,11 @@ def job_context() -> DistContext:
     )
 
 
-def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
-    """Join the process group when launched with several processes; returns the context and
-    this rank's device (``cuda:<local_rank>`` on GPUs)."""
-    ctx = job_context()
+def init_distributed(ctx: DistContext, device: torch.device) -> torch.device:
+    """Join the process group of the job ``ctx`` (:func:`job_context`) when it has several
+    processes; returns this rank's device (``cuda:<local_rank>`` on GPUs)."""
     if not ctx.enabled:
-        return ctx, device
+        return device
     if device.type == "cuda":
         if torch.cuda.device_count() <= ctx.local_rank:
             raise UserError(
@@ -91,7 +90,7 @@ def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
             timeout=timedelta(hours=3),
             device_id=device if device.type == "cuda" else None,  # binds NCCL to this GPU
         )
-    return ctx, device
+    return device
 
 
 def shutdown_distributed() -> None:

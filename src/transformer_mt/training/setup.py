@@ -134,8 +134,9 @@ def _setup_decay_steps(
 def _setup_device(cfg: DictConfig) -> tuple[dist.DistContext, torch.device]:
     """Check the config, join the process group, set threads, matmul precision and seeds."""
     device = resolve_device(cfg.trainer.device)
-    validate_config(cfg, device, dist.job_context().world_size)  # before joining the job
-    ctx, device = dist.init_distributed(device)
+    ctx = dist.job_context()
+    validate_config(cfg, device, ctx.world_size)  # before joining the job
+    device = dist.init_distributed(ctx, device)
     configure_matmul(cfg.trainer.precision, device)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
