@@ -41,7 +41,7 @@ def planned_updates(
     """The updates a run plans: ``max_epochs`` epochs of ⌈batches_per_epoch /
     batches_per_update⌉ updates (an epoch's last update may be short), or ``max_steps`` if
     that comes first. ``trainer.max_minutes`` and early stopping may end the run sooner."""
-    per_epoch = -(-batches_per_epoch // batches_per_update)
+    per_epoch = math.ceil(batches_per_epoch / batches_per_update)
     planned = max_epochs * per_epoch
     return planned if max_steps is None else min(planned, max_steps)
 
