@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 
-.PHONY: setup data prepare train evaluate bench bench-decode bench-prepare bench-serve bench-variants test lint clean
+.PHONY: setup data prepare train evaluate bench bench-decode bench-int8 bench-prepare bench-serve bench-variants test lint clean
 CKPT   ?= runs/multi30k_en-de/default/checkpoints/final.pt
 
 setup: $(STAMP)

@@ -380,6 +380,7 @@ def test_a_run_directory_expands_to_its_checkpoints_and_named_files_stay_named(
         (ckpts / name).write_bytes(name.encode())
     os.link(ckpts / "checkpoint_0000020.pt", ckpts / "best.pt")  # duplicates: left out
     os.link(ckpts / "checkpoint_0000020.pt", ckpts / "last.pt")
+    os.link(ckpts / "averaged.pt", ckpts / "final.pt")  # scored once, as averaged.pt
     other = tmp_path / "other.pt"
     other.write_bytes(b"x")
     assert expand_checkpoints([tmp_path / "run", other, ckpts / "best.pt"]) == [

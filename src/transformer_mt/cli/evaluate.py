@@ -158,8 +158,9 @@ def source_name(src: Path) -> str:
 
 def expand_checkpoints(paths: list[Path]) -> list[tuple[Path, bool]]:
     """``(checkpoint, named)`` pairs: files as given (named: True); a run directory (or its
-    checkpoints/ folder) becomes its step checkpoints plus any other .pt file there, without
-    last.pt/best.pt duplicates (named: False)."""
+    checkpoints/ folder) becomes its step checkpoints plus any other .pt file there but
+    last.pt, each file once: a hard link (best.pt, final.pt) to a file already listed is
+    left out (named: False)."""
     out: list[tuple[Path, bool]] = []
     for path in paths:
         if not path.is_dir():
@@ -167,12 +168,13 @@ def expand_checkpoints(paths: list[Path]) -> list[tuple[Path, bool]]:
             continue
         directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         steps = step_checkpoints(directory)
-        inodes = {os.stat(p).st_ino for p in steps}
-        others = [
-            p
-            for p in sorted(directory.glob("*.pt"))
-            if checkpoint_step(p) is None and p.name != "last.pt" and p.stat().st_ino not in inodes
-        ]
+        seen = {os.stat(p).st_ino for p in steps}
+        others = []
+        for p in sorted(directory.glob("*.pt")):
+            inode = p.stat().st_ino
+            if checkpoint_step(p) is None and p.name != "last.pt" and inode not in seen:
+                others.append(p)
+                seen.add(inode)
         if not steps and not others:
             raise CheckpointError(f"no checkpoints (*.pt) in {directory}")
         out += [(p, False) for p in steps + others]
