@@ -57,6 +57,7 @@ ENGINES = ["ours", "--engine ctranslate2", "bare CT2 fp32", "bare CT2 int8"]
 
 
 def parse_args() -> argparse.Namespace:
+    """The command-line flags; the module docstring is the help text."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--split", choices=["val", "test"], default="test")
@@ -192,6 +193,7 @@ def time_rows(rows: dict[str, dict[str, Any]], repeat: int) -> dict[str, tuple[l
 
 
 def main() -> None:
+    """Decode the split with every engine and print sentences/s and the ratios of one run."""
     args = parse_args()
     if args.workers < 1:
         sys.exit(f"error: --workers must be ≥ 1, got {args.workers}")

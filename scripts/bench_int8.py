@@ -30,6 +30,7 @@ SEARCHES = {"greedy": 1, "beam 5": 5}
 
 
 def parse_args() -> argparse.Namespace:
+    """The command-line flags; the module docstring's first paragraph is the help text."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--checkpoint", type=Path, default=Path("runs/multi30k_en-de/default/checkpoints/final.pt")
@@ -102,6 +103,7 @@ def worker(spec: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    """Export each width in fp32 and int8 and time them in worker processes (``--worker``: be one)."""
     args = parse_args()
     if args.worker is not None:
         worker(json.loads(args.worker.read_text()))

@@ -42,6 +42,7 @@ MULTI30K = REPO / "data" / "raw" / "multi30k"
 
 
 def parse_args() -> argparse.Namespace:
+    """The command-line flags; the module docstring is the help text."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="100000,1000000,4000000", help="pairs per corpus")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
@@ -53,6 +54,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def read_gz(path: Path) -> list[str]:
+    """The lines of a gzipped text file, without their newlines."""
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return f.read().split("\n")[:-1]
 
@@ -104,6 +106,7 @@ class TreeRSS:
 
 
 def overrides(prefix: Path, work: Path, workers: int) -> list[str]:
+    """The ``tmt-prepare`` overrides for the corpus at ``prefix``, cached under ``work``."""
     return [
         "data=text",
         "data.corpus=bench",
@@ -186,6 +189,7 @@ def cpu_model() -> str:
 
 
 def main() -> None:
+    """Generate and prepare each corpus size, time bare SentencePiece beside it, print the table."""
     args = parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if not (MULTI30K / "train.en.gz").is_file():

@@ -54,6 +54,7 @@ MALFORMED: list[tuple[str, bytes]] = [
 
 
 def parse_args() -> argparse.Namespace:
+    """The command-line flags; the module docstring is the help text."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--levels", default="1,8,32", help="concurrent clients per level")
@@ -67,6 +68,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -112,10 +114,13 @@ def batch_stats(url: str) -> tuple[float, float]:
 
 
 def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (1-99) of ``values``."""
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def main() -> None:
+    """Start ``tmt-serve`` in a subprocess, load it at each level of concurrent clients, then
+    with malformed requests, and print the table."""
     args = parse_args()
     if not args.checkpoint.is_file():
         sys.exit(

@@ -47,6 +47,7 @@ def variant_overrides(name: str) -> list[str]:
 
 
 def parse_args() -> argparse.Namespace:
+    """The command-line flags; the module docstring is the help text."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=20, help="timed updates per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed updates per variant first")
@@ -72,6 +73,8 @@ def setup_variant(overrides: list[str]) -> TrainingSetup:
 
 
 def main() -> None:
+    """Time each variant's update step, batch by batch in turn, and print tokens/s and the
+    ratio to the paper's model."""
     args = parse_args()
     torch.set_num_threads(args.threads)
     register_resolvers()

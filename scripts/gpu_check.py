@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args() -> argparse.Namespace:
+    """The command-line flags; the module docstring is the help text."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default) | cpu")
     p.add_argument("--out", type=Path, default=Path("gpu_report.md"), help="the report (Markdown)")
@@ -67,12 +68,14 @@ class Report:
         self.failures: list[str] = []
 
     def add(self, *lines: str) -> None:
+        """Print ``lines`` and rewrite the report file with them appended."""
         self.lines += lines
         print("\n".join(lines), flush=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(self.lines) + "\n")
 
     def check(self, ok: bool, what: str) -> None:
+        """Record a check as ok or FAILED; a failure makes the script exit non-zero."""
         self.add(f"- {'ok' if ok else 'FAILED'}: {what}")
         if not ok:
             self.failures.append(what)
@@ -114,10 +117,12 @@ def run(command: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, 
 
 
 def tail(text: str, lines: int = 15) -> str:
+    """The last ``lines`` lines of ``text``."""
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def cuda_tests(report: Report) -> None:
+    """Section 1: run tests/test_cuda.py and report its summary."""
     report.add("", "## 1. CUDA tests", "")
     result, seconds = run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py"], 300)
     report.add("```", tail(result.stdout), "```")
@@ -185,6 +190,7 @@ def tiny_trainings(report: Report, args: argparse.Namespace) -> Path | None:
 
 
 def train_benchmark(report: Report, args: argparse.Namespace) -> None:
+    """Section 3: ``make bench``'s timed updates in each precision, on the device."""
     report.add(
         "", "## 3. Training throughput (model=small, as make bench; the plain loop's shape)", ""
     )
@@ -214,6 +220,8 @@ def train_benchmark(report: Report, args: argparse.Namespace) -> None:
 
 
 def decode_benchmark(report: Report, args: argparse.Namespace, fallback: Path | None) -> None:
+    """Section 4: ``make bench-decode`` on the device, with the default run's checkpoint or
+    else the check's own."""
     report.add("", "## 4. Decoding (test_2016_flickr)", "")
     default = ROOT / "runs/multi30k_en-de/default/checkpoints/final.pt"
     checkpoint = args.checkpoint or (default if default.is_file() else fallback)
@@ -230,6 +238,7 @@ def decode_benchmark(report: Report, args: argparse.Namespace, fallback: Path | 
 
 
 def main() -> None:
+    """Run every section within the budget and write the report; exit 1 if a check failed."""
     args = parse_args()
     report = Report(args.out)
     cuda = args.device.startswith("cuda")

@@ -62,10 +62,12 @@ class ParallelCorpus:
 
     @property
     def src_path(self) -> Path:
+        """The source-language file: ``P.<src_lang>``, else ``P.<src_lang>.gz``."""
         return self.side(self.src_lang)
 
     @property
     def tgt_path(self) -> Path:
+        """The target-language file: ``P.<tgt_lang>``, else ``P.<tgt_lang>.gz``."""
         return self.side(self.tgt_lang)
 
     def check_exists(self) -> None:

@@ -48,10 +48,14 @@ class EncodedSplit:
 
     @property
     def src_lengths(self) -> np.ndarray:
+        """Each source sentence's stored length in tokens (a language tag included; EOS is
+        added by ``collate``): (N,)."""
         return np.diff(self.src_offsets)
 
     @property
     def tgt_lengths(self) -> np.ndarray:
+        """Each target sentence's stored length in tokens (BOS/EOS are added by ``collate``):
+        (N,)."""
         return np.diff(self.tgt_offsets)
 
     def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:

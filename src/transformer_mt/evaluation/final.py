@@ -53,6 +53,7 @@ class Decoded:
 
     @property
     def bleu(self) -> float:
+        """The corpus BLEU score."""
         return self.scores["bleu"].score
 
     def summary(self) -> Score:

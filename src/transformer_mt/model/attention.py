@@ -60,6 +60,7 @@ class ScaledDotProductAttention(nn.Module):
         mask: torch.Tensor | None = None,
         causal: bool = False,
     ) -> torch.Tensor:  # (B, H, Tq, d_k)
+        """softmax(q·kᵀ / √d_k + mask) · v: (B, H, Tq, d_k), with dropout on the weights in training."""
         if mask is not None and causal:
             raise ValueError("pass a mask or causal=True, not both")
         p = self.dropout.p if self.training else 0.0
@@ -181,6 +182,7 @@ class MultiHeadAttention(nn.Module):
         mask: torch.Tensor | None = None,  # bool, broadcastable to (B, H, Tq, Tk)
         causal: bool = False,
     ) -> torch.Tensor:  # (B, Tq, d)
+        """Attention of ``query`` over ``key_value`` in H heads, projected back to d."""
         if query is key_value:  # self-attention
             qkv = self._project(query, self.q_proj, self.k_proj, self.v_proj)  # (3, B, H, T, d_k)
             if self.rotary is None:

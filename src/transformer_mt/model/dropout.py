@@ -79,4 +79,5 @@ class Dropout(nn.Module):
         return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
     def extra_repr(self) -> str:
+        """The drop probability, in the module's printed form."""
         return f"p={self.p}"

@@ -71,6 +71,7 @@ class FeedForward(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
+        """linear2(dropout(activation(linear1(x)))), or SwiGLU's gated form."""
         h = self.linear1(x)  # (B, T, d_ff)
         if isinstance(self.activation, nn.ReLU):
             return self.linear2(self.dropout.after_relu(h))  # ReLU and dropout in one multiply
@@ -105,6 +106,7 @@ class Residual(nn.Module):
     def forward(
         self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
+        """x + dropout(sublayer(...)), normalised before (pre-norm) or after (post-norm)."""
         return self.add(x, sublayer(self.sublayer_input(x)))
 
     def sublayer_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +144,7 @@ class EncoderLayer(nn.Module):
         self.sublayer2 = Residual(d_model, dropout, norm_first, norm)
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
+        """Self-attention over the source, then the feed-forward network."""
         x = self.sublayer1(x, lambda h: self.self_attn(h, h, mask=src_mask))  # (B, S, d)
         return self.sublayer2(x, self.feed_forward)
 
@@ -176,6 +179,7 @@ class DecoderLayer(nn.Module):
         memory: torch.Tensor,  # (B, S, d) encoder output
         memory_mask: torch.Tensor | None,  # (B, 1, 1, S) bool
     ) -> torch.Tensor:
+        """Causal self-attention, cross-attention over ``memory``, then the feed-forward network."""
         y = self.sublayer1(y, lambda h: self.self_attn(h, h, causal=True))
         y = self.sublayer2(y, lambda h: self.cross_attn(h, memory, mask=memory_mask))
         return self.sublayer3(y, self.feed_forward)

@@ -41,6 +41,7 @@ class Encoder(nn.Module):
         self.final_norm = make_norm(norm, d_model) if norm_first else nn.Identity()
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
+        """The encoder output (B, S, d) of the embedded source ``x``."""
         for layer in self.layers:
             x = layer(x, src_mask)
         return self.final_norm(x)  # (B, S, d)
@@ -70,6 +71,7 @@ class Decoder(nn.Module):
         memory: torch.Tensor,
         memory_mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        """The decoder's last hidden states (B, T, d) of the embedded target prefix ``y``."""
         for layer in self.layers:
             y = layer(y, memory, memory_mask)
         return self.final_norm(y)  # (B, T, d)
