@@ -178,7 +178,9 @@ class FakeDecoder:
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(src.size(0), src.size(1), 1), (src != 0)[:, None, None, :]
 
-    def start_decoding(self, memory, memory_mask, group, max_steps) -> PrefixCache:
+    def start_decoding(
+        self, memory: torch.Tensor, memory_mask: torch.Tensor, group: int, max_steps: int
+    ) -> PrefixCache:
         prefix = torch.empty(memory.size(0) * group, 0, dtype=torch.long)
         return PrefixCache(prefix, memory, memory_mask)
 
