@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import urllib.request
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import synthetic_corpus, write_gz
+from transformer_mt.data import loader
 from transformer_mt.data.batching import collate, iterate_batches, pad, token_batches
 from transformer_mt.data.corpus import CorpusError, fetch_corpus, read_lines, read_parallel
 from transformer_mt.data.loader import Prefetcher
@@ -281,10 +283,14 @@ def test_vectorised_collate_gives_the_reference_tensors(tmp_path: Path) -> None:
         assert batch.src.dtype == batch.tgt_positions.dtype == torch.long
 
 
-def test_the_prefetcher_keeps_order_counts_waiting_and_passes_errors_on() -> None:
+def test_the_prefetcher_keeps_order_counts_waiting_and_passes_errors_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ticks = itertools.count()  # a clock that moves one second each time it is read
+    monkeypatch.setattr(loader.time, "perf_counter", lambda: float(next(ticks)))
     with Prefetcher(lambda x: x * x, range(10), depth=3) as ahead:
         assert list(ahead) == [x * x for x in range(10)]
-        assert ahead.wait_seconds >= 0.0
+        assert ahead.wait_seconds == 10.0  # one second of waiting counted per item
 
     def fail_at_5(x: int) -> int:
         if x == 5:

@@ -17,21 +17,18 @@ import torch
 from fastapi.testclient import TestClient
 
 from conftest import WORDS, random_en_de_checkpoint, small_transformer
+from transformer_mt.cli import export as export_cli
+from transformer_mt.cli import serve as serve_cli
+from transformer_mt.cli import translate as translate_cli
 from transformer_mt.data.batching import pad
 from transformer_mt.data.tokenizer import Tokenizer, train_sentencepiece
 from transformer_mt.decoding import SearchOptions, Translator
 from transformer_mt.errors import UserError
+from transformer_mt.export.ctranslate2 import export_ctranslate2
+from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.formats.checkpoint import save_checkpoint, spm_bytes_to_tensor
 from transformer_mt.formats.results import CheckpointResult, RunResults, Score
 from transformer_mt.model import Transformer
-
-pytest.importorskip("ctranslate2")
-
-from transformer_mt.cli import export as export_cli
-from transformer_mt.cli import serve as serve_cli
-from transformer_mt.cli import translate as translate_cli
-from transformer_mt.export.ctranslate2 import export_ctranslate2
-from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 from transformer_mt.serve.app import Limits, create_app
 from transformer_mt.serve.engine import ctranslate2_engine
 
@@ -206,12 +203,18 @@ def test_export_directory_contents(exported: Exported) -> None:
 def test_export_refuses_to_overwrite_without_force(exported: Exported, tmp_path: Path) -> None:
     out = tmp_path / "ct2"
     export_ctranslate2(exported.checkpoint, out)
+    fp32_bytes = (out / "model.bin").stat().st_size
     with pytest.raises(UserError, match="not empty; pass --force"):
         export_ctranslate2(exported.checkpoint, out)
     (out / "stale.txt").write_text("old")
     export_ctranslate2(exported.checkpoint, out, quantization="int8", force=True)
     assert not (out / "stale.txt").exists()
-    assert CTranslate2Translator.from_dir(out).translate(["a dog"], SearchOptions(beam_size=1))
+    assert json.loads((out / "transformer_mt.json").read_text())["quantization"] == "int8"
+    assert (out / "model.bin").stat().st_size < 0.5 * fp32_bytes  # the weights are int8 now
+    [translation] = CTranslate2Translator.from_dir(out).translate(
+        ["a dog"], SearchOptions(beam_size=1)
+    )
+    assert isinstance(translation, str)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]  # no temporary leftovers
     precious = tmp_path / "run"
     (precious / "checkpoints").mkdir(parents=True)
@@ -250,8 +253,10 @@ def test_cli(exported: Exported, tmp_path: Path, capsys: pytest.CaptureFixture[s
         export_cli.main([str(exported.checkpoint), str(out), "--quantization", "int8"])
     assert exit_info.value.code == 1
     assert "pass --force" in capsys.readouterr().err
+    fp32_bytes = (out / "model.bin").stat().st_size
     export_cli.main([str(exported.checkpoint), str(out), "--quantization", "int8", "--force"])
     assert "int8" in capsys.readouterr().out
+    assert (out / "model.bin").stat().st_size < 0.5 * fp32_bytes
 
 
 @pytest.fixture(scope="module")

@@ -415,7 +415,6 @@ def test_translate_and_serve_take_the_target_language(multilingual_run: Path) ->
 def test_the_ctranslate2_export_takes_the_target_language(
     multilingual_run: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("ctranslate2")
     from transformer_mt.export.ctranslate2 import export_ctranslate2
     from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import run_cli
 from test_trainer import make_config
@@ -116,14 +117,18 @@ def test_compiled_training_step_matches_eager(
 ) -> None:
     # Dynamo tracing + AOT autograd without inductor's C++ code generation, which takes
     # minutes on 2 cores: the graph capture of our model is what is tested here.
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    captured = CompileCounterWithBackend("aot_eager")  # counts the graphs Dynamo captures
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=captured))
 
     def first_update(*overrides: str) -> dict[str, torch.Tensor]:
         setup = build_training(make_config(corpus_root, "model.dropout=0", *overrides))
         setup.update([(batch_of(setup, range(0, 16)), 1.0)])
         return {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.grad is not None}
 
-    eager, compiled = first_update(), first_update("trainer.compile=true")
+    eager = first_update()
+    assert captured.frame_count == 0
+    compiled = first_update("trainer.compile=true")
+    assert captured.frame_count >= 1  # the forward really ran through torch.compile
     assert eager.keys() == compiled.keys()
     for name, grad in eager.items():
         torch.testing.assert_close(compiled[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -16,7 +16,13 @@ import torch
 from conftest import BIN, synthetic_corpus, synthetic_overrides
 from test_trainer import make_config
 from transformer_mt.errors import CheckpointError, ConfigError
-from transformer_mt.formats.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
+from transformer_mt.formats.checkpoint import (
+    REQUIRED_KEYS,
+    load_checkpoint,
+    save_checkpoint,
+    step_checkpoints,
+)
+from transformer_mt.training.run_dir import CheckpointManager
 from transformer_mt.training.schedule import inverse_sqrt_factor
 from transformer_mt.training.step import StepResult
 from transformer_mt.training.trainer import Trainer
@@ -99,6 +105,21 @@ def test_truncated_checkpoint_is_named_and_resume_uses_the_previous_one(
     assert newest.with_name(newest.name + ".corrupt").exists()  # kept, not deleted
     trainer.train()
     assert load_checkpoint(corpus_root / "r" / "checkpoints" / "last.pt")["step"] == 20
+
+
+def test_the_manager_keeps_exactly_the_last_k_and_the_best_k_by_val_bleu(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2, keep_best=2)
+    kept_after = {}
+    best = -1.0
+    for step, bleu in enumerate([10.0, 30.0, 20.0, 5.0, 25.0, 1.0], start=1):
+        manager.record_score(step, bleu)
+        manager.save({key: step for key in REQUIRED_KEYS}, is_best=bleu > best)
+        best = max(best, bleu)
+        kept_after[step] = [int(p.stem.split("_")[1]) for p in step_checkpoints(tmp_path)]
+    assert kept_after[4] == [2, 3, 4]  # last two (3, 4) and best two (30 at 2, 20 at 3)
+    assert kept_after[6] == [2, 5, 6]  # last two (5, 6) and best two (30 at 2, 25 at 5)
+    assert manager.best_path.samefile(manager.path_for(2))  # links, as the trainer reads them
+    assert manager.last_path.samefile(manager.path_for(6))
 
 
 def test_keeps_the_last_k_and_the_best_k(corpus_root: Path) -> None:

@@ -294,7 +294,6 @@ def test_bad_sampling_flags_exit_non_zero_naming_the_flag(
 
 
 def test_ctranslate2_sampling_is_seeded(checkpoint: Path, tmp_path: Path) -> None:
-    pytest.importorskip("ctranslate2")
     from transformer_mt.export.ctranslate2 import export_ctranslate2
     from transformer_mt.export.ctranslate2_engine import CTranslate2Translator
 

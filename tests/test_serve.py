@@ -262,9 +262,9 @@ def test_a_missing_or_corrupt_checkpoint_stops_start_up(
     assert exit_info.value.code == 1 and "missing.pt" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         serve_cli.main([str(corrupt)])
-    assert "corrupt.pt" in capsys.readouterr().err
+    assert exit_info.value.code == 1 and "corrupt.pt" in capsys.readouterr().err
 
 
 def test_translate_writes_a_standalone_attention_page(checkpoint: Path, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import ctranslate2
 import numpy as np
 import pytest
 import torch
@@ -395,7 +396,6 @@ def test_old_config_builds_todays_model_and_decodes_identically(
 def test_ctranslate2_gives_our_log_probs_and_greedy_tokens(
     name: str, tokenizer: Tokenizer, tmp_path: Path
 ) -> None:
-    ctranslate2 = pytest.importorskip("ctranslate2")
     cfg = {**OLD_CFG, **VARIANTS.get(name, {})}
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer.vocab_size, tokenizer.pad_id).eval()
@@ -443,7 +443,6 @@ def test_ctranslate2_gives_our_log_probs_and_greedy_tokens(
 
 
 def test_export_names_the_key_it_cannot_represent(tokenizer: Tokenizer) -> None:
-    pytest.importorskip("ctranslate2")
     model = build_model(dict(OLD_CFG), tokenizer.vocab_size, tokenizer.pad_id)
     model.encoder.layers[0].feed_forward.activation = nn.Tanh()
     with pytest.raises(UserError, match=r"model\.activation"):

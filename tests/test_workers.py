@@ -322,7 +322,6 @@ def test_tmt_serve_with_workers_answers_as_with_one_and_stops_them_at_shutdown(
 def test_ctranslate2_workers_are_its_inter_threads(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("ctranslate2")
     export = export_ctranslate2(checkpoint, tmp_path / "ct2")
     src = tmp_path / "in.en"
     src.write_text("".join(line + "\n" for line in lines(40)))
