@@ -18,6 +18,7 @@ from test_trainer import make_config
 from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.formats.checkpoint import (
     REQUIRED_KEYS,
+    checkpoint_step,
     load_checkpoint,
     save_checkpoint,
     step_checkpoints,
@@ -115,7 +116,7 @@ def test_the_manager_keeps_exactly_the_last_k_and_the_best_k_by_val_bleu(tmp_pat
         manager.record_score(step, bleu)
         manager.save({key: step for key in REQUIRED_KEYS}, is_best=bleu > best)
         best = max(best, bleu)
-        kept_after[step] = [int(p.stem.split("_")[1]) for p in step_checkpoints(tmp_path)]
+        kept_after[step] = [checkpoint_step(p) for p in step_checkpoints(tmp_path)]
     assert kept_after[4] == [2, 3, 4]  # last two (3, 4) and best two (30 at 2, 20 at 3)
     assert kept_after[6] == [2, 5, 6]  # last two (5, 6) and best two (30 at 2, 25 at 5)
     assert manager.best_path.samefile(manager.path_for(2))  # links, as the trainer reads them

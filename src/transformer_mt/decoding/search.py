@@ -133,7 +133,6 @@ class IncrementalDecoder(Protocol):
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder output (B, S, d) and its padding mask (B, 1, 1, S)."""
-        ...
 
     def start_decoding(
         self, memory: torch.Tensor, memory_mask: torch.Tensor, group: int, max_steps: int
